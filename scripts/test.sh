@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run the whole test suite from a fresh clone: makes .venv, installs glmsetup with every extra and
+# the test tools, then runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k fetch).
+# System packages the tests use (git, git-lfs, chromium) come from .ci/run or your package manager.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# A CPU build of torch first, so the runtime extra does not pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[all,test]"
+exec .venv/bin/python -m pytest -n "${GLMSETUP_TEST_WORKERS:-2}" "$@"

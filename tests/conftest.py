@@ -1,0 +1,52 @@
+"""Shared fixtures: every test gets its own GLMSETUP_HOME; helpers to run the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def glmsetup_home(tmp_path_factory, monkeypatch) -> Path:
+    """All state of glmsetup goes to a fresh folder for each test."""
+    home = tmp_path_factory.mktemp("glmsetup-home")
+    monkeypatch.setenv("GLMSETUP_HOME", str(home))
+    monkeypatch.setenv("GLMSETUP_NO_PROGRESS", "1")
+    monkeypatch.delenv("GLMSETUP_DEBUG", raising=False)
+    return home
+
+
+class CLI:
+    """Run `glmsetup` in-process through Click's runner (stdout and stderr kept apart)."""
+
+    def __init__(self):
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, input: str | None = None):
+        from glmsetup.cli import main
+
+        return self.runner.invoke(main, list(args), input=input, catch_exceptions=False)
+
+    def json(self, *args: str, exit_code: int = 0) -> dict:
+        result = self(*args, "--json")
+        assert result.exit_code == exit_code, (result.exit_code, result.stdout, result.stderr)
+        return json.loads(result.stdout)
+
+
+@pytest.fixture
+def cli() -> CLI:
+    return CLI()
+
+
+def run_glmsetup(*args: str, env: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m glmsetup` in a real subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "glmsetup", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, **kw)
