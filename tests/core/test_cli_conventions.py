@@ -11,7 +11,7 @@ import pytest
 from glmsetup import errors
 from glmsetup.cli import COMMANDS, main
 
-from .conftest import ROOT, run_glmsetup
+from ..conftest import ROOT, run_glmsetup
 
 
 def all_commands():

@@ -1,0 +1,168 @@
+"""What is in a model folder: LFS pointers, HTML error pages, truncated or mismatched files.
+
+Light and torch-free: `glmsetup verify` (with a manifest and hashing), the runtime's refusal of a bad
+folder and the doctor's model-folder check all read the same report.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+POINTER_MAX_BYTES = 1024
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".model", ".pt", ".pth")
+HASH_CHUNK = 8 * 1024 * 1024
+
+# Manifest: relative path -> (size in bytes or None, sha256 hex or None)
+Manifest = dict[str, tuple[Optional[int], Optional[str]]]
+
+
+@dataclass(frozen=True)
+class FileIssue:
+    path: str
+    problem: str  # missing | pointer | html | empty | truncated | mismatch
+    detail: str = ""
+
+
+@dataclass
+class ModelDirReport:
+    path: str
+    exists: bool
+    kind: str = "unknown"  # chatglm2 | chatglm2-int4 | glm-converted | unknown
+    files: list[str] = field(default_factory=list)
+    issues: list[FileIssue] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exists and not self.issues and self.kind != "unknown"
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "exists": self.exists, "kind": self.kind, "files": self.files,
+                "issues": [vars(i) for i in self.issues], "ok": self.ok}
+
+
+def read_lfs_pointer(path: Path) -> Optional[tuple[str, int]]:
+    """(sha256, size) when `path` is a git-lfs pointer file, else None."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > POINTER_MAX_BYTES:
+            return None
+        text = path.read_bytes()
+    except OSError:
+        return None
+    if not text.startswith(POINTER_PREFIX):
+        return None
+    oid = size = None
+    for line in text.decode("utf-8", "replace").splitlines():
+        if line.startswith("oid sha256:"):
+            oid = line.split(":", 1)[1].strip()
+        elif line.startswith("size "):
+            try:
+                size = int(line.split(" ", 1)[1])
+            except ValueError:
+                return None
+    if oid and len(oid) == 64 and size is not None:
+        return oid, size
+    return None
+
+
+def sniff(path: Path) -> Optional[str]:
+    """'pointer', 'html' or 'empty' when a file is obviously not the data it stands for, else None."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return None
+    if size == 0:
+        return "empty"
+    if head.startswith(POINTER_PREFIX):
+        return "pointer"
+    lowered = head.lstrip().lower()
+    if lowered.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return "html"
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _kind(folder: Path) -> str:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unknown"
+    model_type = config.get("model_type")
+    if model_type == "chatglm":
+        return "chatglm2-int4" if config.get("quantization_bit") else "chatglm2"
+    if model_type == "glm" and config.get("num_key_value_heads") == 2:
+        return "glm-converted"
+    return "unknown"
+
+
+def expected_files(folder: Path) -> list[str]:
+    """Weight files a folder says it needs: shards named by an index json, else what is there."""
+    needed: list[str] = []
+    for index_name in ("pytorch_model.bin.index.json", "model.safetensors.index.json"):
+        index = folder / index_name
+        if index.is_file() and not sniff(index):
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            except ValueError:
+                continue
+            needed.extend(sorted(set(weight_map.values())))
+    return needed
+
+
+def inspect_model_dir(path, manifest: Optional[Manifest] = None, hash_files: bool = False) -> ModelDirReport:
+    """Report what is wrong with a model folder; with a manifest, check sizes (and hashes if asked)."""
+    folder = Path(path).expanduser()
+    report = ModelDirReport(path=str(folder), exists=folder.is_dir())
+    if not report.exists:
+        return report
+    report.files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                          if p.is_file() and ".git" not in p.relative_to(folder).parts
+                          and not p.name.startswith(".glmsetup"))
+    report.kind = _kind(folder)
+    wanted: Manifest = dict(manifest or {})
+    for name in ["config.json", *expected_files(folder)]:
+        wanted.setdefault(name, (None, None))
+    if report.kind.startswith("chatglm2"):
+        wanted.setdefault("tokenizer.model", (None, None))
+    for name in report.files:
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".json"):
+            wanted.setdefault(name, (None, None))
+    for name, (size, sha) in sorted(wanted.items()):
+        file = folder / name
+        if not file.is_file():
+            report.issues.append(FileIssue(name, "missing", "not in the folder"))
+            continue
+        problem = sniff(file)
+        if problem == "pointer":
+            pointer = read_lfs_pointer(file)
+            detail = f"a git-lfs pointer ({pointer[1]:,} bytes expected)" if pointer else "a git-lfs pointer"
+            report.issues.append(FileIssue(name, "pointer", detail))
+            continue
+        if problem == "html" and not name.endswith((".html", ".md")):
+            report.issues.append(FileIssue(name, "html", "an HTML page (an error page saved as the file)"))
+            continue
+        if problem == "empty":
+            report.issues.append(FileIssue(name, "empty", "0 bytes"))
+            continue
+        actual = file.stat().st_size
+        if size is not None and actual != size:
+            problem = "truncated" if actual < size else "mismatch"
+            report.issues.append(FileIssue(name, problem, f"{actual:,} bytes, expected {size:,}"))
+            continue
+        if hash_files and sha and sha256_file(file) != sha:
+            report.issues.append(FileIssue(name, "mismatch", "sha256 differs from the manifest"))
+    return report
