@@ -50,3 +50,11 @@ def run_glmsetup(*args: str, env: dict | None = None, timeout: float = 120, **kw
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "glmsetup", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny real ChatGLM2 checkpoint in the official layout, built once per test worker (read-only use)."""
+    from glmsetup.testing.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-chatglm2") / "chatglm2-6b")
