@@ -1,0 +1,201 @@
+"""One model, one generation at a time: a bounded queue in front of a single worker thread.
+
+The model's chat/stream_chat are blocking calls; they run on one dedicated thread, so requests never
+interleave inside the model. At most `max_queue` requests wait behind the running one; one more is
+refused at once with QueueFull (the server answers 503 with Retry-After) instead of piling up. Each
+job carries a threading.Event: setting it (the client went away) skips a job still waiting and ends
+a running stream after its current token.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, Iterable, Optional
+
+_END = object()
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue waiting requests already; retry_after is a guess in seconds."""
+
+    def __init__(self, retry_after: int, waiting: int):
+        super().__init__(f"{waiting} requests are already waiting for the model")
+        self.retry_after = retry_after
+        self.waiting = waiting
+
+
+class Cancelled(Exception):
+    """The job was stopped before it started."""
+
+
+class GenerationQueue:
+    def __init__(self, max_queue: int = 8):
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.max_queue = max_queue
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmsetup-generate")
+        self._lock = threading.Lock()
+        self._admitted = 0  # running + waiting
+        self._running = 0
+        self._served = 0
+        self._avg_seconds = 2.0
+        self._stops: set[threading.Event] = set()
+
+    # --- bookkeeping --------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"running": self._running, "waiting": self._admitted - self._running,
+                    "max_queue": self.max_queue, "served": self._served}
+
+    def _admit(self, stop: threading.Event) -> None:
+        with self._lock:
+            waiting = self._admitted - self._running
+            if self._admitted >= self.max_queue + 1:
+                guess = self._avg_seconds * (waiting + 1)
+                raise QueueFull(retry_after=max(1, min(120, math.ceil(guess))), waiting=waiting)
+            self._admitted += 1
+            self._stops.add(stop)
+
+    def _release(self, stop: threading.Event) -> None:
+        with self._lock:
+            self._admitted -= 1
+            self._stops.discard(stop)
+
+    def _job(self, body: Callable[[], Any], stop: threading.Event) -> Callable[[], Any]:
+        def run():
+            if stop.is_set():
+                raise Cancelled()
+            with self._lock:
+                self._running += 1
+            started = time.perf_counter()
+            try:
+                return body()
+            finally:
+                elapsed = time.perf_counter() - started
+                with self._lock:
+                    self._running -= 1
+                    self._served += 1
+                    self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * elapsed
+
+        return run
+
+    def _submit(self, body: Callable[[], Any], stop: threading.Event):
+        self._admit(stop)
+        try:
+            future = self._executor.submit(self._job(body, stop))
+        except RuntimeError:  # the executor is shut down: the server is stopping
+            self._release(stop)
+            raise QueueFull(retry_after=5, waiting=0)
+        future.add_done_callback(lambda _f: self._release(stop))
+        return future
+
+    # --- the two ways to run the model --------------------------------------------------------------
+
+    async def call(self, fn: Callable[[], Any], stop: Optional[threading.Event] = None) -> Any:
+        """Run fn() on the model thread and return its result (raises QueueFull when full)."""
+        stop = stop or threading.Event()
+        future = self._submit(fn, stop)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    def stream(self, make_iter: Callable[[], Iterable[Any]], stop: threading.Event) -> "StreamJob":
+        """Start iterating make_iter() on the model thread now; raises QueueFull when full.
+
+        The returned job is an async iterator of the LATEST item whenever the consumer asks (items the
+        consumer was too slow to take are folded into the next one: stream_chat yields the whole text so
+        far, so nothing is lost), ending when the stream ends; an exception in the stream is re-raised.
+        """
+        loop = asyncio.get_running_loop()
+        job = StreamJob(loop, stop)
+        self._submit(lambda: job.produce(make_iter), stop)
+        return job
+
+    def stop_all(self) -> None:
+        """Ask every running or waiting job to stop (server shutdown)."""
+        with self._lock:
+            stops = list(self._stops)
+        for stop in stops:
+            stop.set()
+
+    def shutdown(self) -> None:
+        self.stop_all()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class StreamJob:
+    """The consumer side of a stream running on the model thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stop: threading.Event):
+        self._loop = loop
+        self._stop = stop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.items = 0
+
+    def _put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self._stop.set()
+
+    def produce(self, make_iter: Callable[[], Iterable[Any]]) -> None:
+        """Runs on the model thread."""
+        iterator = None
+        try:
+            iterator = iter(make_iter())
+            for item in iterator:
+                self._put(item)
+                if self._stop.is_set():
+                    break
+            self._put(_END)
+        except BaseException as exc:  # handed to the consumer, which reports it
+            self._put(_Failure(exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        terminal = None
+        try:
+            while terminal is None:
+                item = await self._queue.get()
+                while _is_text(item) and not self._queue.empty():
+                    newer = self._queue.get_nowait()  # fold a backlog into the newest text
+                    if not _is_text(newer):
+                        terminal = newer
+                        break
+                    item = newer
+                if not _is_text(item):
+                    terminal = item
+                    break
+                self.items += 1
+                yield item
+            if isinstance(terminal, _Failure):
+                raise terminal.exc
+        finally:
+            self._stop.set()
+
+
+def _is_text(item: Any) -> bool:
+    return item is not _END and not isinstance(item, _Failure)
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
