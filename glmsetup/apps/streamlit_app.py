@@ -1,0 +1,147 @@
+"""The Streamlit chat, run with `streamlit run` (`glmsetup run streamlit` does that for you).
+
+The model folder and the profile come from the environment: GLMSETUP_MODEL_DIR (default: where
+`glmsetup fetch` puts the model) and GLMSETUP_PROFILE (a profile name, a .toml file or "auto").
+The model is loaded once per server process (st.cache_resource) and shared by every browser tab;
+each tab keeps its own history and KV cache in st.session_state.
+
+The sidebar has the official Streamlit demo's sliders and defaults (max_length 8192, top_p 0.8,
+temperature 0.8) plus a repetition penalty. Answers stream into the page; if the script is
+interrupted mid-answer (Streamlit's Stop, or a new message), what was said so far is kept.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+ENV_MODEL_DIR = "GLMSETUP_MODEL_DIR"
+ENV_PROFILE = "GLMSETUP_PROFILE"
+TITLE = "ChatGLM2-6B"
+DEFAULTS = {"max_length": 8192, "top_p": 0.8, "temperature": 0.8, "repetition_penalty": 1.0}
+
+
+def settings_from_env() -> tuple:
+    """(model folder or None, profile) as `glmsetup run streamlit` passes them."""
+    model_dir = os.environ.get(ENV_MODEL_DIR) or None
+    profile = os.environ.get(ENV_PROFILE) or "auto"
+    return model_dir, profile
+
+
+def defaults_for(model) -> dict:
+    """The official demo's defaults, refined by the loaded profile's generation settings."""
+    out = dict(DEFAULTS)
+    gen = getattr(getattr(model, "profile", None), "generation", None)
+    if gen is not None:
+        out.update(max_length=min(int(gen.max_length), 32768), top_p=float(gen.top_p),
+                   temperature=min(float(gen.temperature), 1.0), repetition_penalty=float(gen.repetition_penalty))
+    return out
+
+
+def _init_state(st) -> None:
+    st.session_state.setdefault("history", [])
+    st.session_state.setdefault("past_key_values", None)
+    st.session_state.setdefault("stats", {})
+
+
+def _clear(st) -> None:
+    st.session_state.history = []
+    st.session_state.past_key_values = None
+    st.session_state.stats = {}
+
+
+def _load(st, model_dir, profile):
+    from glmsetup.errors import GlmsetupError
+
+    @st.cache_resource(show_spinner=f"Loading {TITLE} ...")
+    def load_model(model_dir, profile):
+        from glmsetup import load_chat_model
+
+        return load_chat_model(model_dir, profile=profile)
+
+    try:
+        return load_model(model_dir, profile)
+    except GlmsetupError as exc:
+        st.error(exc.message)
+        if exc.hint:
+            st.info(exc.hint)
+        st.stop()
+
+
+def _sidebar(st, defaults: dict) -> dict:
+    with st.sidebar:
+        st.header("Settings")
+        max_length = st.slider("max_length", 0, 32768, defaults["max_length"], step=1, key="max_length")
+        top_p = st.slider("top_p", 0.0, 1.0, defaults["top_p"], step=0.01, key="top_p")
+        temperature = st.slider("temperature", 0.0, 1.0, defaults["temperature"], step=0.01, key="temperature")
+        repetition_penalty = st.slider("repetition_penalty", 0.5, 2.0, defaults["repetition_penalty"], step=0.01,
+                                       key="repetition_penalty")
+        if st.button("Clear history", key="clear"):
+            _clear(st)
+    return dict(max_length=max(int(max_length), 1), top_p=float(top_p), temperature=float(temperature),
+                repetition_penalty=float(repetition_penalty))
+
+
+def _count_tokens(tokenizer, text: str) -> int:
+    try:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+    except Exception:
+        return 0
+
+
+def _answer(st, tokenizer, model, query: str, gen_kwargs: dict) -> None:
+    """Stream one answer into the page, keeping history and cache even when interrupted."""
+    with st.chat_message("user"):
+        st.markdown(query)
+    with st.chat_message("assistant"):
+        placeholder = st.empty()
+        stop_event = threading.Event()
+        history = list(st.session_state.history)
+        past = st.session_state.past_key_values
+        response = ""
+        started = time.perf_counter()
+        gen = model.stream_chat(tokenizer, query, history=history, past_key_values=past,
+                                return_past_key_values=True, stop_event=stop_event, **gen_kwargs)
+        try:
+            for item in gen:
+                response, history = item[0], list(item[1])
+                if len(item) > 2:
+                    past = item[2]
+                placeholder.markdown(response + " ▌")
+        finally:
+            stop_event.set()
+            gen.close()
+            if history and history[-1][0] == query:
+                st.session_state.history = history
+                st.session_state.past_key_values = past
+        placeholder.markdown(response)
+        elapsed = time.perf_counter() - started
+        tokens = _count_tokens(tokenizer, response)
+        stats = f"{tokens} tokens, {tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s"
+        st.session_state.stats[len(st.session_state.history) - 1] = stats
+        st.caption(stats)
+
+
+def main() -> None:
+    import streamlit as st
+
+    st.set_page_config(page_title=TITLE, page_icon=":robot:", layout="wide")
+    _init_state(st)
+    model_dir, profile = settings_from_env()
+    tokenizer, model = _load(st, model_dir, profile)
+    gen_kwargs = _sidebar(st, defaults_for(model))
+    st.title(TITLE)
+    for i, (query, response) in enumerate(st.session_state.history):
+        with st.chat_message("user"):
+            st.markdown(query)
+        with st.chat_message("assistant"):
+            st.markdown(response)
+            if i in st.session_state.stats:
+                st.caption(st.session_state.stats[i])
+    query = st.chat_input("Type a message")
+    if query and query.strip():
+        _answer(st, tokenizer, model, query.strip(), gen_kwargs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The Gradio web chat: the official web demo's page on current Gradio, with Stop and KV-cache reuse.
+
+`build_demo(tokenizer, model, profile)` returns the gr.Blocks; `launch(demo, host, port)` serves it
+(127.0.0.1:7860 unless told otherwise). `predict(...)` is a plain generator over the model, usable
+without a browser (the selftest drives it): it yields (chatbot messages, history, past_key_values)
+after each new piece of the answer.
+
+Sliders and defaults follow the official web_demo.py (Maximum length 0-32768 at 8192, Top P 0-1 at
+0.8, Temperature 0-1 at 0.95) plus Repetition Penalty (0.5-2.0 at 1.0). Each browser session keeps
+its own history and KV cache in gr.State, so a new turn feeds only the new query to the model.
+Generation is serialised through the queue (one answer at a time per model by default).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator, Optional
+
+from glmsetup.errors import require
+
+TITLE = "ChatGLM2-6B"
+DEFAULTS = {"max_length": 8192, "top_p": 0.8, "temperature": 0.95, "repetition_penalty": 1.0}
+LATEX_DELIMITERS = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "$", "right": "$", "display": False},
+]
+
+
+class StopFlag:
+    """A per-session stop signal kept in gr.State (Gradio copies a State's initial value per session)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.epoch = 0  # bumped by Clear: an answer still streaming then must not write back
+
+    def __deepcopy__(self, memo):
+        return StopFlag()
+
+    def set(self) -> None:
+        self.event.set()
+
+    def clear(self) -> None:
+        self.event.clear()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+def predict(tokenizer, model, query: str, chatbot: Optional[list], max_length: int = DEFAULTS["max_length"],
+            top_p: float = DEFAULTS["top_p"], temperature: float = DEFAULTS["temperature"],
+            repetition_penalty: float = DEFAULTS["repetition_penalty"], history: Optional[list] = None,
+            past_key_values: Any = None, stop_event: Optional[threading.Event] = None,
+            ) -> Iterator[tuple[list, list, Any]]:
+    """Stream one answer: yields (chatbot, history, past_key_values) as the answer grows.
+
+    `chatbot` is the page's list of {"role", "content"} messages; `history` the model's list of
+    (query, response) pairs; `past_key_values` the cache returned with the previous answer (None to
+    start fresh). Setting `stop_event` ends the answer after the current token; what was said so far
+    stays in the history and the cache.
+    """
+    chatbot = [dict(m) if isinstance(m, dict) else _message_dict(m) for m in (chatbot or [])]
+    history = list(history or [])
+    chatbot.append({"role": "user", "content": query})
+    chatbot.append({"role": "assistant", "content": ""})
+    max_length = int(max_length)
+    if max_length < 1:
+        max_length = 1
+    kwargs = dict(max_length=max_length, top_p=float(top_p), temperature=float(temperature),
+                  repetition_penalty=float(repetition_penalty))
+    if stop_event is not None:
+        kwargs["stop_event"] = stop_event
+    gen = model.stream_chat(tokenizer, query, history=history, past_key_values=past_key_values,
+                            return_past_key_values=True, **kwargs)
+    yielded = False
+    try:
+        for item in gen:
+            response, history = item[0], list(item[1])
+            if len(item) > 2:
+                past_key_values = item[2]
+            chatbot[-1] = {"role": "assistant", "content": response}
+            yielded = True
+            yield chatbot, history, past_key_values
+            if stop_event is not None and stop_event.is_set():
+                break
+    finally:
+        gen.close()
+    if not yielded:  # stopped before the first token: the turn still shows
+        yield chatbot, history, past_key_values
+
+
+def _message_dict(message) -> dict:
+    """A Gradio message object (or a [user, bot] pair of old pages) -> {"role", "content"}."""
+    role = getattr(message, "role", None)
+    if role is not None:
+        return {"role": role, "content": getattr(message, "content", "")}
+    return {"role": "user", "content": str(message)}
+
+
+def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, max_queue: int = 32):
+    """The chat page as gr.Blocks (not launched). `concurrency_limit` answers run at once."""
+    gr = require("gradio", "web")
+    defaults = _defaults(profile)
+
+    def submit_text(text: str, stop: StopFlag):
+        stop.clear()
+        return "", text
+
+    def respond(query, chatbot, max_length, top_p, temperature, repetition_penalty, history, past, stop):
+        if not query or not query.strip():
+            yield chatbot, history, past
+            return
+        epoch = stop.epoch
+        for update in predict(tokenizer, model, query, chatbot, max_length, top_p, temperature,
+                              repetition_penalty, history, past, stop_event=stop.event):
+            if stop.epoch != epoch:  # Clear was pressed while this answer streamed
+                yield [], [], None
+                return
+            yield update
+
+    def stop_answer(stop: StopFlag):
+        stop.set()
+
+    def clear_all(stop: StopFlag):
+        stop.epoch += 1
+        stop.set()
+        return [], [], None, ""
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"<h1 align='center'>{TITLE}</h1>")
+        chatbot = gr.Chatbot(label="ChatGLM2-6B", latex_delimiters=LATEX_DELIMITERS, height=480,
+                             elem_id="chatbot", buttons=["copy"])
+        with gr.Row():
+            with gr.Column(scale=4):
+                user_input = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
+                                        lines=3, max_lines=10, container=False, elem_id="user-input",
+                                        submit_btn=False)
+                with gr.Row():
+                    submit_btn = gr.Button("Submit", variant="primary", elem_id="submit")
+                    stop_btn = gr.Button("Stop", elem_id="stop")
+            with gr.Column(scale=1):
+                clear_btn = gr.Button("Clear History", elem_id="clear")
+                max_length = gr.Slider(0, 32768, value=defaults["max_length"], step=1, label="Maximum length",
+                                       interactive=True, elem_id="max-length")
+                top_p = gr.Slider(0, 1, value=defaults["top_p"], step=0.01, label="Top P", interactive=True,
+                                  elem_id="top-p")
+                temperature = gr.Slider(0, 1, value=defaults["temperature"], step=0.01, label="Temperature",
+                                        interactive=True, elem_id="temperature")
+                repetition_penalty = gr.Slider(0.5, 2.0, value=defaults["repetition_penalty"], step=0.01,
+                                               label="Repetition Penalty", interactive=True,
+                                               elem_id="repetition-penalty")
+        query = gr.State("")
+        history = gr.State([])
+        past_key_values = gr.State(None)
+        stop = gr.State(StopFlag())
+
+        inputs = [query, chatbot, max_length, top_p, temperature, repetition_penalty, history,
+                  past_key_values, stop]
+        outputs = [chatbot, history, past_key_values]
+        for trigger in (user_input.submit, submit_btn.click):
+            trigger(submit_text, [user_input, stop], [user_input, query], queue=False).then(
+                respond, inputs, outputs, concurrency_limit=concurrency_limit, concurrency_id="generate",
+                show_progress="hidden")
+        stop_btn.click(stop_answer, [stop], None, queue=False)
+        clear_btn.click(clear_all, [stop], [chatbot, history, past_key_values, user_input], queue=False)
+        # The chatbot's own trash icon forgets the model's history and cache as well.
+        chatbot.clear(clear_all, [stop], [chatbot, history, past_key_values, user_input], queue=False)
+
+    demo.queue(max_size=max_queue, default_concurrency_limit=concurrency_limit)
+    return demo
+
+
+def _defaults(profile) -> dict:
+    """The official web demo's slider defaults; a profile's max_length/repetition penalty refine them."""
+    out = dict(DEFAULTS)
+    gen = getattr(profile, "generation", None)
+    if gen is not None:
+        out["max_length"] = min(int(gen.max_length), 32768)
+        out["repetition_penalty"] = float(gen.repetition_penalty)
+    return out
+
+
+def launch(demo, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, inbrowser: bool = False):
+    """Serve the page; returns (app, local_url, share_url) when block is False."""
+    return demo.launch(server_name=host, server_port=port, share=False, inbrowser=inbrowser,
+                       prevent_thread_lock=not block, quiet=True, show_error=True)
