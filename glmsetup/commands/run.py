@@ -1,0 +1,138 @@
+"""glmsetup run {cli,web,streamlit,api}: one command per demo, safe by default."""
+from __future__ import annotations
+
+import click
+
+from glmsetup.cli import JSON_KEY, json_option
+from glmsetup.launch.binding import FRONTS
+
+
+def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_key, insecure: bool, cors: tuple,
+              official, engine: str, tensor_parallel_size: int, dry_run: bool):
+    """Everything decided before a model loads: the plan `--dry-run` prints."""
+    from glmsetup.errors import UsageError
+    from glmsetup.launch import plan as planning
+
+    if official and engine != "native":
+        raise UsageError("--official runs the official scripts on the native runtime; it cannot use --engine vllm",
+                         hint="drop --official to serve with vLLM, or drop --engine")
+    if engine == "vllm":
+        from glmsetup.launch import vllm
+
+        if front != "api":
+            raise UsageError(f"--engine vllm serves the OpenAI API only, not `run {front}`",
+                             hint="glmsetup run api --engine vllm")
+        plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
+                                   api_key=api_key, insecure=insecure, cors=cors, engine=engine, check_extras=False)
+        return vllm.plan_vllm(plan, tensor_parallel_size=tensor_parallel_size, dry_run=dry_run)
+    if tensor_parallel_size != 1:
+        raise UsageError("--tensor-parallel-size applies to --engine vllm only",
+                         hint="native multi-GPU is a profile: --profile multi-gpu")
+    if official:
+        from glmsetup.launch import official as official_demo
+
+        plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
+                                   api_key=api_key, insecure=insecure, cors=cors, check_extras=not dry_run)
+        return official_demo.plan_official(plan, official)
+    plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
+                               api_key=api_key, insecure=insecure, cors=cors, check_extras=not dry_run)
+    if front == "streamlit":
+        from glmsetup.launch.serve import plan_streamlit
+
+        plan = plan_streamlit(plan)
+    return plan
+
+
+def render_plan(console, data: dict) -> None:
+    console.print("[bold]dry run[/]: nothing was loaded or started")
+    cmd = data.get("command_line")
+    if cmd:
+        from glmsetup import output
+
+        env = " ".join(f"{k}={v}" for k, v in (data.get("env") or {}).items())
+        console.print(output.escape(f"{env} {cmd}".strip()), soft_wrap=True, highlight=False)
+
+
+def start(ctx: click.Context, plan, json_mode: bool) -> None:
+    """Load the model (in this process or a child) and serve until stopped."""
+    from glmsetup import output
+    from glmsetup.launch import loading, serve
+
+    def announce():
+        if json_mode:
+            output.print_json(output.envelope("run", {**plan.to_dict(), "status": "serving"}))
+
+    if plan.command:  # streamlit, an official script or vLLM: another process does the serving
+        if plan.official is not None:
+            from glmsetup.launch import official
+
+            official.prepare(plan)
+        announce()
+        serve.run_child(plan, plan.command[0] if plan.engine == "vllm" else f"`run {plan.front}`")
+        return
+    tokenizer, model = loading.load_model(plan, json_mode=json_mode)
+    if plan.front == "cli":
+        serve.serve_cli(tokenizer, model, plan)
+    elif plan.front == "web":
+        announce()
+        serve.serve_web(tokenizer, model, plan)
+    else:
+        serve.serve_api(tokenizer, model, plan, on_ready=announce)
+
+
+@click.command()
+@click.argument("front", type=click.Choice(FRONTS))
+@click.option("--profile", "-p", default="auto", show_default=True,
+              help="Profile name, .toml file, or auto (the best that fits this machine).")
+@click.option("--model", "-m", "model", metavar="DIR", help="Model folder (default: where `glmsetup fetch` puts it).")
+@click.option("--host", metavar="H", help="Address to bind (default: the profile's, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), metavar="N",
+              help="Port (default: the profile's: api 8000, web 7860, streamlit 8501).")
+@click.option("--listen", is_flag=True, help="Bind all interfaces (0.0.0.0); needs --api-key or --insecure.")
+@click.option("--api-key", envvar="GLMSETUP_API_KEY", metavar="K",
+              help="Require 'Authorization: Bearer K' (api; web: login 'glmsetup' / K). Env: GLMSETUP_API_KEY.")
+@click.option("--insecure", is_flag=True, help="Allow an exposed address without a key (prints a warning).")
+@click.option("--cors", multiple=True, metavar="ORIGIN", help="Allow browser calls from ORIGIN (api; repeatable).")
+@click.option("--official", metavar="DIR", type=click.Path(file_okay=True, dir_okay=True),
+              help="Run the official demo from DIR (or one script in it), patched in a working copy.")
+@click.option("--engine", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
+              help="vllm: serve the converted model with vLLM's OpenAI server (api only).")
+@click.option("--tensor-parallel-size", "tensor_parallel_size", type=click.IntRange(1, 64), default=1,
+              show_default=True, help="GPUs for --engine vllm.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the command; load and start nothing.")
+@json_option
+@click.pass_context
+def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors, official, engine,
+        tensor_parallel_size, dry_run, json_mode):
+    """Run a demo: cli (terminal chat), web (Gradio), streamlit, or api (official + OpenAI protocol).
+
+    Prints the resolved profile and its memory estimate first, then loads the model once with a
+    progress display. Servers bind 127.0.0.1 unless --listen; an exposed server needs --api-key
+    (or an explicit --insecure). Under --json a server prints its envelope once it is about to serve.
+
+    \b
+    Examples:
+      glmsetup run cli --profile cpu-int4
+      glmsetup run web                      http://127.0.0.1:7860
+      glmsetup run api --listen --api-key "$(openssl rand -hex 16)"
+      glmsetup run streamlit --port 8502
+      glmsetup run web --official ~/ChatGLM2-6B
+      glmsetup run api --engine vllm --tensor-parallel-size 2 --dry-run
+    """
+    from glmsetup import output
+    from glmsetup.errors import UsageError
+    from glmsetup.launch import loading
+
+    plan = plan_core(front, profile=profile, model=model, host=host, port=port, listen=listen, api_key=api_key,
+                     insecure=insecure, cors=cors, official=official, engine=engine,
+                     tensor_parallel_size=tensor_parallel_size, dry_run=dry_run)
+    if dry_run:
+        if not json_mode:
+            loading.print_banner(plan)
+        output.emit("run", plan.to_dict(), render_plan, json_mode=json_mode)
+        return
+    if json_mode and front == "cli":
+        raise UsageError("`run cli` chats on stdout, so it cannot print JSON", hint="use --json with --dry-run")
+    if not json_mode:
+        loading.print_banner(plan)
+    start(ctx, plan, bool(ctx.meta.get(JSON_KEY)))

@@ -1,0 +1,122 @@
+"""The banner printed before anything loads, and the model load with its progress display.
+
+Both go to stderr: stdout belongs to the chat of `run cli` and to the JSON envelope. The spinner with
+elapsed time shows only for a person at a terminal (output.progress_enabled); otherwise two plain
+lines, "loading ..." and "loaded in N s", so logs still say what happened.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from glmsetup import output
+from glmsetup.errors import GlmsetupError, MissingDependency, RuntimeFailure
+from glmsetup.launch.plan import RunPlan
+
+
+def _needs(est: dict) -> str:
+    if est["per_device_bytes"]:
+        return " + ".join(output.human_bytes(x) for x in est["per_device_bytes"]) + " " + est["memory"]
+    return f"{output.human_bytes(est['total_bytes'])} {est['memory']}"
+
+
+def banner_lines(plan: RunPlan) -> list:
+    """Plain-text lines (rich markup) describing the run: profile, memory, model, address, warnings."""
+    prof = plan.profile
+    gen = prof.generation
+    lines = [
+        f"[bold]profile[/]  {prof.name}: {prof.summary}  [dim]{prof.source}[/]",
+        f"[bold]memory[/]   about {_needs(plan.estimate)} at {plan.estimate['context']} tokens, "
+        f"{_needs(plan.estimate_max)} at max_length {plan.estimate_max['context']}",
+        f"[bold]model[/]    {plan.model_dir} ({plan.model_kind})",
+        f"[bold]sampling[/] max_length {gen.max_length}, top_p {gen.top_p}, temperature {gen.temperature}, "
+        f"repetition_penalty {gen.repetition_penalty}",
+    ]
+    if plan.binding.host is not None:
+        auth = "API key required" if plan.binding.api_key else "no auth"
+        cors = f", CORS {', '.join(plan.binding.cors)}" if plan.binding.cors else ""
+        lines.append(f"[bold]serving[/]  {plan.front} on {plan.binding.host}:{plan.binding.port} "
+                     f"-> {plan.binding.url} ({auth}{cors})")
+    if plan.official:
+        lines.append(f"[bold]official[/] {plan.official['script']} (working copy {plan.official['work_dir']})")
+    if plan.command:
+        import shlex
+
+        lines.append(f"[bold]command[/]  {output.escape(shlex.join(plan.shown_command))}")
+    for note in plan.binding.notes + plan.notes:
+        lines.append(f"[dim]{output.escape(note)}[/]")
+    return lines
+
+
+def print_banner(plan: RunPlan) -> None:
+    console = output.stderr()
+    for line in banner_lines(plan):
+        console.print(line, highlight=False, soft_wrap=True)
+    for warning in plan.warnings:
+        console.print(f"[bold red]warning:[/] [bold]{output.escape(warning)}[/]", soft_wrap=True)
+
+
+def load_model(plan: RunPlan, *, json_mode: bool = False, quiet: bool = False):
+    """glmsetup.load_chat_model with a progress display; runtime failures become GlmsetupErrors."""
+    import glmsetup
+
+    console = output.stderr()
+    what = f"loading {plan.model_dir.name} with profile {plan.profile.name}"
+    start = time.perf_counter()
+    show_spinner = output.progress_enabled(json_mode)
+    try:
+        if show_spinner:
+            with console.status(f"{what} ...", spinner="dots") as status:
+                result = _load(glmsetup, plan, status, start, what)
+        else:
+            if not (json_mode or quiet):
+                console.print(f"{what} ...", highlight=False)
+            result = _load(glmsetup, plan, None, start, what)
+    except GlmsetupError:
+        raise
+    except ImportError as exc:
+        raise MissingDependency(f"the model runtime does not import ({exc})",
+                                hint='pip install "glmsetup[runtime]"') from exc
+    except MemoryError as exc:
+        from glmsetup.errors import ResourceError
+
+        raise ResourceError(f"out of memory while loading with profile {plan.profile.name}",
+                            hint="pick a smaller profile: glmsetup doctor, or --profile cpu-int4 / cuda-int4") from exc
+    except Exception as exc:  # a failure inside torch/transformers: report it, don't dump a traceback
+        raise RuntimeFailure(f"loading the model failed: {exc.__class__.__name__}: {exc}",
+                             hint=f"glmsetup verify {plan.model_dir}; GLMSETUP_DEBUG=1 shows the traceback") from exc
+    seconds = time.perf_counter() - start
+    if not (json_mode or quiet):
+        console.print(f"[green]loaded[/] in {seconds:.1f} s", highlight=False)
+    return result
+
+
+def _load(glmsetup, plan: RunPlan, status, start: float, what: str):
+    """Run the load on a worker thread so the spinner can show elapsed seconds meanwhile."""
+    import threading
+
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = glmsetup.load_chat_model(str(plan.model_dir), profile=plan.profile)
+        except BaseException as exc:  # handed back to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="glmsetup-load", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.25)
+        if status is not None:
+            status.update(f"{what} ... {time.perf_counter() - start:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+def first_line(text: Optional[str]) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""

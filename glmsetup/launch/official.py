@@ -1,0 +1,143 @@
+"""`run FRONT --official DIR`: the official demo, patched in a working copy and launched.
+
+The user's folder is never touched: it is copied to GLMSETUP_HOME/work/official/<name>-<hash>
+(weights, .git and caches left out), the copy is patched there with glmsetup.patch.patch_folder
+(model path, glmsetup loader and profile, Gradio 4+, pydantic v2, binding), and the script that
+matches the front end is started with the right launcher: python for cli_demo.py, web_demo.py,
+api.py and openai_api.py, `streamlit run` for web_demo2.py. Give a file instead of a folder to pick
+one script (e.g. DIR/openai_api.py for the OpenAI protocol).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from glmsetup import paths
+from glmsetup.errors import MissingDependency, UsageError
+from glmsetup.launch.plan import RunPlan
+from glmsetup.launch.serve import streamlit_command
+
+# front end -> the official file names, first preferred
+SCRIPTS = {
+    "cli": ("cli_demo.py",),
+    "web": ("web_demo.py",),
+    "streamlit": ("web_demo2.py",),
+    "api": ("api.py", "openai_api.py"),
+}
+# What identifies a demo when it was renamed: (front, words that must all appear in the file)
+SIGNATURES = (
+    ("streamlit", ("import streamlit",)),
+    ("web", ("import gradio",)),
+    ("api", ("FastAPI",)),
+    ("cli", ("stream_chat", "input(")),
+)
+SKIP = shutil.ignore_patterns(".git", "__pycache__", "*.bin", "*.safetensors", "*.pt", "*.pth", "*.gguf", "*.ckpt")
+BIG_FILE = 20 * 1024 * 1024
+
+
+def kind_of(script: Path) -> str:
+    """The front end a script is, by its content (renamed copies of the demos are common)."""
+    try:
+        text = script.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    for front, words in SIGNATURES:
+        if all(w in text for w in words):
+            return front
+    return ""
+
+
+def find_script(source: Path, front: str) -> Path:
+    if source.is_file():
+        return source
+    for name in SCRIPTS[front]:
+        if (source / name).is_file():
+            return source / name
+    for candidate in sorted(source.glob("*.py")):
+        if kind_of(candidate) == front:
+            return candidate
+    raise UsageError(f"{source} has no official {front} demo ({' or '.join(SCRIPTS[front])})",
+                     hint="point --official at a clone of THUDM/ChatGLM2-6B, or at the demo file itself")
+
+
+def work_copy_dir(source: Path) -> Path:
+    digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
+    return paths.work_dir() / "official" / f"{source.resolve().name}-{digest}"
+
+
+def plan_official(plan: RunPlan, official: str) -> RunPlan:
+    given = Path(official).expanduser()
+    if not given.exists():
+        raise UsageError(f"--official {given}: no such file or folder",
+                         hint="git clone https://github.com/THUDM/ChatGLM2-6B and pass that folder")
+    if plan.binding.api_key:
+        raise UsageError("the official demo scripts have no API-key check, so --api-key cannot protect them",
+                         hint="use the built-in server (`glmsetup run api --api-key K`), or --insecure on a trusted network")
+    script = find_script(given, plan.front)
+    actual = kind_of(script) or plan.front
+    if actual != plan.front and not (plan.front == "web" and actual == "streamlit"):
+        raise UsageError(f"{script.name} is a {actual} demo, not a {plan.front} one",
+                         hint=f"glmsetup run {actual} --official {official}")
+    source = script.parent
+    work = work_copy_dir(source)
+    target = work / script.name
+    if actual == "streamlit":
+        command = streamlit_command(target, plan.binding.host, plan.binding.port)
+    else:
+        command = [sys.executable, str(target)]
+    plan.command = command
+    plan.cwd = work
+    plan.env = {"GLMSETUP_MODEL_DIR": str(plan.model_dir), "GLMSETUP_PROFILE": plan.profile_ref}
+    if plan.binding.host is not None:
+        plan.env.update({"GLMSETUP_HOST": plan.binding.host, "GLMSETUP_PORT": str(plan.binding.port),
+                         "GRADIO_SERVER_NAME": plan.binding.host, "GRADIO_SERVER_PORT": str(plan.binding.port)})
+    plan.official = {"source": str(source), "script": script.name, "kind": actual, "work_dir": str(work),
+                     "launcher": "streamlit run" if actual == "streamlit" else "python"}
+    plan.notes.append(f"copies {source} to {work} and patches the copy; {source} is not changed")
+    return plan
+
+
+def _skip(folder, names):
+    skipped = set(SKIP(folder, names))
+    for name in names:
+        path = Path(folder) / name
+        if path.is_file() and path.stat().st_size > BIG_FILE:
+            skipped.add(name)
+    return skipped
+
+
+def copy_tree(source: Path, work: Path) -> None:
+    """A fresh working copy: copied beside the old one, then swapped in."""
+    work.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{work.name}-", dir=work.parent))
+    try:
+        shutil.copytree(source, tmp / "copy", ignore=_skip, symlinks=False)
+        if work.exists():
+            old = work.with_name(f".{work.name}-old-{os.getpid()}")
+            os.replace(work, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp / "copy", work)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(plan: RunPlan) -> dict:
+    """Copy and patch; returns the patch report. Runs only when really starting (not --dry-run)."""
+    try:
+        from glmsetup.patch import patch_folder
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("glmsetup"):
+            raise MissingDependency(f"patching needs {exc.name}, which is not installed",
+                                    hint='pip install "glmsetup[patch]"') from exc
+        raise MissingDependency("this install has no glmsetup.patch, so the official demos cannot be patched",
+                                hint="run the built-in front end instead: glmsetup run " + plan.front) from exc
+    source = Path(plan.official["source"])
+    work = Path(plan.official["work_dir"])
+    copy_tree(source, work)
+    report = patch_folder(work, model=str(plan.model_dir), profile=plan.profile_ref)
+    plan.official["patched"] = True
+    return report

@@ -1,0 +1,156 @@
+"""The run plan: everything decided before a model is loaded.
+
+`build_plan` resolves the profile ("auto" asks the doctor), checks the model folder with
+glmsetup.modelfiles (a missing or damaged folder is a ModelError naming `glmsetup fetch` or
+`glmsetup verify`), checks that the front end's extra is installed, applies the binding rules and
+estimates memory with glmsetup.requirements. `glmsetup run --dry-run` prints exactly this plan.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from glmsetup import paths, profiles, requirements
+from glmsetup.errors import EXTRAS_HINT, MissingDependency, ModelError, UsageError
+from glmsetup.launch.binding import Binding, resolve_binding
+
+# front end -> (modules it needs, the extra that installs them)
+FRONT_EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
+    "cli": ((), "runtime"),
+    "web": (("gradio",), "web"),
+    "streamlit": (("streamlit",), "streamlit"),
+    "api": (("fastapi", "uvicorn", "sse_starlette"), "api"),
+}
+RUNTIME_MODULES = ("torch", "transformers", "sentencepiece")
+NATIVE_KINDS = ("chatglm2", "chatglm2-int4", "glm-converted")
+ESTIMATE_CONTEXT = 2048
+
+
+@dataclass
+class RunPlan:
+    front: str
+    profile: profiles.Profile
+    profile_ref: str  # what to hand a child process: a name, or the .toml path the user gave
+    model_dir: Path
+    model_kind: str
+    binding: Binding
+    estimate: dict
+    estimate_max: dict
+    engine: str = "native"
+    command: Optional[list] = None  # set when the front end runs as another process
+    env: dict = field(default_factory=dict)  # extra environment for that process
+    cwd: Optional[Path] = None
+    notes: list = field(default_factory=list)
+    official: Optional[dict] = None
+
+    @property
+    def shown_command(self) -> Optional[list]:
+        """The command with the API key hidden (for printing and JSON)."""
+        if not self.command:
+            return None
+        key = self.binding.api_key
+        return ["***" if key and part == key else part for part in self.command]
+
+    @property
+    def warnings(self) -> list:
+        return self.binding.warnings
+
+    def to_dict(self) -> dict:
+        return {
+            "front": self.front, "engine": self.engine,
+            "profile": {"name": self.profile.name, "summary": self.profile.summary, "source": self.profile.source,
+                        "generation": vars(self.profile.generation)},
+            "model_dir": str(self.model_dir), "model_kind": self.model_kind,
+            "estimate": self.estimate, "estimate_max_length": self.estimate_max,
+            "binding": self.binding.to_dict(),
+            "command": self.shown_command,
+            "command_line": shlex.join(self.shown_command) if self.command else None,
+            "env": self.env, "cwd": str(self.cwd) if self.cwd else None,
+            "official": self.official, "notes": list(self.notes), "warnings": list(self.warnings),
+        }
+
+
+def resolve_profile(spec: str) -> tuple[profiles.Profile, str]:
+    """A name, a .toml path or "auto" -> (Profile, the reference to hand a child process)."""
+    if spec == "auto":
+        try:
+            from glmsetup.doctor import auto_profile
+        except ImportError as exc:  # no doctor in this install (a partial checkout): not torch's absence
+            if not (exc.name or "").startswith("glmsetup"):
+                raise
+            prof = profiles.load("cpu")  # this install has no doctor: the profile that runs anywhere
+        else:
+            prof = auto_profile(context=ESTIMATE_CONTEXT)
+        return prof, prof.name
+    prof = profiles.resolve(spec)
+    ref = str(Path(spec).resolve()) if spec.endswith(".toml") else prof.name
+    return prof, ref
+
+
+def check_model_dir(model_dir: Optional[str], *, kinds: tuple = NATIVE_KINDS) -> tuple[Path, str]:
+    """The model folder, checked; (path, kind) or a ModelError whose hint is the repairing command."""
+    from glmsetup.modelfiles import inspect_model_dir
+
+    default = model_dir is None
+    folder = paths.default_model_dir() if default else Path(model_dir).expanduser()
+    fetch = "glmsetup fetch" if default else f"glmsetup fetch --model-dir {shlex.quote(str(folder))}"
+    report = inspect_model_dir(folder)
+    if not report.exists:
+        raise ModelError(f"no model folder at {folder}",
+                         hint=f"download it with `{fetch}` (or pass --model DIR), or try `glmsetup selftest` first")
+    if report.issues:
+        shown = "; ".join(f"{i.path}: {i.problem}" + (f" ({i.detail})" if i.detail else "") for i in report.issues[:4])
+        more = f" and {len(report.issues) - 4} more" if len(report.issues) > 4 else ""
+        raise ModelError(f"the model folder {folder} is damaged: {shown}{more}",
+                         hint=f"`glmsetup verify {shlex.quote(str(folder))}` lists every problem; `{fetch}` repairs it",
+                         details=report.to_dict())
+    if report.kind not in kinds:
+        raise ModelError(f"{folder} does not hold a ChatGLM2-6B checkpoint (kind: {report.kind})",
+                         hint=f"point --model at a ChatGLM2-6B folder, or download one with `{fetch}`",
+                         details=report.to_dict())
+    return folder, report.kind
+
+
+def missing_modules(modules) -> list:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def require_extra(front: str) -> None:
+    """MissingDependency (exit 3) naming the pip line when the front end's extra is not installed."""
+    modules, extra = FRONT_EXTRAS[front]
+    gone = missing_modules(modules)
+    if gone:
+        raise MissingDependency(f"`run {front}` needs {', '.join(gone)}, which is not installed",
+                                hint=EXTRAS_HINT.get(extra, f'pip install "glmsetup[{extra}]"'))
+    gone = missing_modules(RUNTIME_MODULES)
+    if gone:
+        raise MissingDependency(f"the model runtime needs {', '.join(gone)}, which is not installed",
+                                hint=EXTRAS_HINT["runtime"])
+
+
+def memory_estimate(profile: profiles.Profile, context: int) -> dict:
+    est = requirements.estimate(profile, context)
+    return {"context": context, "total_bytes": est.total, "per_device_bytes": list(est.per_device),
+            "memory": "VRAM" if profile.device in ("cuda", "mps") else "RAM", "weights_bytes": est.weights,
+            "kv_cache_bytes": est.kv_cache}
+
+
+def build_plan(front: str, *, profile: str = "auto", model: Optional[str] = None, host: Optional[str] = None,
+               port: Optional[int] = None, listen: bool = False, api_key: Optional[str] = None,
+               insecure: bool = False, cors: tuple = (), engine: str = "native",
+               check_extras: bool = True, model_kinds: tuple = NATIVE_KINDS) -> RunPlan:
+    """Decide everything a run needs, in the order a user wants the errors: flags, profile, folder, extras."""
+    if engine not in ("native", "vllm"):
+        raise UsageError(f"unknown engine '{engine}'", hint="--engine native (default) or --engine vllm")
+    prof, ref = resolve_profile(profile)
+    binding = resolve_binding(front, prof, host=host, port=port, listen=listen, api_key=api_key,
+                              insecure=insecure, cors=cors)
+    folder, kind = check_model_dir(model, kinds=model_kinds)
+    if check_extras:
+        require_extra(front)
+    return RunPlan(front=front, profile=prof, profile_ref=ref, model_dir=folder, model_kind=kind, binding=binding,
+                   estimate=memory_estimate(prof, ESTIMATE_CONTEXT),
+                   estimate_max=memory_estimate(prof, prof.generation.max_length), engine=engine)

@@ -1,0 +1,108 @@
+"""Starting a front end: in this process (cli, web, api) or as a child process (streamlit, official, vllm).
+
+One model per process: cli/web/api load it here through glmsetup.load_chat_model; `streamlit run`
+loads it in the Streamlit process, which reads GLMSETUP_MODEL_DIR and GLMSETUP_PROFILE.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from glmsetup.errors import Interrupted, RuntimeFailure, UsageError
+from glmsetup.launch.binding import WEB_USER
+from glmsetup.launch.plan import RunPlan
+
+STREAMLIT_APP = "glmsetup.apps.streamlit_app"
+
+
+def streamlit_app_path() -> Path:
+    spec = importlib.util.find_spec(STREAMLIT_APP)
+    if spec is None or not spec.origin:
+        raise UsageError(f"{STREAMLIT_APP} is not part of this install", hint='pip install -e ".[streamlit]"')
+    return Path(spec.origin)
+
+
+def streamlit_command(script: Path, host: str, port: int) -> list:
+    """`streamlit run SCRIPT` with the server flags (headless: no browser, no usage statistics)."""
+    return [sys.executable, "-m", "streamlit", "run", str(script),
+            "--server.address", host, "--server.port", str(port),
+            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+
+
+def plan_streamlit(plan: RunPlan) -> RunPlan:
+    plan.command = streamlit_command(streamlit_app_path(), plan.binding.host, plan.binding.port)
+    plan.env = {"GLMSETUP_MODEL_DIR": str(plan.model_dir), "GLMSETUP_PROFILE": plan.profile_ref}
+    plan.notes.append("the model loads inside the Streamlit process on the first page view")
+    return plan
+
+
+def run_child(plan: RunPlan, name: str) -> int:
+    """Run plan.command in the foreground; Ctrl-C reaches it too, and we wait for it to finish."""
+    env = {**os.environ, **plan.env}
+    try:
+        proc = subprocess.Popen(plan.command, env=env, cwd=str(plan.cwd) if plan.cwd else None)
+    except FileNotFoundError as exc:
+        raise RuntimeFailure(f"cannot start {name}: {exc}", hint="check that it is installed in this environment")
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        try:
+            code = proc.wait(timeout=15)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise Interrupted(f"{name} stopped", hint="run the same command to start it again")
+    if code in (0, -signal.SIGINT, -signal.SIGTERM, 130):
+        return 0
+    raise RuntimeFailure(f"{name} exited with code {code}", hint="its own messages are printed above")
+
+
+def serve_cli(tokenizer, model, plan: RunPlan, stdin=None, stdout=None) -> None:
+    from glmsetup.errors import require
+
+    cli_chat = require("glmsetup.apps.cli_chat", "runtime")
+    cli_chat.main_loop(tokenizer, model, plan.profile, stdin or sys.stdin, stdout or sys.stdout)
+
+
+def serve_web(tokenizer, model, plan: RunPlan) -> None:
+    from glmsetup.errors import require
+
+    web = require("glmsetup.apps.web", "web")
+    demo = web.build_demo(tokenizer, model, plan.profile)
+    auth = (WEB_USER, plan.binding.api_key) if plan.binding.api_key else None
+    demo.launch(server_name=plan.binding.host, server_port=plan.binding.port, share=False, inbrowser=False,
+                auth=auth, show_error=True)
+
+
+def make_api(tokenizer, model, plan: RunPlan):
+    from glmsetup.errors import require
+
+    api = require("glmsetup.apps.api", "api")
+    return api.create_app(tokenizer, model, api_key=plan.binding.api_key, cors_origins=plan.binding.cors or None)
+
+
+def serve_api(tokenizer, model, plan: RunPlan, on_ready: Optional[Callable[[], None]] = None) -> None:
+    from glmsetup.errors import require
+
+    uvicorn = require("uvicorn", "api")
+    app = make_api(tokenizer, model, plan)
+    config = uvicorn.Config(app, host=plan.binding.host, port=plan.binding.port, log_level="info",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        on_ready()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits this way when it cannot bind
+        pass
+    if not server.started:
+        raise RuntimeFailure(f"the API server could not start on {plan.binding.host}:{plan.binding.port}",
+                             hint=f"is the port in use? pick another with --port (e.g. --port {plan.binding.port + 1})")
