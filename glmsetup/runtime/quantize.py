@@ -1,0 +1,397 @@
+"""Weight-only int8/int4 linear layers following the official ChatGLM2 scheme, on torch's own kernels.
+
+The scheme (chatglm2.md section 7): symmetric, one scale per output row,
+``scale = max|W_row| / (2**(bits-1) - 1)`` and ``q = round(W / scale)`` stored as int8 (int4 values
+lie in -7..7). Activations stay in 16 bits. The chatglm2-6b-int4 checkpoint stores int4 rows
+packed two values per byte, the even column in the high nibble: ``byte = (q[2j] << 4) | (q[2j+1] & 0xF)``.
+
+``WeightOnlyLinear`` keeps only the form its kernel reads (no 16-bit copy of the weight):
+
+==================  =========================================================================
+backend             used when
+==================  =========================================================================
+``cpu_int8pack``    CPU, 8 bits, in_features % 16 == 0: ``aten._weight_int8pack_mm`` (bf16)
+``cpu_int4pack``    CPU, 4 bits, out_features % 16 == 0, in_features % 32 == 0:
+                    ``aten._weight_int4pack_mm_for_cpu`` (bf16, groups of up to 256 columns)
+``cuda_int8pack``   CUDA, 8 bits, batch of at most 16 rows: ``aten._weight_int8pack_mm`` (fp32)
+``cuda_int4pack``   CUDA sm80+, 4 bits, out % 8 == 0, in % 32 == 0: ``aten._weight_int4pack_mm``
+``dequant``         anything else: dequantize to the activation dtype per call, then matmul
+==================  =========================================================================
+
+The CPU kernels are only vectorized for bf16 on x86, so on CPU activations of any dtype are
+rounded to bf16 for the kernel and the result is cast back to the input dtype. The int4 kernel
+groups columns with an asymmetric scale/zero pair per group; the official per-row scale maps onto
+it exactly: every group of a row gets the row's scale, the zero point is 0, and the stored nibble
+is ``q + 8`` (the kernel computes ``(nibble - 8) * scale + zero``). Per-row scales are held in the
+kernel's dtype (bf16 on CPU), so a scale read from an fp16 checkpoint is rounded by at most 2**-9.
+The CUDA kernels are checked once against the dequantized product when a layer is built and are
+replaced by ``dequant`` if they are missing or disagree.
+
+``state_dict()`` always holds the official layout (``weight``: int8 ``[out, in]``, or packed int8
+``[out, in/2]`` for 4 bits; ``weight_scale``: ``[out]``; ``bias``), whatever the backend, so a
+quantized model can be saved and loaded on another machine or device.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from glmsetup.errors import ModelError
+from glmsetup.runtime import int4_layout
+
+BACKENDS = ("cpu_int8pack", "cpu_int4pack", "cuda_int8pack", "cuda_int4pack", "dequant")
+CUDA_INT8_MAX_ROWS = 16  # larger batches (prefill) dequantize and use cuBLAS instead
+_ROW_CHUNK_ELEMENTS = 1 << 24  # rows are quantized/packed in chunks of about this many weights
+
+pack_int4 = int4_layout.pack_int4
+unpack_int4 = int4_layout.unpack_int4
+
+
+def qmax(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def _row_chunks(rows: int, cols: int, multiple: int = 64):
+    step = max(multiple, (_ROW_CHUNK_ELEMENTS // max(cols, 1)) // multiple * multiple)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, *, scale_dtype: Optional[torch.dtype] = None):
+    """The official weight-only quantization of a 2-D weight ``[out, in]``: returns ``(q, scale)``.
+
+    ``scale[r] = max|W[r]| / (2**(bits-1) - 1)`` (float32, or rounded to ``scale_dtype`` first, in which
+    case ``q`` is computed against the rounded scale), ``q = round(W / scale)`` as int8 in
+    ``-qmax..qmax`` (unpacked, also for 4 bits). All-zero rows get scale 0 and q 0. Works in row
+    chunks so a large layer never needs a float32 copy of itself.
+    """
+    top = qmax(bits)
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    for a, b in _row_chunks(rows, cols):
+        w = weight[a:b].float()
+        s = w.abs().amax(dim=1) / top
+        if scale_dtype is not None:
+            s = s.to(scale_dtype).float()
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q[a:b] = torch.round(w / safe[:, None]).clamp_(-top, top).to(torch.int8)
+        scale[a:b] = s
+    return q, (scale if scale_dtype is None else scale.to(scale_dtype))
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` row by row, as ``dtype`` (``q`` unpacked int8)."""
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+
+
+def _kernels_disabled() -> bool:
+    return os.environ.get("GLMSETUP_QUANT_KERNELS", "").strip().lower() in ("0", "off", "no", "false")
+
+
+def choose_backend(device: torch.device, bits: int, in_features: int, out_features: int) -> str:
+    """The fastest backend torch offers here for this layer shape (see the module docstring)."""
+    aten = torch.ops.aten
+    if _kernels_disabled():
+        return "dequant"
+    if device.type == "cpu":
+        if bits == 8 and in_features % 16 == 0 and hasattr(aten, "_weight_int8pack_mm"):
+            return "cpu_int8pack"
+        if (bits == 4 and out_features % 16 == 0 and int4_layout.group_size(in_features)
+                and hasattr(aten, "_weight_int4pack_mm_for_cpu")
+                and hasattr(aten, "_convert_weight_to_int4pack_for_cpu")):
+            return "cpu_int4pack"
+    elif device.type == "cuda":
+        if bits == 8 and hasattr(aten, "_weight_int8pack_mm"):
+            return "cuda_int8pack"
+        if (bits == 4 and out_features % 8 == 0 and int4_layout.group_size(in_features)
+                and hasattr(aten, "_weight_int4pack_mm") and hasattr(aten, "_convert_weight_to_int4pack")
+                and torch.cuda.get_device_capability(device) >= (8, 0)):
+            return "cuda_int4pack"
+    return "dequant"
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 64-byte aligned (the CPU int8 kernel uses aligned vector loads)."""
+    t = t.contiguous()
+    if t.device.type == "cpu" and t.data_ptr() % 64:
+        t = t.clone()
+    return t
+
+
+class WeightOnlyLinear(torch.nn.Module):
+    """A linear layer with int8 or int4 weights (official per-row symmetric scheme), 16-bit activations.
+
+    Build one with :meth:`from_float`, :meth:`from_official_int8` or :meth:`from_official_int4`; the
+    plain constructor makes an all-zero layer that ``load_state_dict`` can fill (official layout).
+    ``forward(x)`` returns ``x @ (q * scale).T + bias`` in ``x``'s dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 8, bias: bool = True, *,
+                 device=None, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+        super().__init__()
+        qmax(bits)
+        self.in_features, self.out_features, self.bits = int(in_features), int(out_features), int(bits)
+        self.dtype = dtype or torch.get_default_dtype()
+        self._forced_backend = backend
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.backend = "dequant"
+        self.group_size = 0
+        self.bias = None
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=self.dtype, device=device),
+                                           requires_grad=False)
+        if not getattr(self, "_skip_init", False):
+            q = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+            self._install(q, torch.zeros(out_features, dtype=torch.float32, device=device), device)
+
+    # ----- construction -----
+    @classmethod
+    def _blank(cls, in_features, out_features, bits, has_bias, device, dtype, backend):
+        obj = cls.__new__(cls)
+        obj._skip_init = True
+        cls.__init__(obj, in_features, out_features, bits, has_bias, device=device, dtype=dtype, backend=backend)
+        del obj._skip_init
+        return obj
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, *, device=None,
+                   dtype: Optional[torch.dtype] = None, backend: Optional[str] = None) -> "WeightOnlyLinear":
+        """Quantize a float weight ``[out, in]`` (any float dtype, may be memory-mapped) for ``device``."""
+        device = torch.device(device) if device is not None else weight.device
+        out_f, in_f = weight.shape
+        mod = cls._blank(in_f, out_f, bits, bias is not None, device, dtype or weight.dtype, backend)
+        chosen = mod._pick_backend(device)
+        q, scale = quantize_weight(weight, bits, scale_dtype=_scale_dtype(chosen, dtype or weight.dtype))
+        mod._install(q, scale, device, chosen)
+        mod._set_bias(bias, device)
+        return mod
+
+    @classmethod
+    def from_official_int8(cls, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], *,
+                           device=None, dtype: Optional[torch.dtype] = None,
+                           backend: Optional[str] = None) -> "WeightOnlyLinear":
+        """From an official int8 layer: ``weight`` int8 ``[out, in]``, ``weight_scale`` ``[out]``."""
+        _check_official(weight, scale, packed=False)
+        return cls._from_q(weight, scale, bias, 8, device, dtype, backend)
+
+    @classmethod
+    def from_official_int4(cls, packed: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], *,
+                           device=None, dtype: Optional[torch.dtype] = None,
+                           backend: Optional[str] = None) -> "WeightOnlyLinear":
+        """From the chatglm2-6b-int4 layout: ``weight`` int8 ``[out, in/2]`` (two values a byte, even
+        column in the high nibble), ``weight_scale`` ``[out]`` (fp16)."""
+        _check_official(packed, scale, packed=True)
+        return cls._from_q(unpack_int4(packed), scale, bias, 4, device, dtype, backend)
+
+    @classmethod
+    def _from_q(cls, q, scale, bias, bits, device, dtype, backend):
+        device = torch.device(device) if device is not None else q.device
+        dtype = dtype or (scale.dtype if scale.is_floating_point() else torch.float16)
+        mod = cls._blank(q.shape[1], q.shape[0], bits, bias is not None, device, dtype, backend)
+        chosen = mod._pick_backend(device)
+        mod._install(q, scale.to(_scale_dtype(chosen, dtype)), device, chosen)
+        mod._set_bias(bias, device)
+        return mod
+
+    def _pick_backend(self, device: torch.device) -> str:
+        if self._forced_backend is not None:
+            if self._forced_backend not in BACKENDS:
+                raise ValueError(f"unknown backend {self._forced_backend!r}; one of {BACKENDS}")
+            return self._forced_backend
+        return choose_backend(device, self.bits, self.in_features, self.out_features)
+
+    def _set_bias(self, bias, device):
+        if bias is not None:
+            self.bias = torch.nn.Parameter(bias.detach().to(device=device, dtype=self.dtype).clone(),
+                                           requires_grad=False)
+
+    def _install(self, q: torch.Tensor, scale: torch.Tensor, device: torch.device, backend: Optional[str] = None):
+        """Store unpacked int8 ``q [out, in]`` and per-row ``scale`` in the backend's own form."""
+        backend = backend or self._pick_backend(device)
+        for name in ("qweight", "scale", "scales_zeros"):
+            self._buffers.pop(name, None)
+        self.group_size = 0
+        scale = scale.to(device=device, dtype=_scale_dtype(backend, self.dtype))
+        if backend in ("cpu_int8pack", "cuda_int8pack"):
+            self.register_buffer("qweight", _aligned(q.to(device=device, dtype=torch.int8)), persistent=False)
+            self.register_buffer("scale", _aligned(scale), persistent=False)
+        elif backend == "cpu_int4pack":
+            self.group_size = int4_layout.group_size(self.in_features)
+            self.register_buffer("qweight", int4_layout.cpu_pack(q.to(device), _row_chunks), persistent=False)
+            self.register_buffer("scales_zeros", int4_layout.scales_zeros(scale, self.in_features, self.group_size),
+                                 persistent=False)
+        elif backend == "cuda_int4pack":
+            self.group_size = int4_layout.group_size(self.in_features)
+            self.register_buffer("qweight", int4_layout.cuda_pack(q.to(device)), persistent=False)
+            self.register_buffer("scales_zeros", int4_layout.scales_zeros(scale, self.in_features, self.group_size),
+                                 persistent=False)
+        else:
+            backend = "dequant"
+            stored = q.to(device=device, dtype=torch.int8)
+            if self.bits == 4:
+                stored = pack_int4(stored)
+            self.register_buffer("qweight", stored.contiguous(), persistent=False)
+            self.register_buffer("scale", scale.contiguous(), persistent=False)
+        self.backend = backend
+        if backend.startswith("cuda_") and not self._kernel_agrees(q, scale):
+            self._install(q, scale.float(), device, "dequant")
+
+    def _kernel_agrees(self, q, scale) -> bool:
+        """One check of a CUDA kernel against the dequantized product (cannot be run without a GPU here)."""
+        try:
+            gen = torch.Generator(device=q.device).manual_seed(0)
+            x = torch.randn(3, self.in_features, device=q.device, generator=gen, dtype=torch.float16)
+            got = self._kernel_matmul(x).float()
+            want = x.float() @ dequantize_weight(q.to(x.device), scale).T
+            return bool(torch.isfinite(got).all()) and float((got - want).abs().max()) <= \
+                2e-2 * float(want.abs().max()) + 1e-3
+        except (RuntimeError, NotImplementedError):
+            return False
+
+    # ----- the official layout, whatever the backend -----
+    def quantized_rows(self) -> torch.Tensor:
+        """The unpacked int8 ``q [out, in]`` (values -7..7 for 4 bits), on the module's device."""
+        if self.backend in ("cpu_int8pack", "cuda_int8pack"):
+            return self.qweight
+        if self.backend == "dequant":
+            return unpack_int4(self.qweight, self.in_features) if self.bits == 4 else self.qweight
+        if self.backend == "cpu_int4pack":
+            return int4_layout.cpu_unpack(self.qweight, self.out_features, self.in_features)
+        return self._unpack_with_kernel()
+
+    def row_scales(self) -> torch.Tensor:
+        """The per-row scale ``[out]`` the forward pass multiplies by (in its stored dtype)."""
+        if self.backend in ("cpu_int4pack", "cuda_int4pack"):
+            return self.scales_zeros[0, :, 0]
+        return self.scale
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weight ``q * scale`` ``[out, in]`` that forward multiplies with."""
+        return dequantize_weight(self.quantized_rows(), self.row_scales(), dtype)
+
+    def _unpack_with_kernel(self) -> torch.Tensor:
+        """Recover q from a kernel-packed int4 weight by multiplying identity rows with unit scales."""
+        saved = self.scales_zeros
+        unit = torch.zeros_like(saved)
+        unit[..., 0] = 1
+        self.scales_zeros = unit
+        try:
+            out = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=saved.device)
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=saved.device)
+            for a in range(0, self.in_features, 1024):
+                out[:, a:a + 1024] = self._kernel_matmul(eye[a:a + 1024]).round().to(torch.int8).T
+            return out
+        finally:
+            self.scales_zeros = saved
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        q = self.quantized_rows()
+        destination[prefix + "weight"] = pack_int4(q) if self.bits == 4 else q.clone()
+        destination[prefix + "weight_scale"] = self.row_scales().clone()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = [prefix + "weight", prefix + "weight_scale"] + ([prefix + "bias"] if self.bias is not None else [])
+        absent = [k for k in keys if k not in state_dict]
+        missing_keys.extend(absent)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in keys
+                                   and "." not in k[len(prefix):])
+        if absent:
+            return
+        weight, scale = state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"]
+        try:
+            _check_official(weight, scale, packed=self.bits == 4)
+            q = unpack_int4(weight, self.in_features) if self.bits == 4 else weight
+            if tuple(q.shape) != (self.out_features, self.in_features):
+                raise ModelError(f"{prefix}weight has shape {tuple(weight.shape)}, expected "
+                                 f"{self.out_features} x {self.in_features} ({self.bits}-bit)")
+        except ModelError as exc:
+            error_msgs.append(str(exc))
+            return
+        device = self.row_scales().device
+        self._install(q, scale, device, self._pick_backend(device))
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[prefix + "bias"])
+
+    def _apply(self, fn, recurse=True):
+        """Moves and dtype casts (``.to``, ``.cuda()``, ``.half()``) rebuild the packed form for the target."""
+        here = self.row_scales().device
+        probe = fn(torch.empty(0, dtype=self.dtype, device=here))
+        if here.type == "meta" and probe.device.type != "meta":  # to_empty(): contents are undefined anyway
+            q = torch.zeros(self.out_features, self.in_features, dtype=torch.int8)
+            scale = torch.zeros(self.out_features)
+        else:
+            q, scale = self.quantized_rows(), self.row_scales()
+        if self.bias is not None:
+            self.bias = torch.nn.Parameter(fn(self.bias.detach()), requires_grad=False)
+        self.dtype = probe.dtype if probe.is_floating_point() else self.dtype
+        self._install(q.to(probe.device), scale.to(probe.device).float(), probe.device)
+        return self
+
+    # ----- forward -----
+    def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        aten = torch.ops.aten
+        if self.backend == "cpu_int8pack":
+            return aten._weight_int8pack_mm(_aligned(x2.to(torch.bfloat16)), self.qweight, self.scale)
+        if self.backend == "cpu_int4pack":
+            return aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.qweight,
+                                                    self.group_size, self.scales_zeros)
+        if self.backend == "cuda_int8pack":
+            return aten._weight_int8pack_mm(x2.float().contiguous(), self.qweight, self.scale)
+        if self.backend == "cuda_int4pack":
+            return aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
+                                            self.group_size, self.scales_zeros)
+        raise RuntimeError(f"no kernel for backend {self.backend}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        use_kernel = self.backend != "dequant" and x2.shape[0] > 0 and not (
+            self.backend == "cuda_int8pack" and x2.shape[0] > CUDA_INT8_MAX_ROWS)
+        if use_kernel:
+            out = self._kernel_matmul(x2).to(x.dtype)
+        else:
+            weight = self.dequantize(x.dtype)
+            out = F.linear(x2, weight)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"bias={self.bias is not None}, backend={self.backend}")
+
+
+def _scale_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the backend's kernel reads per-row scales in."""
+    if backend in ("cpu_int8pack", "cpu_int4pack", "cuda_int4pack"):
+        return torch.bfloat16
+    if backend == "cuda_int8pack":
+        return torch.float32
+    return dtype
+
+
+def _check_official(weight: torch.Tensor, scale: torch.Tensor, *, packed: bool) -> None:
+    if weight.dtype not in (torch.int8, torch.uint8) or weight.dim() != 2:
+        raise ModelError(f"quantized weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}")
+    if scale.dim() != 1 or scale.shape[0] != weight.shape[0] or not scale.is_floating_point():
+        raise ModelError(f"weight_scale must be a float vector of {weight.shape[0]} rows, got "
+                         f"{scale.dtype} {tuple(scale.shape)}")
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (packed weights included)."""
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
