@@ -1,0 +1,45 @@
+"""glmsetup doctor: what this machine can run, and what to fix.
+
+probes.py (with its helpers storage.py and sources.py) is the only code that touches the machine;
+checks.py, checks_network.py and verdict.py are pure functions over the facts record (facts.py);
+report.py puts them together. Nothing here imports torch (`--deep` does, in a child process).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["auto_profile", "diagnose", "LIGHT_PROBES"]
+
+# What `auto_profile` needs: no subprocesses, no disk walk, no network.
+LIGHT_PROBES = ("system", "nvidia", "torch", "memory", "packages")
+
+
+def diagnose(model_dir: Optional[Path] = None, **kwargs) -> dict:
+    from glmsetup import paths
+    from glmsetup.doctor.report import diagnose as _diagnose
+
+    default = model_dir is None
+    return _diagnose(Path(model_dir) if model_dir else paths.default_model_dir(),
+                     default_model_dir=kwargs.pop("default_model_dir", default), **kwargs)
+
+
+def auto_profile(context: int = 2048, facts=None):
+    """The best profile that fits this machine (fast: no torch import, no network).
+
+    Prefers a profile that runs with what is installed; else the best one for the hardware (the
+    runtime then reports what to install). Raises ResourceError when nothing fits.
+    """
+    from glmsetup import profiles
+    from glmsetup.doctor import probes
+    from glmsetup.doctor.verdict import evaluate
+    from glmsetup.errors import ResourceError
+
+    if facts is None:
+        facts = probes.gather(Path("."), only=LIGHT_PROBES)
+    verdict = evaluate(facts, profiles.load_all(), context)
+    name = verdict.best or verdict.recommended
+    if name is None:
+        raise ResourceError(f"no profile fits this machine at {context} tokens",
+                            hint="glmsetup doctor shows what each profile needs and what this machine has")
+    return profiles.load(name)

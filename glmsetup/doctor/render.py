@@ -1,0 +1,68 @@
+"""How `glmsetup doctor` looks to a person: grouped ticks and crosses, the verdict, the next commands."""
+from __future__ import annotations
+
+from glmsetup.doctor.checks import GROUPS
+from glmsetup.output import escape, human_bytes, status_mark
+
+def _worst(statuses: list) -> str:
+    for s in ("fail", "warn"):
+        if s in statuses:
+            return s
+    return "skipped" if all(s == "skipped" for s in statuses) else "ok"
+
+
+def render(console, data: dict, verbose: bool = False) -> None:
+    checks = data["checks"]
+    console.print("[bold]glmsetup doctor[/]" + ("" if verbose else "  [dim](-v shows the evidence)[/]"))
+    for group, title in GROUPS.items():
+        members = [c for c in checks if c["group"] == group]
+        if not members:
+            continue
+        console.print(f"\n[{status_mark(_worst([c['status'] for c in members]))}] [bold]{title}[/]")
+        for c in members:
+            if c["status"] == "skipped" and not verbose and not c["summary"].startswith("could not check"):
+                console.print(f"    {status_mark('skipped')} [dim]{escape(c['title'])}: {escape(c['summary'])}[/]")
+                continue
+            console.print(f"    {status_mark(c['status'])} {escape(c['title'])}: {escape(c['summary'])}")
+            if verbose:
+                for line in c["evidence"]:
+                    console.print(f"        [dim]{escape(line)}[/]")
+            if c["hint"] and (c["status"] in ("warn", "fail") or verbose):
+                console.print(f"        [yellow]fix:[/] {escape(c['hint'])}")
+    render_verdict(console, data, verbose)
+
+
+def render_verdict(console, data: dict, verbose: bool) -> None:
+    v = data["verdict"]
+    console.print(f"\n[bold]Profiles for this machine[/] [dim](at {v['context']} tokens)[/]")
+    shown = 0
+    for p in v["profiles"]:
+        if p["fit"] == "no" and not verbose:
+            continue
+        mark = "ok" if p["runnable"] and p["fit"] == "fits" else "warn" if p["fit"] != "no" else "fail"
+        star = "[bold]>[/]" if p["name"] == v["recommended"] else " "
+        line = f"  {star} {status_mark(mark)} [bold]{p['name']:<18}[/] {escape(p['summary']):<24} {escape(p['reason'])}"
+        console.print(line)
+        if p["blockers"]:
+            console.print(f"        [dim]needs first: {escape('; '.join(p['blockers']))}[/]")
+        shown += 1
+    hidden = sum(p["fit"] == "no" for p in v["profiles"])
+    if hidden and not verbose:
+        console.print(f"    [dim]{hidden} more do not fit (-v lists them)[/]")
+    if v["estimate"]:
+        e, b = v["estimate"], v["estimate"]["bytes"]
+        parts = [("weights", "weights"), ("KV cache", "kv_cache"), ("activations", "activations"),
+                 ("quantization workspace", "workspace"), ("runtime", "runtime")]
+        where = "VRAM" if e["device"] in ("cuda", "mps") else "RAM"
+        console.print(f"\n[bold]{e['profile']}[/] needs {human_bytes(b['total'])} of {where}: "
+                      + ", ".join(f"{label} {human_bytes(b[key])}" for label, key in parts if b[key]))
+        for i, total in enumerate(e.get("per_device_total") or []):
+            console.print(f"    GPU {i}: {human_bytes(total)}")
+    n = data["counts"]
+    console.print(f"\n{n['ok']} ok, {n['warn']} warnings, {n['fail']} blocking, {n['skipped']} skipped")
+    if v["next_commands"]:
+        console.print("\n[bold]Next:[/]")
+        for cmd in v["next_commands"]:
+            console.print(f"  [cyan]{escape(cmd)}[/]")
+    if data["blocking"]:
+        console.print(f"\n[red]Blocking:[/] {', '.join(data['blocking'])}")
