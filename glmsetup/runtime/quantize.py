@@ -312,10 +312,12 @@ class WeightOnlyLinear(torch.nn.Module):
         weight, scale = state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"]
         try:
             _check_official(weight, scale, packed=self.bits == 4)
-            q = unpack_int4(weight, self.in_features) if self.bits == 4 else weight
-            if tuple(q.shape) != (self.out_features, self.in_features):
+            cols = (self.in_features + 1) // 2 if self.bits == 4 else self.in_features
+            if tuple(weight.shape) != (self.out_features, cols) or scale.shape[0] != self.out_features:
                 raise ModelError(f"{prefix}weight has shape {tuple(weight.shape)}, expected "
-                                 f"{self.out_features} x {self.in_features} ({self.bits}-bit)")
+                                 f"{self.out_features} x {cols} for a {self.out_features} x {self.in_features} "
+                                 f"{self.bits}-bit layer")
+            q = unpack_int4(weight, self.in_features) if self.bits == 4 else weight
         except ModelError as exc:
             error_msgs.append(str(exc))
             return

@@ -1,0 +1,234 @@
+"""load_chat_model: a model folder and a profile -> (tokenizer, model with chat/stream_chat).
+
+The model is built on the meta device (no memory), then filled one weight file at a time: each
+tensor is renamed/split, cast straight to the profile's dtype and put on its device (its card, for
+the multi-GPU profile), and the file's memory map is dropped before the next one is opened. So peak
+memory stays near the final model size. With a quantized profile the four block linears are
+quantized as they arrive: the 16-bit model never sits whole in memory.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from glmsetup import paths, profiles
+from glmsetup.errors import ModelError, ProfileError, ResourceError, UsageError, require
+
+log = logging.getLogger("glmsetup.runtime")
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+QUANTIZED_SUFFIXES = tuple(f"{name}.weight" for name in
+                           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.gate_up_proj", "mlp.down_proj"))
+
+
+def resolve_profile(profile) -> profiles.Profile:
+    if isinstance(profile, str) and profile == "auto":
+        try:
+            from glmsetup.doctor import auto_profile
+        except ImportError:
+            return profiles.load("cpu")
+        return auto_profile()
+    return profiles.resolve(profile)
+
+
+def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, **kwargs):
+    """(tokenizer, model) for a ChatGLM2 folder under a profile; see docs/runtime.md."""
+    if kwargs:
+        raise UsageError(f"unknown option(s) for load_chat_model: {', '.join(sorted(kwargs))}",
+                         hint="load_chat_model(path=None, profile='auto', use_cache=True)")
+    for module in ("torch", "transformers", "sentencepiece"):
+        require(module, "runtime")
+    prof = resolve_profile(profile)
+    folder = Path(path).expanduser() if path is not None else paths.default_model_dir()
+    if prof.backend == "official":
+        from glmsetup.runtime.official import load_official
+
+        return load_official(folder, prof)
+    from glmsetup.runtime.checkpoint import open_checkpoint
+    from glmsetup.runtime.tokenizer import ChatGLM2Tokenizer
+
+    ckpt = open_checkpoint(folder)
+    if use_cache and ckpt.official:
+        from glmsetup.runtime.convert import cached_conversion
+
+        cached = cached_conversion(ckpt)
+        if cached is not None:
+            ckpt = open_checkpoint(cached)
+    tokenizer = ChatGLM2Tokenizer(ckpt.path / "tokenizer.model")
+    if tokenizer.vocab_size > ckpt.config.vocab_size:
+        raise ModelError(f"{ckpt.path / 'tokenizer.model'} has {tokenizer.vocab_size} ids, more than the model's "
+                         f"{ckpt.config.vocab_size}: the tokenizer belongs to another model",
+                         hint="use the tokenizer.model of the same chatglm2-6b download (`glmsetup fetch`)")
+    model = load_model(ckpt, prof)
+    return tokenizer, model
+
+
+def _torch_device_plan(prof: profiles.Profile, num_layers: int):
+    """(main device, [device of each layer]) for a profile, after checking the hardware is there."""
+    import torch
+
+    if prof.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ResourceError(f"profile '{prof.name}' needs CUDA, and torch sees no NVIDIA GPU "
+                                f"(torch {torch.__version__})",
+                                hint="`glmsetup doctor` explains why; on CPU use --profile cpu or cpu-bf16")
+        n = prof.num_gpus
+        if torch.cuda.device_count() < n:
+            raise ResourceError(f"profile '{prof.name}' splits the model over {n} GPUs, torch sees "
+                                f"{torch.cuda.device_count()}", hint="use --profile cuda-fp16 or a smaller num_gpus")
+        if n == 1:
+            return torch.device("cuda:0"), [torch.device("cuda:0")] * num_layers
+        per_gpu = (num_layers + 2) / n  # embedding and output layer count as one layer each, on GPU 0
+        return torch.device("cuda:0"), [torch.device(f"cuda:{min(n - 1, int((i + 2) / per_gpu))}")
+                                        for i in range(num_layers)]
+    if prof.device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ResourceError(f"profile '{prof.name}' needs Apple's MPS, which this torch cannot use",
+                                hint="use --profile cpu on this machine")
+        return torch.device("mps"), [torch.device("mps")] * num_layers
+    return torch.device("cpu"), [torch.device("cpu")] * num_layers
+
+
+def _quantizer(bits: int):
+    if not bits:
+        return None
+    try:
+        from glmsetup.runtime.quantize import WeightOnlyLinear
+    except ImportError:
+        raise ProfileError(f"int{bits} weight-only quantization is not available in this installation",
+                           hint="use --profile cpu-bf16 (CPU) or cuda-fp16 (GPU)") from None
+    return WeightOnlyLinear
+
+
+def build_empty_model(config):
+    """The model on the meta device: structure only, no memory."""
+    import torch
+
+    from glmsetup.runtime.modeling import ChatGLM2ForCausalLM
+
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = ChatGLM2ForCausalLM(config)
+    return model
+
+
+def load_model(ckpt, prof: profiles.Profile):
+    """Fill an empty model from `ckpt` under `prof`; returns it in eval mode with `.profile` set."""
+    import torch
+    from torch import nn
+
+    from glmsetup.runtime import checkpoint as ck
+
+    config = ckpt.config
+    dtype = getattr(torch, DTYPES[prof.dtype])
+    main_dev, layer_devs = _torch_device_plan(prof, config.num_hidden_layers)
+    quant_cls = _quantizer(prof.quantization_bits)
+    model = build_empty_model(config)
+
+    def device_of(key: str):
+        if key.startswith("model.layers."):
+            return layer_devs[int(key.split(".")[2])]
+        return main_dev
+
+    src_bits = ckpt.quantization_bit
+    pending: dict[str, dict] = {}  # linear module -> parts gathered so far (quantized paths)
+    missing = ck.expected_keys(config)
+
+    def finish_linear(mod_name: str, parts: dict):
+        dev = device_of(mod_name)
+        bias = parts.get("bias")
+        weight = parts["weight"]
+        if quant_cls is not None:
+            bits = prof.quantization_bits
+            if src_bits == 4 and bits == 4:
+                new = quant_cls.from_official_int4(weight, parts["weight_scale"], bias, device=dev, dtype=dtype)
+            else:
+                if src_bits:
+                    weight = ck.dequantize(weight, parts["weight_scale"], src_bits)
+                new = quant_cls.from_float(weight, bias, bits, device=dev, dtype=dtype)
+            parent, _, child = mod_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+        else:
+            w = ck.dequantize(weight, parts["weight_scale"], src_bits) if src_bits else weight
+            _set_param(model, mod_name + ".weight", w.to(device=dev, dtype=dtype))
+            if bias is not None:
+                _set_param(model, mod_name + ".bias", bias.to(device=dev, dtype=dtype))
+
+    def linear_ready(mod_name: str, parts: dict) -> bool:
+        if "weight" not in parts or (src_bits and "weight_scale" not in parts):
+            return False
+        return not (mod_name.endswith(("q_proj", "k_proj", "v_proj")) and config.attention_bias
+                    and "bias" not in parts)
+
+    gather = quant_cls is not None or bool(src_bits)
+    for path, tensors in ck.iter_tensors(ckpt):
+        for key in list(tensors):
+            tensor = tensors.pop(key)
+            mod_name, _, leaf = key.rpartition(".")
+            if gather and mod_name.endswith(tuple(s.rsplit(".", 1)[0] for s in QUANTIZED_SUFFIXES)):
+                parts = pending.setdefault(mod_name, {})
+                parts[leaf] = tensor
+                if linear_ready(mod_name, parts):
+                    finish_linear(mod_name, pending.pop(mod_name))
+                    missing.difference_update({mod_name + ".weight", mod_name + ".bias"})
+                continue
+            if key not in missing:
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ModelError(f"{path} holds an unexpected tensor '{key}'",
+                                 hint="the folder mixes files of another model; `glmsetup fetch` repairs it")
+            expected = _param_shape(model, key)
+            if tuple(tensor.shape) != expected:
+                raise ModelError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, config.json says {expected}",
+                                 hint="config.json and the weights come from different models; `glmsetup fetch` repairs it")
+            _set_param(model, key, tensor.to(device=device_of(key), dtype=dtype))
+            missing.discard(key)
+        del tensors
+    if pending or missing:
+        names = sorted(missing | {m + ".weight" for m in pending})
+        raise ModelError(f"{ckpt.path}: {len(names)} tensors are missing from the weight files (first: {names[0]})",
+                         hint=f"a shard is missing or incomplete: run `glmsetup verify {ckpt.path}`; `glmsetup fetch` repairs it")
+    # Buffers that are computed, not stored: RoPE frequencies.
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    model.model.rotary_emb = GlmRotaryEmbedding(config=config).to(main_dev)
+    model.requires_grad_(False)
+    model.eval()
+    model.profile = prof
+    model.generation_config = official_generation_config()
+    if prof.num_gpus > 1:
+        _dispatch(model, main_dev, layer_devs)
+    return model
+
+
+def official_generation_config():
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, top_p=0.8, temperature=0.8, max_length=8192, eos_token_id=2,
+                            pad_token_id=0)
+
+
+def _param_shape(model, key: str) -> tuple:
+    mod_name, _, leaf = key.rpartition(".")
+    return tuple(getattr(model.get_submodule(mod_name), leaf).shape)
+
+
+def _set_param(model, key: str, tensor) -> None:
+    from torch import nn
+
+    mod_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(mod_name)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+def _dispatch(model, main_dev, layer_devs) -> None:  # pragma: no cover - needs several GPUs
+    """Hooks so transformers' own forward/generate move hidden states between cards (chat needs none)."""
+    try:
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    except ImportError:
+        return
+    for layer, dev in zip(model.model.layers, layer_devs):
+        add_hook_to_module(layer, AlignDevicesHook(execution_device=dev, io_same_device=True))
+    add_hook_to_module(model.model.norm, AlignDevicesHook(execution_device=main_dev, io_same_device=True))

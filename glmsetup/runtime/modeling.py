@@ -1,0 +1,210 @@
+"""transformers' own GlmForCausalLM plus the chat API and a lean decode path.
+
+`ChatGLM2ForCausalLM` is GlmForCausalLM (its forward, generate and save_pretrained are untouched),
+with ChatMixin's chat/stream_chat on top. Those run through `decode_step`, a direct pass over the
+same modules: the key/value cache is a `KVStore` allocated for the whole answer up front, new keys
+are written in place (no concatenation per token), and only the last position goes through the
+output layer. Layers may live on different devices (the multi-GPU profile); the hidden state follows.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import GlmForCausalLM
+
+from glmsetup.runtime.chat import ChatMixin
+
+try:  # torch >= 2.5 handles grouped KV heads inside SDPA
+    F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4),
+                                   enable_gqa=True)
+    _HAS_GQA = True
+except TypeError:  # pragma: no cover
+    _HAS_GQA = False
+
+
+class KVStore:
+    """Key/value tensors for every layer, [batch, kv_heads, capacity, head_dim], filled in place."""
+
+    def __init__(self, model: "ChatGLM2ForCausalLM", batch: int, capacity: int):
+        cfg = model.config
+        self.model_id = id(model)
+        self.batch, self.capacity, self.length = batch, 0, 0
+        self.kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+        self.dtype = model.activation_dtype
+        self.devices = [layer.input_layernorm.weight.device for layer in model.model.layers]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.devices[0])
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.next_position = [0] * batch
+        self.lock = threading.Lock()
+        self.reserve(capacity)
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` positions; grows by doubling so appends stay amortised O(1)."""
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity) if self.capacity else needed
+        shape = (self.batch, self.kv_heads, new_cap, self.head_dim)
+        for i, dev in enumerate(self.devices):
+            k = torch.empty(shape, dtype=self.dtype, device=dev)
+            v = torch.empty(shape, dtype=self.dtype, device=dev)
+            if self.length:
+                k[:, :, :self.length] = self.keys[i][:, :, :self.length]
+                v[:, :, :self.length] = self.values[i][:, :, :self.length]
+            if i < len(self.keys):
+                self.keys[i], self.values[i] = k, v
+            else:
+                self.keys.append(k)
+                self.values.append(v)
+        valid = torch.zeros(self.batch, new_cap, dtype=torch.bool, device=self.devices[0])
+        valid[:, :self.length] = self.valid[:, :self.length]
+        self.valid, self.capacity = valid, new_cap
+
+    def truncate(self, length: int) -> None:
+        self.length = length
+        for row in range(self.batch):
+            del self.tokens[row][length:]
+            self.next_position[row] = int(self.valid[row, :length].sum())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class PastKeyValues:
+    """What stream_chat(return_past_key_values=True) hands back: a snapshot of a KVStore.
+
+    Pass it back as `past_key_values` to continue the conversation without re-reading it. An older
+    snapshot stays valid: if the store moved on along another branch, the difference is recomputed.
+    """
+
+    def __init__(self, store: KVStore):
+        self.store = store
+        self.length = store.length
+        self.tokens = list(store.tokens[0])
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def __len__(self) -> int:
+        return len(self.store.keys)
+
+    def __getitem__(self, layer: int):
+        n = self.length
+        return self.store.keys[layer][:, :, :n], self.store.values[layer][:, :, :n]
+
+    def __repr__(self) -> str:
+        return f"PastKeyValues(tokens={self.length}, layers={len(self)})"
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first 2*cos.shape[-1] dims of each head, as adjacent (even, odd) pairs."""
+    rot = cos.shape[-1] * 2
+    pairs = x[..., :rot].unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x[..., rot:]), dim=-1)
+
+
+class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
+    """GlmForCausalLM with the official chat API; `profile` is set by load_chat_model."""
+
+    profile = None
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def _inv_freq(self, device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_glmsetup_inv_freq", {})
+        if device not in cache:
+            rot = self.config.head_dim // 2
+            cache[device] = 1.0 / (10000.0 ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+        return cache[device]
+
+    def new_store(self, batch: int, capacity: int) -> KVStore:
+        return KVStore(self, batch, capacity)
+
+    @torch.inference_mode()
+    def decode_step(self, input_ids: torch.Tensor, store: KVStore,
+                    attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Feed [batch, T] new tokens after what `store` holds; returns fp32 logits of the last position.
+
+        attention_mask (0 = left padding) applies to the new tokens only; positions continue from
+        each row's count of real tokens.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        start, end = store.length, store.length + T
+        store.reserve(end)
+        dev0 = store.devices[0]
+        new_valid = (torch.ones(B, T, dtype=torch.bool, device=dev0) if attention_mask is None
+                     else attention_mask.to(dev0).bool())
+        store.valid[:, start:end] = new_valid
+        counts = torch.tensor(store.next_position, device=dev0)[:, None]
+        positions = counts + new_valid.long().cumsum(-1) - 1
+        positions = positions.clamp_min(0)
+
+        emb = self.model.embed_tokens
+        x = emb(input_ids.to(emb.weight.device))
+        freqs = positions.to(x.device).float()[..., None] * self._inv_freq(x.device)
+        cos, sin = freqs.cos().to(x.dtype)[:, None], freqs.sin().to(x.dtype)[:, None]  # [B,1,T,rot/2]
+
+        padded = not bool(store.valid[:, :end].all())
+        mask = None
+        if padded or (T > 1 and start > 0):
+            q_pos = torch.arange(start, end, device=dev0)[:, None]
+            k_pos = torch.arange(end, device=dev0)[None, :]
+            mask = (k_pos <= q_pos)[None, None] & store.valid[:, None, None, :end]
+            mask = mask | (k_pos == q_pos)[None, None]  # a padding row still sees itself: no NaN
+        is_causal = mask is None and T > 1
+
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        for i, layer in enumerate(self.model.layers):
+            dev = store.devices[i]
+            if x.device != dev:
+                x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
+            if mask is not None and mask.device != dev:
+                mask = mask.to(dev)
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, nh, hd).transpose(1, 2)
+            k = attn.k_proj(h).view(B, T, nkv, hd).transpose(1, 2)
+            v = attn.v_proj(h).view(B, T, nkv, hd).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            store.keys[i][:, :, start:end] = k
+            store.values[i][:, :, start:end] = v
+            K, V = store.keys[i][:, :, :end], store.values[i][:, :, :end]
+            o = self._attention(q, K, V, mask, is_causal, attn.scaling)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, nh * hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x[:, -1]
+        norm = self.model.norm
+        x = norm(x.to(norm.weight.device))
+        logits = self.lm_head(x.to(self.lm_head.weight.device)).float()
+
+        ids = input_ids.tolist()
+        valid = new_valid.tolist()
+        for row in range(B):
+            store.tokens[row].extend(ids[row])
+            store.next_position[row] += sum(valid[row])
+        store.length = end
+        return logits
+
+    @staticmethod
+    def _attention(q, K, V, mask, is_causal, scale):
+        B, nh, T, hd = q.shape
+        nkv = K.shape[1]
+        if mask is None and T == 1 and nh != nkv:
+            # Decoding one token: each KV group's query heads become rows of one matrix product.
+            qg = q.reshape(B, nkv, nh // nkv, hd)
+            return F.scaled_dot_product_attention(qg, K, V, scale=scale).reshape(B, nh, 1, hd)
+        if nh != nkv and not _HAS_GQA:  # pragma: no cover
+            K = K.repeat_interleave(nh // nkv, dim=1)
+            V = V.repeat_interleave(nh // nkv, dim=1)
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=is_causal, scale=scale)
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=nh != nkv)
