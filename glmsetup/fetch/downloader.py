@@ -1,0 +1,401 @@
+"""The one resumable, verifying downloader every route uses.
+
+`Downloader.run(specs)` fetches files into a model folder through a fixed pool of connections. Big files are
+cut into ranged segments; all segments of all files wait in one queue in file order, so files finish one
+after another and the running sha256 follows each file's prefix closely. Each file may have several origins
+(sources); when one fails for a file, the next is tried for that file.
+
+Rules, per response: only 206 with the exact Content-Range asked for continues a partial file; a 200 to a
+ranged request means the server ignored Range and the bytes are counted from its start; 416 means the
+partial file is stale and the file starts over; 429 and 5xx wait (Retry-After) and retry; 403 from a
+redirected (CDN) address asks the origin for a fresh address and keeps every byte; an HTML page or an LFS
+pointer in place of a weight is refused. A stream that delivers less than min_speed over stall_window is cut
+and retried. Bytes are checked (size and sha256) before the atomic rename into place.
+"""
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import httpx
+
+from glmsetup.errors import DownloadError, ResourceError
+from glmsetup.fetch.http import Settings, backoff_delay, describe_error, host_of, make_client, open_following, retry_after
+from glmsetup.fetch.manifest import FileSpec
+from glmsetup.fetch.partial import PartialFile, Segment, sniff_bytes
+
+WRITE_BLOCK = 1 << 20
+
+
+@dataclass
+class Origin:
+    """Where files can be fetched from: a name, a path -> URL function, and headers for its own host."""
+
+    name: str
+    url_for: Callable[[str], str]
+    headers: Dict[str, str] = field(default_factory=dict)
+    auth_host: Optional[str] = None  # the only host that may see an Authorization header
+    retry_on_mismatch: bool = True  # False: wrong bytes are a different version there, not a glitch
+
+
+class Retry(Exception):
+    def __init__(self, message: str, wait: Optional[float] = None, progress: bool = False):
+        super().__init__(message)
+        self.wait, self.progress = wait, progress
+
+
+class Restart(Exception):
+    """The partial file is unusable (416, wrong bytes): start this file again."""
+
+
+class OriginFailed(Exception):
+    """This origin cannot give this file (404, gated, changed size): try the next origin."""
+
+
+class Stopped(Exception):
+    pass
+
+
+@dataclass
+class FileTask:
+    spec: FileSpec
+    partial: PartialFile
+    origins: List[Origin]
+    origin_index: int = 0
+    pending: int = 0
+    restarts: int = 0
+    status: str = "pending"  # pending | done | failed
+    action: Optional[str] = None  # restart | next | checksum, asked for by a segment, done when all return
+    reason: str = ""
+    error: str = ""
+    sha256: str = ""
+    errors: List[str] = field(default_factory=list)
+
+    @property
+    def origin(self) -> Origin:
+        return self.origins[self.origin_index]
+
+    def request(self, action: str, reason: str) -> None:
+        with self.partial.lock:
+            if self.action is None:
+                self.action, self.reason = action, reason
+
+
+class Downloader:
+    def __init__(self, model_dir: Path, settings: Settings, progress=None, stop: Optional[threading.Event] = None):
+        self.model_dir = Path(model_dir)
+        self.settings = settings
+        self.progress = progress
+        self.stop = stop or threading.Event()
+        self.client = make_client(settings)
+        self.jobs: "queue.Queue" = queue.Queue()
+        self.cdn: Dict[tuple, str] = {}  # (origin, path) -> last redirected address
+        self.host_slots: Dict[str, threading.Semaphore] = {}
+        self.lock = threading.Lock()
+        self.fatal: Optional[BaseException] = None
+        self.tasks: List[FileTask] = []
+        self.bytes_received = 0
+
+    # ---- scheduling ----------------------------------------------------------------------------
+    def run(self, work: List[tuple]) -> List[FileTask]:
+        """work: [(FileSpec, [Origin, ...]), ...] in the order files should finish."""
+        for spec, origins in work:
+            partial = PartialFile(self.model_dir, spec, self.settings.segment_size)
+            partial.open()
+            task = FileTask(spec, partial, list(origins))
+            self.tasks.append(task)
+            if self.progress:
+                self.progress.add_file(spec.path, spec.size or 0, partial.done_bytes)
+            self._schedule(task)
+        workers = [threading.Thread(target=self._worker, daemon=True, name=f"fetch-{i}")
+                   for i in range(max(1, self.settings.connections))]
+        for w in workers:
+            w.start()
+        try:
+            while any(t.status == "pending" for t in self.tasks) and self.fatal is None:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            self.stop.set()
+            self._join(workers)
+            raise
+        self.stop.set()
+        self._join(workers)
+        if self.fatal is not None:
+            raise self.fatal
+        return self.tasks
+
+    def _join(self, workers):
+        for _ in workers:
+            self.jobs.put(None)
+        for w in workers:
+            w.join(timeout=30)
+        for task in self.tasks:
+            if task.status == "pending":
+                try:
+                    task.partial.save_record()
+                except OSError:
+                    pass
+            task.partial.close()
+        self.client.close()
+
+    def _schedule(self, task: FileTask) -> None:
+        todo = [s for s in task.partial.segments if not s.complete]
+        if not todo:
+            task.pending = 0
+            self._settle(task)
+            return
+        task.pending = len(todo)
+        for seg in todo:
+            self.jobs.put((task, seg))
+
+    def _worker(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None or self.stop.is_set():
+                return
+            task, seg = job
+            try:
+                if task.action is None:
+                    self._segment(task, seg)
+            except Stopped:
+                return
+            except Restart as exc:
+                task.request("restart", str(exc))
+            except OriginFailed as exc:
+                task.request("next", str(exc))
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+                    self.fatal = ResourceError(f"the disk filled up while writing {task.spec.path}",
+                                               hint="free some space and run the same command again: "
+                                                    "the bytes already written are kept")
+                else:
+                    self.fatal = DownloadError(f"cannot write {task.spec.path}: {exc}")
+                self.stop.set()
+                return
+            except BaseException as exc:  # a bug must not hang the run
+                self.fatal = exc
+                self.stop.set()
+                return
+            with task.partial.lock:
+                task.pending -= 1
+                last = task.pending == 0
+            if last:
+                self._settle(task)
+
+    def _settle(self, task: FileTask) -> None:
+        """Every job of a file has returned: finish it, or carry out the restart one of them asked for."""
+        if task.action is None:
+            if not task.partial.complete:
+                task.request("restart", f"{task.spec.path}: incomplete after all segments returned")
+            else:
+                ok, sha256, detail = task.partial.finish()
+                if ok:
+                    task.status, task.sha256 = "done", sha256
+                    if self.progress:
+                        self.progress.file_done(task.spec.path)
+                    return
+                task.request("checksum", f"{task.spec.path}: {detail} (from {task.origin.name})")
+        action, reason = task.action, task.reason
+        task.action = None
+        task.errors.append(reason)
+        if action == "next" and task.origin_index + 1 >= len(task.origins):
+            self._fail(task, reason)
+            return
+        if action != "next":  # bytes checked against the manifest are the same whichever origin sent them
+            task.partial.discard()
+        if action == "next" or (action == "checksum" and task.origin_index + 1 < len(task.origins)):
+            task.origin_index += 1
+        else:
+            task.restarts += 1
+            if task.restarts > 2 or (action == "checksum" and (task.restarts > 1 or not task.origin.retry_on_mismatch)):
+                self._fail(task, reason)
+                return
+        if self.progress:
+            self.progress.reset_file(task.spec.path, task.partial.done_bytes)
+        self._schedule(task)
+
+    def _fail(self, task: FileTask, reason: str) -> None:
+        task.status, task.error = "failed", reason
+        try:
+            task.partial.save_record()
+        except OSError:
+            pass
+        if self.progress:
+            self.progress.file_failed(task.spec.path)
+
+    # ---- one segment ---------------------------------------------------------------------------
+    def _slot(self, url: str) -> threading.Semaphore:
+        host = host_of(url)
+        with self.lock:
+            if host not in self.host_slots:
+                self.host_slots[host] = threading.Semaphore(max(1, self.settings.per_host))
+            return self.host_slots[host]
+
+    def _segment(self, task: FileTask, seg: Segment) -> None:
+        attempt = 0
+        refreshed = 0
+        while not seg.complete:
+            if self.stop.is_set():
+                raise Stopped()
+            if task.action is not None:
+                return
+            origin = task.origin
+            key = (origin.name, task.spec.path)
+            url = self.cdn.get(key) or origin.url_for(task.spec.path)
+            before = seg.done
+            try:
+                with self._slot(url):
+                    self._stream(task, seg, origin, url, key)
+            except Retry as exc:
+                if exc.progress:  # a redirected address expired: ask again at once, bytes kept
+                    refreshed += 1
+                    if refreshed <= 3:
+                        continue
+                if seg.done - before >= (1 << 20):
+                    attempt = 0  # progress was made: the budget of retries starts again
+                attempt += 1
+                task.errors.append(str(exc))
+                if attempt >= self.settings.retries:
+                    raise OriginFailed(f"{task.spec.path}: {exc} (gave up after {attempt} attempts on {origin.name})")
+                self._sleep(backoff_delay(self.settings, attempt, exc.wait))
+            except httpx.HTTPError as exc:
+                if seg.done - before >= (1 << 20):
+                    attempt = 0
+                attempt += 1
+                task.errors.append(f"{exc.__class__.__name__}: {exc}")
+                if attempt >= self.settings.retries:
+                    raise OriginFailed(f"{task.spec.path}: {exc.__class__.__name__} {exc} "
+                                       f"(gave up after {attempt} attempts on {origin.name})")
+                self._sleep(backoff_delay(self.settings, attempt))
+            finally:
+                self._flush(task, force=True)
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise Stopped()
+
+    def _stream(self, task: FileTask, seg: Segment, origin: Origin, url: str, key: tuple) -> None:
+        spec, partial = task.spec, task.partial
+        whole = seg.start == 0 and seg.end == spec.size
+        headers = dict(origin.headers)
+        headers["Accept-Encoding"] = "identity"
+        ranged = not (whole and seg.done == 0)
+        if ranged:
+            headers["Range"] = f"bytes={seg.offset}-{seg.end - 1}"
+        response, final_url, redirected = open_following(self.client, url, headers, auth_host=origin.auth_host)
+        try:
+            self._handle(task, seg, origin, response, final_url, redirected, ranged, key)
+        finally:
+            response.close()
+
+    def _handle(self, task, seg, origin, response, final_url, redirected, ranged, key) -> None:
+        spec, partial = task.spec, task.partial
+        if True:
+            status = response.status_code
+            if redirected:
+                self.cdn[key] = final_url
+            if status in (401, 403) and key in self.cdn:
+                self.cdn.pop(key, None)
+                raise Retry(f"{describe_error(response)}: the signed address expired, asking again", progress=True)
+            if status == 416:
+                raise Restart(f"{spec.path}: the server refused the range (416): the partial file is stale")
+            if status in (429, 500, 502, 503, 504, 408):
+                raise Retry(f"{spec.path}: {describe_error(response)}", wait=retry_after(response))
+            if status not in (200, 206):
+                raise OriginFailed(f"{spec.path}: {describe_error(response)} from {origin.name}")
+            if "text/html" in response.headers.get("content-type", "").lower() and not spec.path.endswith(".html"):
+                raise Retry(f"{spec.path}: the server answered an HTML page instead of the file")
+            skip = 0
+            if status == 206:
+                self._check_content_range(response, seg, spec)
+            elif ranged:  # 200 to a Range request: the body starts at byte 0 of the file
+                if seg.start == 0:
+                    partial.restart_segment(seg)
+                else:
+                    skip = seg.offset
+            self._copy(task, seg, response, skip)
+
+    @staticmethod
+    def _check_content_range(response: httpx.Response, seg: Segment, spec: FileSpec) -> None:
+        value = response.headers.get("content-range", "")
+        try:
+            unit, rest = value.split(" ", 1)
+            span, total = rest.split("/")
+            first, last = (int(x) for x in span.split("-"))
+        except ValueError:
+            raise Retry(f"{spec.path}: 206 without a valid Content-Range ({value!r})")
+        if unit != "bytes" or first != seg.offset or last > seg.end - 1:
+            raise Retry(f"{spec.path}: asked for bytes {seg.offset}-{seg.end - 1}, got {value!r}")
+        if total != "*" and int(total) != spec.size:
+            raise OriginFailed(f"{spec.path}: the server's file has {total} bytes, the manifest says {spec.size}")
+
+    def _copy(self, task: FileTask, seg: Segment, response: httpx.Response, skip: int) -> None:
+        partial, spec = task.partial, task.spec
+        window_start, window_bytes = time.monotonic(), 0
+        buf, buffered = [], 0
+        first = seg.done == 0 and skip == 0 and seg.start == 0
+        for chunk in response.iter_raw():
+            if self.stop.is_set() or task.action is not None:
+                break
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+                if not chunk:
+                    continue
+            if first:
+                kind = sniff_bytes(bytes(chunk[:64]), spec)
+                if kind:
+                    raise Retry(f"{spec.path}: the server sent {'an HTML page' if kind == 'html' else 'an LFS pointer file'}"
+                                " instead of the file")
+                first = False
+            room = seg.end - seg.offset - buffered
+            if len(chunk) > room:
+                chunk = chunk[:room]
+            buf.append(chunk)
+            buffered += len(chunk)
+            if buffered >= WRITE_BLOCK or seg.offset + buffered >= seg.end:
+                self._write(task, seg, buf)
+                buf, buffered = [], 0
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window_start >= self.settings.stall_window:
+                if window_bytes < self.settings.min_speed * (now - window_start):
+                    if buf:
+                        self._write(task, seg, buf)
+                    raise Retry(f"{spec.path}: stalled ({window_bytes} bytes in {now - window_start:.0f} s)")
+                window_start, window_bytes = now, 0
+            if seg.complete or seg.offset + buffered >= seg.end:
+                break
+        if buf:
+            self._write(task, seg, buf)
+        if self.stop.is_set():
+            raise Stopped()
+        if task.action is not None:
+            return
+        if not seg.complete:
+            raise Retry(f"{spec.path}: the connection ended at byte {seg.offset} of {spec.size}")
+
+    def _write(self, task: FileTask, seg: Segment, buf: list) -> None:
+        data = b"".join(buf)
+        task.partial.write(seg, data)
+        with self.lock:
+            self.bytes_received += len(data)
+        if self.progress:
+            self.progress.advance(task.spec.path, len(data))
+        self._flush(task)
+
+    def _flush(self, task: FileTask, force: bool = False) -> None:
+        partial = task.partial
+        now = time.monotonic()
+        last = getattr(partial, "_flushed_at", (0.0, 0))
+        done = partial.done_bytes
+        if force or now - last[0] >= self.settings.flush_seconds or done - last[1] >= self.settings.flush_bytes:
+            partial._flushed_at = (now, done)
+            if partial._fd is not None:
+                partial.save_record()
+                partial.catch_up()

@@ -1,0 +1,130 @@
+"""The manifest: (path, size, sha256) of every file of a model, whatever route it came from.
+
+Built from the HF API (LFS sha256, git blob sha1 for small files), the ModelScope API (Sha256) or the LFS
+pointer files of a git clone. A copy is kept in `<model dir>/.glmsetup/manifest.json` so that `verify`
+and a resumed run check against the same facts.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, List, Optional, Sequence
+
+STATE_DIR = ".glmsetup"  # inside the model folder: manifest, lock, partial files
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class FileSpec:
+    path: str  # posix path inside the repo
+    size: Optional[int]
+    sha256: Optional[str] = None  # LFS files (and anything the source hashes)
+    git_sha1: Optional[str] = None  # git blob id, for small files the HF API lists without sha256
+    lfs: bool = False
+
+    @property
+    def checkable(self) -> bool:
+        return self.size is not None and (self.sha256 is not None or self.git_sha1 is not None)
+
+    def matches_hashes(self, sha256: Optional[str], git_sha1: Optional[str]) -> bool:
+        if self.sha256:
+            return sha256 == self.sha256
+        if self.git_sha1:
+            return git_sha1 == self.git_sha1
+        return True
+
+
+@dataclass
+class Manifest:
+    model: str
+    source: str
+    revision: Optional[str]
+    files: List[FileSpec] = field(default_factory=list)
+    commit: Optional[str] = None
+
+    def by_path(self) -> dict:
+        return {f.path: f for f in self.files}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "source": self.source, "revision": self.revision, "commit": self.commit,
+                "files": [asdict(f) for f in self.files]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        files = [FileSpec(**f) for f in data.get("files", [])]
+        return cls(model=data.get("model", ""), source=data.get("source", ""), revision=data.get("revision"),
+                   files=files, commit=data.get("commit"))
+
+    def filtered(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> "Manifest":
+        keep = [f for f in self.files if selected(f.path, include, exclude)]
+        return Manifest(self.model, self.source, self.revision, keep, self.commit)
+
+
+def _match(path: str, pattern: str) -> bool:
+    """Glob match anchored at both ends: `*.bin` matches `a.bin`, never `a.bin.index.json`.
+
+    A pattern without '/' is tried against the file name as well as the full path."""
+    if fnmatch.fnmatchcase(path, pattern):
+        return True
+    return "/" not in pattern and fnmatch.fnmatchcase(PurePosixPath(path).name, pattern)
+
+
+def selected(path: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
+    include, exclude = list(include), list(exclude)
+    if include and not any(_match(path, p) for p in include):
+        return False
+    return not any(_match(path, p) for p in exclude)
+
+
+def state_dir(model_dir: Path) -> Path:
+    return Path(model_dir) / STATE_DIR
+
+
+def save(manifest: Manifest, model_dir: Path) -> Path:
+    target = state_dir(model_dir) / MANIFEST_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target, manifest.to_dict())
+    return target
+
+
+def load(model_dir: Path) -> Optional[Manifest]:
+    target = state_dir(model_dir) / MANIFEST_NAME
+    try:
+        return Manifest.from_dict(json.loads(target.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_json_atomic(target: Path, data) -> None:
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, target)
+
+
+def git_blob_sha1_start(size: int):
+    """A sha1 primed with git's blob header: feeding it the content gives the git blob id."""
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % size)
+    return h
+
+
+def hash_file(path: Path, size: Optional[int] = None, chunk: int = 4 << 20) -> tuple:
+    """(sha256, git_sha1) of a file on disk."""
+    size = os.path.getsize(path) if size is None else size
+    s256, s1 = hashlib.sha256(), git_blob_sha1_start(size)
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            s256.update(block)
+            s1.update(block)
+    return s256.hexdigest(), s1.hexdigest()

@@ -1,0 +1,93 @@
+"""The one table of models and where each can be downloaded from.
+
+Every route (`hf`, `modelscope`, `tsinghua`, `git`) reads its repository id, pinned revision and folder
+layout from here, so adding a model or moving a repo is a change of data, not code. The official
+checksums are the ones published for the HF main revision; the Tsinghua share has none of its own, so
+its files are accepted only when they match these or a manifest from another route.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+HF_ENDPOINT = "https://huggingface.co"
+MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"
+TSINGHUA_ENDPOINT = "https://cloud.tsinghua.edu.cn"
+TSINGHUA_SHARE = "674208019e314311ab5c"
+
+SOURCES = ("hf", "modelscope", "tsinghua", "git")
+WEIGHT_SOURCES = ("hf", "modelscope", "tsinghua")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    hf_repo: str
+    hf_revision: str
+    modelscope_id: str
+    modelscope_revision: str
+    tsinghua_folder: Optional[str]  # sub-folder of the share, None when the share lacks this model
+    total_bytes: int  # approximate size of a full download, for plans made before any listing
+    # path -> (size, sha256) published for the HF main revision
+    official: Dict[str, tuple] = field(default_factory=dict)
+
+
+MODELS: Dict[str, ModelEntry] = {
+    "chatglm2-6b": ModelEntry(
+        name="chatglm2-6b",
+        hf_repo="zai-org/chatglm2-6b",
+        hf_revision="main",
+        modelscope_id="ZhipuAI/chatglm2-6b",
+        modelscope_revision="v1.0.12",
+        tsinghua_folder="chatglm2-6b",
+        total_bytes=12_487_241_401 + 1_018_370 + 100_000,
+        official={
+            "pytorch_model-00001-of-00007.bin": (
+                1_827_780_615, "cdf1bf57d519abe11043e9121314e76bc0934993e649a9e438a4b0894f4e6ee8"),
+            "tokenizer.model": (
+                1_018_370, "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2"),
+        },
+    ),
+    "chatglm2-6b-int4": ModelEntry(
+        name="chatglm2-6b-int4",
+        hf_repo="zai-org/chatglm2-6b-int4",
+        hf_revision="main",
+        modelscope_id="ZhipuAI/chatglm2-6b-int4",
+        modelscope_revision="v1.0.3",
+        tsinghua_folder="chatglm2-6b-int4",
+        total_bytes=3_923_712_365 + 1_018_370 + 100_000,
+        official={
+            "pytorch_model.bin": (
+                3_923_712_365, "783e9eac82c278f1e57ba93344a96580fd6f2cd222c8703f25998bb16926688e"),
+            "tokenizer.model": (
+                1_018_370, "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2"),
+        },
+    ),
+    "chatglm2-6b-32k": ModelEntry(
+        name="chatglm2-6b-32k",
+        hf_repo="zai-org/chatglm2-6b-32k",
+        hf_revision="main",
+        modelscope_id="ZhipuAI/chatglm2-6b-32k",
+        modelscope_revision="v1.0.2",
+        tsinghua_folder=None,
+        total_bytes=12_487_241_401 + 1_018_370 + 100_000,
+        official={
+            "tokenizer.model": (
+                1_018_370, "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2"),
+        },
+    ),
+}
+
+DEFAULT_MODEL = "chatglm2-6b"
+
+
+def get_model(name: str) -> ModelEntry:
+    """Look up a model by its short name or by its HF/ModelScope repo id."""
+    from glmsetup.errors import UsageError
+
+    if name in MODELS:
+        return MODELS[name]
+    for entry in MODELS.values():
+        if name in (entry.hf_repo, entry.modelscope_id) or name.lower().endswith("/" + entry.name):
+            return entry
+    raise UsageError(f"unknown model '{name}'", hint="choose one of: " + ", ".join(MODELS))

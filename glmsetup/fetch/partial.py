@@ -1,0 +1,241 @@
+"""A file being downloaded: its partial bytes, the record beside them, and the running hashes.
+
+The partial file `<model dir>/.glmsetup/partial/<path>.part` is written in place by one or more ranged
+segments; `<path>.part.json` records the expected size and sha256, where the bytes came from and how many
+bytes of each segment are on disk. The record is written after the bytes it describes (and after an
+fsync), so it never claims more than the disk holds; a killed run loses at most one flush interval per
+segment. On restart the bytes already there are hashed again and the download goes on with Range.
+
+sha256 is computed while the bytes stream: the stream that writes at the end of the hashed prefix feeds the
+hash directly; bytes written further ahead by other segments are read back (from the page cache) as soon as
+the prefix reaches them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from glmsetup.fetch.manifest import FileSpec, git_blob_sha1_start, state_dir, write_json_atomic
+
+READ_BACK = 8 << 20
+
+
+@dataclass
+class Segment:
+    start: int
+    end: int  # exclusive
+    done: int = 0
+
+    @property
+    def offset(self) -> int:
+        return self.start + self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.offset >= self.end
+
+
+class PartialFile:
+    def __init__(self, model_dir: Path, spec: FileSpec, segment_size: int):
+        self.spec = spec
+        self.target = Path(model_dir) / spec.path
+        base = state_dir(model_dir) / "partial" / spec.path
+        self.part = base.with_name(base.name + ".part")
+        self.record = base.with_name(base.name + ".part.json")
+        self.segment_size = segment_size
+        self.lock = threading.RLock()
+        self.origin: Optional[str] = None
+        self.segments: List[Segment] = []
+        self.resumed_bytes = 0
+        self._fd: Optional[int] = None
+        self._reset_hash()
+
+    # ---- state on disk -------------------------------------------------------------------------
+    def open(self) -> None:
+        """Load the record of an earlier run if it describes the same file, else start empty."""
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        segments = self._load_record()
+        if segments is None:
+            self._remove(self.part)
+            segments = self._layout()
+        self.segments = segments
+        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        self.resumed_bytes = sum(s.done for s in self.segments)
+        self._reset_hash()
+
+    def _layout(self) -> List[Segment]:
+        size = self.spec.size or 0
+        if size <= self.segment_size or self.spec.size is None:
+            return [Segment(0, size if self.spec.size is not None else -1)]
+        return [Segment(s, min(size, s + self.segment_size)) for s in range(0, size, self.segment_size)]
+
+    def _load_record(self) -> Optional[List[Segment]]:
+        try:
+            data = json.loads(self.record.read_text())
+            on_disk = os.path.getsize(self.part)
+        except (OSError, ValueError):
+            return None
+        if data.get("size") != self.spec.size or data.get("sha256") != self.spec.sha256 \
+                or data.get("git_sha1") != self.spec.git_sha1 or self.spec.size is None:
+            return None  # another file or another version: never mix bytes
+        segments = []
+        for start, end, done in data.get("segments", []):
+            done = max(0, min(done, end - start, on_disk - start))
+            segments.append(Segment(start, end, done))
+        if not segments or segments[0].start != 0 or segments[-1].end != self.spec.size:
+            return None
+        if self._looks_like_pointer_or_html():
+            return None
+        self.origin = data.get("origin")
+        return segments
+
+    def _looks_like_pointer_or_html(self) -> bool:
+        try:
+            with open(self.part, "rb") as fh:
+                head = fh.read(64)
+        except OSError:
+            return False
+        return sniff_bytes(head, self.spec) is not None
+
+    def save_record(self, sync: bool = True) -> None:
+        with self.lock:
+            if self._fd is not None and sync:
+                os.fsync(self._fd)
+            write_json_atomic(self.record, {
+                "path": self.spec.path, "size": self.spec.size, "sha256": self.spec.sha256,
+                "git_sha1": self.spec.git_sha1, "origin": self.origin,
+                "segments": [[s.start, s.end, s.done] for s in self.segments]})
+
+    def discard(self) -> None:
+        """Forget every byte (wrong content, 416, a changed file upstream)."""
+        with self.lock:
+            self.close()
+            self._remove(self.part)
+            self._remove(self.record)
+            self.segments = self._layout()
+            self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+            self.resumed_bytes = 0
+            self._reset_hash()
+
+    def close(self) -> None:
+        with self.lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    # ---- writing and hashing -----------------------------------------------------------------
+    def _reset_hash(self) -> None:
+        self.hashed = 0
+        self.sha256 = hashlib.sha256()
+        self.git_sha1 = git_blob_sha1_start(self.spec.size) if self.spec.git_sha1 and self.spec.size is not None else None
+
+    def write(self, segment: Segment, data: bytes) -> None:
+        """Write bytes at the segment's offset, count them, and feed the hash if they extend the prefix."""
+        offset = segment.offset
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset) if hasattr(os, "pwrite") else self._seek_write(view, offset)
+            offset += n
+            view = view[n:]
+        with self.lock:
+            start = segment.offset
+            segment.done += len(data)
+            if start <= self.hashed < start + len(data):
+                self._update(memoryview(data)[self.hashed - start:])
+
+    def _seek_write(self, view, offset) -> int:
+        with self.lock:
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            return os.write(self._fd, view)
+
+    def _update(self, data) -> None:
+        self.sha256.update(data)
+        if self.git_sha1 is not None:
+            self.git_sha1.update(data)
+        self.hashed += len(data)
+
+    def contiguous_end(self) -> int:
+        end = 0
+        for seg in self.segments:
+            if seg.start != end:
+                break
+            end = seg.offset
+            if not seg.complete:
+                break
+        return end
+
+    def catch_up(self) -> None:
+        """Hash bytes already on disk up to the end of the contiguous prefix."""
+        while True:
+            with self.lock:
+                end = self.contiguous_end()
+                if self.hashed >= end or self._fd is None:
+                    return
+                n = min(READ_BACK, end - self.hashed)
+                block = os.pread(self._fd, n, self.hashed) if hasattr(os, "pread") else self._seek_read(n)
+                if not block:
+                    return
+                self._update(block)
+
+    def _seek_read(self, n: int) -> bytes:
+        os.lseek(self._fd, self.hashed, os.SEEK_SET)
+        return os.read(self._fd, n)
+
+    def restart_segment(self, segment: Segment) -> None:
+        """The server ignored Range from 0 or sent the whole file again: count this segment from zero."""
+        with self.lock:
+            segment.done = 0
+            if self.hashed > segment.start:
+                self._reset_hash()
+
+    @property
+    def complete(self) -> bool:
+        return all(s.complete for s in self.segments)
+
+    @property
+    def done_bytes(self) -> int:
+        return sum(s.done for s in self.segments)
+
+    def finish(self) -> tuple:
+        """All bytes are there: check size and hashes; move into place. Returns (ok, sha256, detail)."""
+        self.catch_up()
+        with self.lock:
+            size = self.hashed
+            sha256 = self.sha256.hexdigest()
+            git_sha1 = self.git_sha1.hexdigest() if self.git_sha1 is not None else None
+            if self.spec.size is not None and (size != self.spec.size or os.path.getsize(self.part) != size):
+                return False, sha256, f"size {os.path.getsize(self.part)} instead of {self.spec.size}"
+            if not self.spec.matches_hashes(sha256, git_sha1):
+                want = self.spec.sha256 or self.spec.git_sha1
+                got = sha256 if self.spec.sha256 else git_sha1
+                return False, sha256, f"checksum {got} instead of {want}"
+            os.fsync(self._fd)
+            self.close()
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.part, self.target)  # also replaces an LFS pointer file in one step
+            self._remove(self.record)
+            return True, sha256, ""
+
+
+def sniff_bytes(head: bytes, spec: FileSpec) -> Optional[str]:
+    """'html' or 'pointer' when the first bytes of a body are an error page or an LFS pointer."""
+    name = spec.path.lower()
+    lead = head.lstrip()[:32].lower()
+    if not name.endswith((".html", ".htm", ".md")) and (lead.startswith(b"<!doctype html") or lead.startswith(b"<html")
+                                                        or lead.startswith(b"<head") or lead.startswith(b"<body")):
+        return "html"
+    if lead.startswith(b"version https://git-lfs.github.com/spec/") and (spec.size or 0) > 1024:
+        return "pointer"
+    return None

@@ -1,0 +1,82 @@
+"""The Tsinghua cloud share (Seafile): a listing without checksums, files behind expiring redirects.
+
+The share's folders are listed one level at a time with `/api/v2.1/share-links/{token}/dirents/?path=`;
+a file is `/d/{token}/files/?p=/folder/file&dl=1`, which redirects to a file-server address valid for an
+hour or two (asked again when it expires). The share is reported to hold an older version of the weights
+that produces garbage with the current code, so its files are only accepted when their sha256 matches a
+manifest from another route (or the official checksums shipped in models.py).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+from urllib.parse import quote
+
+from glmsetup.errors import DownloadError, UsageError
+from glmsetup.fetch.downloader import Origin
+from glmsetup.fetch.http import Settings, get_json
+from glmsetup.fetch.manifest import FileSpec, Manifest
+from glmsetup.fetch.models import TSINGHUA_ENDPOINT, TSINGHUA_SHARE, ModelEntry
+
+NAME = "tsinghua"
+OLDER_VERSION = ("the Tsinghua cloud share holds an older, incompatible version of {path} (sha256 {got}, expected "
+                 "{want}): it produces garbage with the current model code")
+
+
+def endpoint(flag: Optional[str] = None) -> str:
+    return (flag or TSINGHUA_ENDPOINT).rstrip("/")
+
+
+class TsinghuaSource:
+    name = NAME
+
+    def __init__(self, model: ModelEntry, revision: Optional[str] = None, endpoint_url: Optional[str] = None,
+                 settings: Optional[Settings] = None, client=None, share: str = TSINGHUA_SHARE):
+        if not model.tsinghua_folder:
+            raise UsageError(f"the Tsinghua cloud share has no {model.name}", hint="use --source hf or --source modelscope")
+        self.model = model
+        self.folder = model.tsinghua_folder
+        self.share = share
+        self.endpoint = endpoint(endpoint_url)
+        self.settings = settings or Settings.from_env()
+        self.client = client
+        self.revision = None
+        self.commit = None
+
+    def _list(self, folder: str) -> List[dict]:
+        url = f"{self.endpoint}/api/v2.1/share-links/{self.share}/dirents/?path={quote(folder)}"
+        data, _ = get_json(self.client, url, self.settings, what=f"share listing from {self.endpoint}",
+                           hint="the Tsinghua share may be unreachable: try --source hf or --source modelscope")
+        if not isinstance(data, dict) or "dirent_list" not in data:
+            raise DownloadError(f"unexpected listing from the Tsinghua share ({str(data)[:120]})")
+        return data["dirent_list"]
+
+    def manifest(self) -> Manifest:
+        """Sizes only: the share publishes no checksums (see reference_checked)."""
+        files: List[FileSpec] = []
+        todo = [f"/{self.folder}/"]
+        while todo:
+            folder = todo.pop()
+            for d in self._list(folder):
+                if d.get("is_dir"):
+                    todo.append(d.get("folder_path").rstrip("/") + "/")
+                else:
+                    full = d.get("file_path") or (folder + d.get("file_name"))
+                    rel = full[len(f"/{self.folder}/"):]
+                    files.append(FileSpec(path=rel, size=d.get("size")))
+        return Manifest(model=self.model.name, source=NAME, revision=None, files=sorted(files, key=lambda f: f.path))
+
+    def origin(self) -> Origin:
+        base = f"{self.endpoint}/d/{self.share}/files/?p="
+        return Origin(NAME, lambda path: base + quote(f"/{self.folder}/{path}") + "&dl=1")
+
+
+def official_manifest(model: ModelEntry, listing: Manifest) -> Manifest:
+    """The checksums shipped with glmsetup, for the files the share lists."""
+    files = []
+    for f in listing.files:
+        if f.path in model.official:
+            size, sha = model.official[f.path]
+            files.append(FileSpec(path=f.path, size=size, sha256=sha, lfs=True))
+        else:
+            files.append(FileSpec(path=f.path, size=f.size))
+    return Manifest(model=model.name, source="official", revision="main", files=files)

@@ -1,0 +1,61 @@
+"""`glmsetup verify DIR`: every file against the manifest, and the command that repairs what is wrong.
+
+The manifest is the one the last fetch saved in `<dir>/.glmsetup/manifest.json`; without it, the LFS
+pointers and the official checksums shipped with glmsetup are what can be checked. The folder checks
+themselves (missing, LFS pointer, HTML page, empty, truncated, mismatch) are glmsetup.modelfiles'.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from glmsetup.errors import ModelError
+from glmsetup.fetch import manifest as manifest_mod
+from glmsetup.fetch.models import MODELS, get_model
+from glmsetup.modelfiles import FileIssue, inspect_model_dir
+
+
+def guess_model(folder: Path, saved: Optional[manifest_mod.Manifest]) -> str:
+    if saved and saved.model in MODELS:
+        return saved.model
+    name = folder.name.lower()
+    for key in sorted(MODELS, key=len, reverse=True):
+        if name.endswith(key):
+            return key
+    return "chatglm2-6b"
+
+
+def verify_dir(path: Path, model: Optional[str] = None) -> dict:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is not a folder", hint=f"glmsetup fetch --model-dir {folder}")
+    saved = manifest_mod.load(folder)
+    name = model or guess_model(folder, saved)
+    entry = get_model(name)
+    wanted = {}
+    basis = "saved manifest" if saved else "official checksums"
+    if saved:
+        for f in saved.files:
+            wanted[f.path] = (f.size, f.sha256)
+    else:
+        for p, (size, sha) in entry.official.items():
+            if (folder / p).exists() or p == "tokenizer.model":
+                wanted[p] = (size, sha)
+    report = inspect_model_dir(folder, wanted, hash_files=True)
+    issues = list(report.issues)
+    if saved:  # small files the HF API lists with a git blob id only
+        bad = {i.path for i in issues}
+        for f in saved.files:
+            if f.sha256 is None and f.git_sha1 and f.path not in bad and (folder / f.path).is_file():
+                _sha, sha1 = manifest_mod.hash_file(folder / f.path)
+                if sha1 != f.git_sha1:
+                    issues.append(FileIssue(f.path, "mismatch", "git blob id differs from the manifest"))
+    source = saved.source if saved and saved.source in ("hf", "modelscope", "tsinghua", "git") else "hf"
+    repair = None
+    if issues:
+        repair = f"glmsetup fetch --model {entry.name} --model-dir {folder}" + (f" --source {source}" if source != "hf" else "")
+    files = [f for f in report.files if not f.startswith(manifest_mod.STATE_DIR + "/")]
+    return {"path": str(folder), "model": entry.name, "kind": report.kind, "basis": basis,
+            "checked": sorted(wanted), "files": files,
+            "issues": [{"path": i.path, "problem": i.problem, "detail": i.detail} for i in issues],
+            "ok": not issues and report.exists, "repair": repair}
