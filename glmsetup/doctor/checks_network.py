@@ -87,6 +87,9 @@ def check_model(facts: Facts) -> Finding:
         return Finding("model", "model", title, "skipped", f"could not check ({m.unavailable})", [m.path])
     r = m.report or {}
     files = r.get("files") or []
+    if not files and r.get("kind", "unknown") == "unknown":
+        return Finding("model", "model", title, "skipped", f"empty folder, not downloaded yet: {m.path}", [],
+                       "glmsetup fetch" + ("" if facts.default_model_dir else f" --model-dir {m.path}"))
     ev = [f"{m.path}: kind {r.get('kind', '?')}, {len(files)} files"]
     issues = r.get("issues") or []
     for issue in issues[:12]:
