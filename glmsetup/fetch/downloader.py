@@ -29,7 +29,7 @@ from glmsetup.fetch.http import Settings, backoff_delay, describe_error, host_of
 from glmsetup.fetch.manifest import FileSpec
 from glmsetup.fetch.partial import PartialFile, Segment, sniff_bytes
 
-WRITE_BLOCK = 1 << 20
+WRITE_BLOCK = 256 << 10
 
 
 @dataclass
@@ -339,40 +339,40 @@ class Downloader:
         window_start, window_bytes = time.monotonic(), 0
         buf, buffered = [], 0
         first = seg.done == 0 and skip == 0 and seg.start == 0
-        for chunk in response.iter_raw():
-            if self.stop.is_set() or task.action is not None:
-                break
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-                if not chunk:
-                    continue
-            if first:
-                kind = sniff_bytes(bytes(chunk[:64]), spec)
-                if kind:
-                    raise Retry(f"{spec.path}: the server sent {'an HTML page' if kind == 'html' else 'an LFS pointer file'}"
-                                " instead of the file")
-                first = False
-            room = seg.end - seg.offset - buffered
-            if len(chunk) > room:
-                chunk = chunk[:room]
-            buf.append(chunk)
-            buffered += len(chunk)
-            if buffered >= WRITE_BLOCK or seg.offset + buffered >= seg.end:
+        try:
+            for chunk in response.iter_raw():
+                if self.stop.is_set() or task.action is not None:
+                    break
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                    if not chunk:
+                        continue
+                if first:
+                    kind = sniff_bytes(bytes(chunk[:64]), spec)
+                    if kind:
+                        raise Retry(f"{spec.path}: the server sent {'an HTML page' if kind == 'html' else 'an LFS pointer file'}"
+                                    " instead of the file")
+                    first = False
+                room = seg.end - seg.offset - buffered
+                if len(chunk) > room:
+                    chunk = chunk[:room]
+                buf.append(chunk)
+                buffered += len(chunk)
+                if buffered >= WRITE_BLOCK or seg.offset + buffered >= seg.end:
+                    self._write(task, seg, buf)
+                    buf, buffered = [], 0
+                window_bytes += len(chunk)
+                now = time.monotonic()
+                if now - window_start >= self.settings.stall_window:
+                    if window_bytes < self.settings.min_speed * (now - window_start):
+                        raise Retry(f"{spec.path}: stalled ({window_bytes} bytes in {now - window_start:.0f} s)")
+                    window_start, window_bytes = now, 0
+                if seg.complete or seg.offset + buffered >= seg.end:
+                    break
+        finally:  # bytes that arrived before an error are kept
+            if buf:
                 self._write(task, seg, buf)
-                buf, buffered = [], 0
-            window_bytes += len(chunk)
-            now = time.monotonic()
-            if now - window_start >= self.settings.stall_window:
-                if window_bytes < self.settings.min_speed * (now - window_start):
-                    if buf:
-                        self._write(task, seg, buf)
-                    raise Retry(f"{spec.path}: stalled ({window_bytes} bytes in {now - window_start:.0f} s)")
-                window_start, window_bytes = now, 0
-            if seg.complete or seg.offset + buffered >= seg.end:
-                break
-        if buf:
-            self._write(task, seg, buf)
         if self.stop.is_set():
             raise Stopped()
         if task.action is not None:

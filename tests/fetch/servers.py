@@ -1,0 +1,460 @@
+"""Loopback servers speaking the subsets of the Hugging Face, ModelScope and Seafile protocols that
+glmsetup fetch uses (and that huggingface_hub's own client uses), with fault injection.
+
+Each server runs in a thread on 127.0.0.1, port 0. `faults.add(kind, path=..., times=1, **params)` makes the
+next matching body request misbehave: drop (close after `after` bytes), ignore_range (200 with the whole
+file), 416, 429 (with Retry-After), expired (403 from the CDN), html (an error page with status 200),
+no_length (no Content-Length, body then close), wrong (corrupted bytes), trickle (a few bytes, slowly).
+`sent` counts the body bytes written per file; `rate` throttles every body (bytes/s per connection).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+COMMIT = "4f3a9c1e2b7d5a8f6e0c1b2a3d4e5f60718293a4"
+HTML_PAGE = (b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1>"
+             b"<p>The upstream server is unavailable. Please try again later.</p></body></html>")
+LFS_SUFFIXES = (".bin", ".model", ".safetensors")
+
+
+def git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
+            f"size {len(data)}\n").encode()
+
+
+def make_model_files(shards: int = 2, shard_bytes: int = 3 << 20, seed: int = 0) -> Dict[str, bytes]:
+    """A small ChatGLM2-shaped folder: config, index, N shards of random bytes, a tokenizer.model, code."""
+    rng = random.Random(seed)
+    files: Dict[str, bytes] = {}
+    names = [f"pytorch_model-{i:05d}-of-{shards:05d}.bin" for i in range(1, shards + 1)]
+    for i, name in enumerate(names):
+        files[name] = b"PK\x03\x04" + rng.randbytes(shard_bytes + 1000 * i - 4)
+    weight_map = {f"transformer.encoder.layers.{i}.weight": names[i % shards] for i in range(shards * 2)}
+    files["pytorch_model.bin.index.json"] = json.dumps(
+        {"metadata": {"total_size": sum(len(files[n]) for n in names)}, "weight_map": weight_map}, indent=2).encode()
+    files["config.json"] = json.dumps({
+        "model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 2, "hidden_size": 64,
+        "padded_vocab_size": 65024, "torch_dtype": "float16",
+        "auto_map": {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"}}, indent=2).encode()
+    files["tokenizer.model"] = b"\x0a\x0b" + rng.randbytes(300_000)
+    files["tokenizer_config.json"] = b'{"tokenizer_class": "ChatGLMTokenizer"}\n'
+    files["modeling_chatglm.py"] = b"# model code\n" * 200
+    return files
+
+
+@dataclass
+class Fault:
+    kind: str
+    path: Optional[str]
+    times: int
+    params: dict
+
+
+class Faults:
+    def __init__(self):
+        self.items: List[Fault] = []
+        self.lock = threading.Lock()
+
+    def add(self, kind: str, path: Optional[str] = None, times: int = 1, **params) -> None:
+        with self.lock:
+            self.items.append(Fault(kind, path, times, params))
+
+    def take(self, path: str, kinds) -> Optional[Fault]:
+        with self.lock:
+            for f in self.items:
+                if f.kind in kinds and f.times > 0 and (f.path is None or f.path == path):
+                    f.times -= 1
+                    return f
+        return None
+
+
+class FileStore:
+    """The files a server offers, their hashes, and what it sent."""
+
+    def __init__(self, files: Dict[str, bytes]):
+        self.files = files
+        self.sha256 = {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
+        self.by_sha = {self.sha256[p]: p for p in files}
+        self.sent: Dict[str, int] = {}
+        self.requests: List[dict] = []
+        self.faults = Faults()
+        self.rate: Optional[float] = None
+        self.lock = threading.Lock()
+
+    def is_lfs(self, path: str) -> bool:
+        return path.endswith(LFS_SUFFIXES)
+
+    def count(self, path: str, n: int) -> None:
+        with self.lock:
+            self.sent[path] = self.sent.get(path, 0) + n
+
+    def total_sent(self) -> int:
+        return sum(self.sent.values())
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "loopback"
+    store: FileStore
+    app: "BaseServer"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    def _dispatch(self, method):
+        url = urlsplit(self.path)
+        self.store.requests.append({"server": self.app.name, "method": method, "path": url.path,
+                                    "query": url.query, "headers": dict(self.headers)})
+        try:
+            self.app.route(self, method, url.path, parse_qs(url.query))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    # ---- responses -------------------------------------------------------------------------------
+    def send_json(self, data, status=200, headers=None):
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error_code(self, status, code, message=""):
+        body = json.dumps({"error": message or code}).encode()
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", message or code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_simple(self, status, body=b"", headers=None, content_type="text/plain"):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_file(self, path: str, extra_headers=None):
+        """A file body with Range support and the faults that apply to it."""
+        store = self.store
+        data = store.files[path]
+        size = len(data)
+        fault = store.faults.take(path, ("drop", "ignore_range", "416", "429", "html", "no_length", "wrong",
+                                         "trickle", "expired_origin"))
+        headers = dict(extra_headers or {})
+        if "If-Modified-Since" in self.headers and self.app.name == "seafile-files":
+            return self.send_simple(304)
+        if fault and fault.kind == "429":
+            return self.send_simple(429, b"slow down", {"Retry-After": str(fault.params.get("seconds", 1))})
+        if fault and fault.kind == "416":
+            return self.send_simple(416, b"", {"Content-Range": f"bytes */{size}"})
+        if fault and fault.kind == "html":
+            return self.send_simple(200, HTML_PAGE, content_type="text/html; charset=utf-8")
+        start, end = 0, size - 1
+        status = 200
+        rng = self.headers.get("Range")
+        if rng and not (fault and fault.kind == "ignore_range"):
+            try:
+                spec = rng.split("=", 1)[1]
+                a, b = spec.split("-", 1)
+                start = int(a)
+                end = min(int(b), size - 1) if b else size - 1
+            except (IndexError, ValueError):
+                return self.send_simple(400, b"bad range")
+            if start >= size or start > end:
+                return self.send_simple(416, b"", {"Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        body = data[start:end + 1]
+        if fault and fault.kind == "wrong":
+            body = bytes(b ^ 0x5A for b in body[:64]) + body[64:]
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        no_length = fault and fault.kind == "no_length"
+        if no_length:
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if fault and fault.kind == "drop":
+            cut = int(fault.params.get("after", len(body) // 2))
+            self._write(path, body[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if fault and fault.kind == "trickle":
+            step, delay = int(fault.params.get("step", 512)), float(fault.params.get("delay", 0.2))
+            for i in range(0, min(len(body), int(fault.params.get("limit", 8192))), step):
+                self._write(path, body[i:i + step])
+                self.wfile.flush()
+                time.sleep(delay)
+            self.close_connection = True
+            return
+        self._write(path, body)
+        if no_length:
+            self.close_connection = True
+
+    def _write(self, path: str, body: bytes):
+        rate = self.store.rate
+        step = 64 << 10
+        for i in range(0, len(body), step):
+            piece = body[i:i + step]
+            self.wfile.write(piece)
+            self.store.count(path, len(piece))
+            if rate:
+                time.sleep(len(piece) / rate)
+
+
+class BaseServer:
+    name = "base"
+
+    def __init__(self, store: FileStore):
+        self.store = store
+        handler = type("H", (Handler,), {"store": store, "app": self})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def route(self, h: Handler, method: str, path: str, query: dict):
+        h.send_simple(404, b"not found")
+
+
+class CDNServer(BaseServer):
+    """Serves LFS objects by sha256 at signed addresses that expire."""
+
+    name = "cdn"
+
+    def sign(self, path: str, ttl: float = 3600) -> str:
+        return f"{self.url}/objects/{self.store.sha256[path]}?expires={time.time() + ttl:.0f}&sig=x"
+
+    def route(self, h, method, path, query):
+        if h.headers.get("Authorization"):
+            self.store.requests[-1]["leaked_auth"] = True
+        sha = path.rsplit("/", 1)[-1]
+        file = self.store.by_sha.get(sha)
+        if file is None:
+            return h.send_simple(404, b"no such object")
+        if float(query.get("expires", ["0"])[0]) < time.time() or self.store.faults.take(file, ("expired",)):
+            return h.send_simple(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+                                 content_type="application/xml")
+        h.send_file(file)
+
+
+class HFServer(BaseServer):
+    """The Hugging Face API subset: revision info, paginated tree, resolve (LFS -> 302 to the CDN)."""
+
+    name = "hf"
+
+    def __init__(self, store: FileStore, repo: str = "zai-org/chatglm2-6b", page_size: int = 3):
+        super().__init__(store)
+        self.repo = repo
+        self.page_size = page_size
+        self.cdn = CDNServer(store)
+        self.revisions = {"main": COMMIT, COMMIT: COMMIT, "v1.0": COMMIT}
+        self.truncate_siblings = False
+
+    def close(self):
+        super().close()
+        self.cdn.close()
+
+    def _entry_tree(self, p):
+        data = self.store.files[p]
+        e = {"type": "file", "path": p, "size": len(data), "oid": git_sha1(data)}
+        if self.store.is_lfs(p):
+            e["oid"] = git_sha1(lfs_pointer(data))
+            e["lfs"] = {"oid": self.store.sha256[p], "size": len(data), "pointerSize": len(lfs_pointer(data))}
+        return e
+
+    def route(self, h, method, path, query):
+        if path.startswith("/api/models/"):
+            rest = path[len("/api/models/"):]
+            for kind in ("revision", "tree"):
+                marker = f"/{kind}/"
+                if marker in rest:
+                    repo, rev = rest.split(marker, 1)
+                    rev = unquote(rev)
+                    if repo != self.repo:
+                        return h.send_error_code(404, "RepoNotFound", f"Repository {repo} not found")
+                    if rev not in self.revisions:
+                        return h.send_error_code(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+                    return getattr(self, f"_{kind}")(h, query)
+            return h.send_error_code(404, "RepoNotFound")
+        if "/resolve/" in path:
+            repo, rest = path.lstrip("/").split("/resolve/", 1)
+            rev, file = rest.split("/", 1)
+            return self._resolve(h, repo, unquote(rev), unquote(file))
+        h.send_simple(404, b"not found")
+
+    def _revision(self, h, query):
+        blobs = query.get("blobs", ["false"])[0] == "true"
+        names = sorted(self.store.files)
+        if self.truncate_siblings:
+            names = names[: len(names) // 2]
+        siblings = []
+        for p in names:
+            s = {"rfilename": p}
+            if blobs:
+                e = self._entry_tree(p)
+                s.update({"size": e["size"], "blobId": e["oid"]})
+                if "lfs" in e:
+                    s["lfs"] = {"sha256": e["lfs"]["oid"], "size": e["size"], "pointerSize": e["lfs"]["pointerSize"]}
+            siblings.append(s)
+        h.send_json({"id": self.repo, "modelId": self.repo, "sha": COMMIT, "private": False, "gated": False,
+                     "disabled": False, "siblings": siblings, "lastModified": "2023-10-09T00:00:00.000Z",
+                     "tags": [], "downloads": 0, "likes": 0, "library_name": "transformers"})
+
+    def _tree(self, h, query):
+        entries = [self._entry_tree(p) for p in sorted(self.store.files)]
+        cursor = int(query.get("cursor", ["0"])[0])
+        page = entries[cursor:cursor + self.page_size]
+        headers = {}
+        if cursor + self.page_size < len(entries):
+            nxt = f"{self.url}/api/models/{self.repo}/tree/{COMMIT}?recursive=true&cursor={cursor + self.page_size}"
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        h.send_json(page, headers=headers)
+
+    def _resolve(self, h, repo, rev, file):
+        if repo != self.repo:
+            return h.send_error_code(404, "RepoNotFound", f"Repository {repo} not found")
+        if rev not in self.revisions:
+            return h.send_error_code(404, "RevisionNotFound")
+        if file not in self.store.files:
+            return h.send_error_code(404, "EntryNotFound", f"{file} does not exist")
+        data = self.store.files[file]
+        common = {"X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes"}
+        if self.store.is_lfs(file):
+            sha = self.store.sha256[file]
+            common.update({"X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)),
+                           "ETag": f'"{git_sha1(lfs_pointer(data))}"', "Location": self.cdn.sign(file)})
+            return h.send_simple(302, b"", common)
+        common["ETag"] = f'"{git_sha1(data)}"'
+        h.send_file(file, common)
+
+
+class ModelScopeServer(BaseServer):
+    name = "modelscope"
+
+    def __init__(self, store: FileStore, repo: str = "ZhipuAI/chatglm2-6b", revision: str = "v1.0.12"):
+        super().__init__(store)
+        self.repo, self.revision = repo, revision
+
+    def route(self, h, method, path, query):
+        prefix = f"/api/v1/models/{self.repo}/repo"
+        rev = query.get("Revision", [""])[0]
+        if not path.startswith(f"/api/v1/models/{self.repo}/"):
+            return h.send_json({"Code": 10010205001, "Message": "model not found", "Data": None}, status=404)
+        if rev != self.revision:
+            return h.send_json({"Code": 10010205001, "Message": f"revision {rev} not found", "Data": None}, status=404)
+        if path == prefix + "/files":
+            files = [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Size": len(d), "Sha256": self.store.sha256[p],
+                      "Type": "blob", "Revision": COMMIT, "IsLFS": self.store.is_lfs(p)}
+                     for p, d in sorted(self.store.files.items())]
+            return h.send_json({"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
+        if path == prefix:
+            file = query.get("FilePath", [""])[0]
+            if file not in self.store.files:
+                return h.send_json({"Code": 404, "Message": "file not found"}, status=404)
+            return h.send_file(file)
+        h.send_simple(404)
+
+
+class SeafileServer(BaseServer):
+    """A Seafile share: non-recursive dirents; downloads redirect to a file server with expiring links."""
+
+    name = "seafile"
+
+    def __init__(self, store: FileStore, token: str = "674208019e314311ab5c", folder: str = "chatglm2-6b"):
+        super().__init__(store)
+        self.token, self.folder = token, folder
+        self.files_server = SeafileFiles(store)
+
+    def close(self):
+        super().close()
+        self.files_server.close()
+
+    def route(self, h, method, path, query):
+        if path == f"/api/v2.1/share-links/{self.token}/dirents/":
+            folder = query.get("path", ["/"])[0]
+            prefix = folder.rstrip("/") + "/"
+            dirents, dirs = [], set()
+            for p, d in sorted(self.store.files.items()):
+                full = f"/{self.folder}/{p}"
+                if not full.startswith(prefix):
+                    continue
+                rest = full[len(prefix):]
+                if "/" in rest:
+                    sub = rest.split("/", 1)[0]
+                    if sub not in dirs:
+                        dirs.add(sub)
+                        dirents.append({"is_dir": True, "folder_name": sub, "folder_path": prefix + sub + "/",
+                                        "last_modified": "2023-06-25T10:00:00+08:00"})
+                else:
+                    dirents.append({"is_dir": False, "file_name": rest, "file_path": full, "size": len(d),
+                                    "last_modified": "2023-06-25T10:00:00+08:00"})
+            if prefix == "/":
+                dirents = [{"is_dir": True, "folder_name": self.folder, "folder_path": f"/{self.folder}/"}]
+            return h.send_json({"dirent_list": dirents})
+        if path == f"/d/{self.token}/files/":
+            p = query.get("p", [""])[0]
+            rel = p[len(f"/{self.folder}/"):]
+            if rel not in self.store.files:
+                return h.send_simple(404, b"<html>File not found</html>", content_type="text/html")
+            return h.send_simple(302, b"", {"Location": self.files_server.link(rel)})
+        h.send_simple(404)
+
+
+class SeafileFiles(BaseServer):
+    name = "seafile-files"
+
+    def link(self, rel: str, ttl: float = 3600) -> str:
+        return f"{self.url}/seafhttp/files/{quote(rel)}?exp={time.time() + ttl:.0f}"
+
+    def route(self, h, method, path, query):
+        rel = unquote(path[len("/seafhttp/files/"):])
+        if rel not in self.store.files:
+            return h.send_simple(404)
+        if float(query.get("exp", ["0"])[0]) < time.time() or self.store.faults.take(rel, ("expired",)):
+            return h.send_simple(403, b"Token expired")
+        h.send_file(rel)

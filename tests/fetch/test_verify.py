@@ -1,0 +1,58 @@
+"""`glmsetup verify` on every kind of damage, and `fetch` repairing it."""
+from __future__ import annotations
+
+from .conftest import same_files
+from .servers import HTML_PAGE, lfs_pointer
+
+SHARD1 = "pytorch_model-00001-of-00002.bin"
+SHARD2 = "pytorch_model-00002-of-00002.bin"
+
+
+def test_verify_finds_every_kind_of_damage_and_fetch_repairs_it(cli, hf_server, store, tmp_path):
+    folder = tmp_path / "m"
+    cli.json("fetch", "--endpoint", hf_server.url, "--model-dir", str(folder))
+    assert cli.json("verify", str(folder))["data"]["ok"]
+
+    data = store.files
+    (folder / SHARD1).write_bytes(data[SHARD1][: len(data[SHARD1]) // 2])  # truncated
+    (folder / SHARD2).write_bytes(lfs_pointer(data[SHARD2]))  # cloned without git-lfs
+    (folder / "tokenizer.model").write_bytes(HTML_PAGE)  # error page saved as the file
+    (folder / "config.json").unlink()  # missing
+    (folder / "tokenizer_config.json").write_bytes(b"")  # empty
+    index = bytearray(data["pytorch_model.bin.index.json"])
+    index[10] ^= 1
+    (folder / "pytorch_model.bin.index.json").write_bytes(bytes(index))  # same size, other bytes
+    out = cli.json("verify", str(folder), exit_code=1)
+    problems = {i["path"]: i["problem"] for i in out["data"]["issues"]}
+    assert problems == {SHARD1: "truncated", SHARD2: "pointer", "tokenizer.model": "html", "config.json": "missing",
+                        "tokenizer_config.json": "empty", "pytorch_model.bin.index.json": "mismatch"}
+    assert out["data"]["repair"].startswith("glmsetup fetch --model chatglm2-6b --model-dir")
+    human = cli("verify", str(folder))
+    assert human.exit_code == 1 and "repair: glmsetup fetch" in human.stdout
+
+    # a flipped byte inside a shard: same size, found by sha256
+    cli.json("fetch", "--endpoint", hf_server.url, "--model-dir", str(folder))
+    assert same_files(folder, data)
+    shard = bytearray((folder / SHARD1).read_bytes())
+    shard[-5] ^= 0xFF
+    (folder / SHARD1).write_bytes(bytes(shard))
+    out = cli.json("verify", str(folder), exit_code=1)
+    assert [(i["path"], i["problem"]) for i in out["data"]["issues"]] == [(SHARD1, "mismatch")]
+    cli.json("fetch", "--endpoint", hf_server.url, "--model-dir", str(folder))
+    assert cli.json("verify", str(folder))["data"]["ok"]
+
+
+def test_verify_without_manifest_uses_official_checksums(cli, tmp_path):
+    folder = tmp_path / "chatglm2-6b"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "chatglm"}')
+    (folder / "tokenizer.model").write_bytes(b"x" * 1000)
+    out = cli.json("verify", str(folder), exit_code=1)
+    assert out["data"]["basis"] == "official checksums"
+    assert {"path": "tokenizer.model", "problem": "truncated", "detail": "1,000 bytes, expected 1,018,370"} \
+        in out["data"]["issues"]
+
+
+def test_verify_missing_folder_is_a_model_error(cli, tmp_path):
+    out = cli.json("verify", str(tmp_path / "nope"), exit_code=4)
+    assert out["error"]["code"] == "model" and "glmsetup fetch" in out["error"]["hint"]
