@@ -1,0 +1,204 @@
+"""Patch and revert whole sets of files: plan everything first, write only when every file is sound.
+
+`patch_paths` recognises each file, runs its rule set, compiles every result, and only then backs up
+and writes the changed files (temporary name + rename). Any error before the writes leaves every file
+untouched; an error during them restores the files already written.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from glmsetup import paths
+from glmsetup.errors import PatchError, UsageError
+from glmsetup.patch import backup, diff, recognize
+from glmsetup.patch.engine import LOADERS, RULES, Context, plan_file
+
+
+def resolve_profile(profile):
+    """A Profile for the rules (host/port, official chain) and the text written into profile="...".
+
+    "auto" stays "auto" in the file (decided when the demo starts) and is resolved here with the
+    doctor's choice for this machine.
+    """
+    from glmsetup import profiles
+
+    if isinstance(profile, profiles.Profile):
+        return profile, profile.source if str(profile.source).endswith(".toml") else profile.name
+    text = str(profile)
+    if text == "auto":
+        try:
+            from glmsetup.doctor import auto_profile
+
+            return auto_profile(), "auto"
+        except ImportError:
+            return profiles.load("cpu"), "auto"
+    resolved = profiles.resolve(text)
+    arg = str(Path(text).expanduser().resolve()) if text.endswith(".toml") else text
+    return resolved, arg
+
+
+def collect(targets: Iterable) -> list[tuple[Path, bool]]:
+    """(file, named explicitly) for each target: a file, or the *.py files directly in a folder."""
+    found: list[tuple[Path, bool]] = []
+    for target in targets:
+        p = Path(target).expanduser()
+        if p.is_dir():
+            found += [(f, False) for f in sorted(p.glob("*.py")) if f.is_file()]
+        elif p.is_file():
+            found.append((p, True))
+        else:
+            raise UsageError(f"{p} does not exist", hint="give the folder of the official demos or some of its files")
+    seen, unique = set(), []
+    for f, explicit in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((f, explicit))
+    return unique
+
+
+def parse_only(only) -> Optional[set]:
+    if not only:
+        return None
+    names = {n.strip() for item in ([only] if isinstance(only, str) else only) for n in str(item).split(",") if n.strip()}
+    unknown = names - set(RULES)
+    if unknown:
+        raise UsageError(f"unknown rule(s): {', '.join(sorted(unknown))}", hint=f"rules: {', '.join(RULES)}")
+    return names
+
+
+def make_context(model, profile, loader: str, listen: bool) -> Context:
+    from glmsetup.patch.loading import check_official
+
+    if loader not in LOADERS:
+        raise UsageError(f"unknown loader {loader!r}", hint="--loader glmsetup (default) or --loader official")
+    prof, arg = resolve_profile(profile)
+    if loader == "official":
+        check_official(prof)
+    model_path = str(Path(model).expanduser().resolve()) if model else str(paths.default_model_dir())
+    return Context(model_path=model_path, profile_arg=arg, profile=prof, loader=loader, listen=listen)
+
+
+def patch_paths(targets: Iterable, *, model=None, profile="auto", loader: str = "glmsetup", listen: bool = False,
+                only=None, dry_run: bool = False) -> dict:
+    """Patch the demos among `targets`; returns the report (see docs/patch.md)."""
+    from glmsetup.patch.rulesets import RULE_SETS
+
+    only_set = parse_only(only)
+    ctx = make_context(model, profile, loader, listen)
+    files = collect(targets)
+    reports, plans, errors = [], [], []
+    for path, explicit in files:
+        source = path.read_bytes()
+        kind = recognize.kind_of(source.decode("utf-8", errors="replace"))
+        entry = {"path": str(path), "kind": kind, "recognized_as": recognize.describe(kind), "changed": False,
+                 "written": False, "backup": None, "rules": [], "diff": "", "error": None}
+        reports.append(entry)
+        if kind is None:
+            entry["skipped"] = "not a ChatGLM2 demo" + ("" if explicit else " (left alone)")
+            continue
+        ctx.has_utils = (path.parent / "utils.py").is_file()
+        try:
+            plan = plan_file(path, source, kind, RULE_SETS[kind], ctx, only_set)
+        except PatchError as exc:
+            entry["error"] = exc.message
+            errors.append(exc)
+            continue
+        entry["rules"] = [r.to_dict() for r in plan.results]
+        entry["changed"] = plan.changed
+        if plan.changed:
+            entry["diff"] = diff.unified(path.name, plan.original, plan.new, plan.encoding)
+            plans.append((plan, entry))
+    report = {
+        "model_path": ctx.model_path, "profile": ctx.profile_arg, "loader": loader, "listen": listen,
+        "dry_run": dry_run, "only": sorted(only_set) if only_set else None, "files": reports,
+        "backups_dir": str(backup.root()),
+    }
+    if errors:
+        raise PatchError(f"{len(errors)} file(s) cannot be patched safely; nothing was written: {errors[0].message}",
+                         hint=errors[0].hint, details=report)
+    if not any(e["kind"] for e in reports):
+        raise UsageError("no ChatGLM2 demo found in " + ", ".join(str(t) for t in targets),
+                         hint="point glmsetup patch at the folder of the official repository (cli_demo.py, "
+                              "web_demo.py, api.py ...)", details=report)
+    if not dry_run:
+        _write_all(plans)
+    report["summary"] = _summary(reports)
+    return report
+
+
+def _write_all(plans) -> None:
+    written = []
+    try:
+        for plan, entry in plans:
+            current = plan.path.read_bytes()
+            if current != plan.original:
+                raise PatchError(f"{plan.path} changed while it was being patched; nothing more was written",
+                                 hint="run glmsetup patch again")
+            folder = backup.save(plan.path, plan.original, plan.new)
+            mode = os.stat(plan.path).st_mode & 0o7777
+            backup.write_atomic(plan.path, plan.new, mode)
+            written.append(plan)
+            entry["written"] = True
+            entry["backup"] = str(folder)
+    except OSError as exc:
+        for plan in written:  # put back what was already written
+            backup.write_atomic(plan.path, plan.original)
+        raise PatchError(f"writing failed ({exc}); the files already written were restored",
+                         hint="check the folder's permissions and free space") from None
+
+
+def _summary(reports: list) -> dict:
+    counts = {"files": len(reports), "demos": sum(1 for r in reports if r["kind"]),
+              "changed": sum(1 for r in reports if r["changed"]), "written": sum(1 for r in reports if r["written"])}
+    return counts
+
+
+def patch_folder(src_dir, *, model, profile, loader: str = "glmsetup", listen: bool = False) -> dict:
+    """Patch every demo in `src_dir` in place (used by `glmsetup run --official DIR` on a working copy)."""
+    return patch_paths([src_dir], model=model, profile=profile, loader=loader, listen=listen)
+
+
+def revert_paths(targets: Iterable, *, force: bool = False, dry_run: bool = False) -> dict:
+    """Restore the originals of patched files byte for byte; refuses files edited since (unless force)."""
+    files: list[Path] = []
+    for target in targets:
+        p = Path(target).expanduser()
+        if p.is_dir():
+            files += backup.backed_up_in(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"{p} does not exist", hint="give the folder or files that glmsetup patch changed")
+    reports, todo = [], []
+    for path in files:
+        entry = {"path": str(path), "status": None, "reason": ""}
+        reports.append(entry)
+        meta, original = backup.read_meta(path), backup.original_bytes(path)
+        if meta is None or original is None:
+            entry.update(status="no_backup", reason="glmsetup has no backup of this file")
+            continue
+        current = path.read_bytes() if path.exists() else b""
+        if current == original:
+            entry.update(status="already_original", reason="the file already is its original")
+            todo.append((path, None))
+            continue
+        if backup.sha256(current) != meta.get("patched_sha256") and not force:
+            raise PatchError(f"{path} was edited after glmsetup patched it; nothing was restored",
+                             hint="glmsetup patch --revert --force restores the original anyway (your edits are lost)",
+                             details={"files": reports})
+        entry.update(status="restored", reason="")
+        todo.append((path, original))
+    if not files or not any(e["status"] in ("restored", "already_original") for e in reports):
+        raise PatchError("nothing to revert: no backup of " + ", ".join(str(t) for t in targets),
+                         hint=f"backups live in {backup.root()}; only files patched by glmsetup can be reverted",
+                         details={"files": reports})
+    if not dry_run:
+        for path, original in todo:
+            if original is not None:
+                mode = os.stat(path).st_mode & 0o7777 if path.exists() else None
+                backup.write_atomic(path, original, mode)
+            backup.remove(path)
+    return {"dry_run": dry_run, "files": reports, "backups_dir": str(backup.root())}
