@@ -141,7 +141,10 @@ def _run(req: FetchRequest, model: ModelEntry, model_dir: Path, settings: Settin
     cache = VerifiedCache(model_dir)
     plan, todo = [], []
     for spec in manifest.files:
-        present = cache.check(spec)
+        if req.dry_run and req.source == "git" and not spec.lfs:
+            present = True  # comes with the clone itself
+        else:
+            present = cache.check(spec)
         partial = _partial_bytes(model_dir, spec)
         names = [o.name for o in origins.get(spec.path, [])]
         plan.append({"path": spec.path, "size": spec.size, "sha256": spec.sha256, "present": present,
