@@ -142,8 +142,11 @@ def _glmsetup(module: cst.Module, ctx: Context, out: Outcome) -> cst.Module:
         if prof is not None and t.string_value(prof.value) == ctx.profile_arg:
             out.already(f"loads with glmsetup.load_chat_model (profile {ctx.profile_arg})")
             continue
-        new_call = call.with_changes(args=[a for a in call.args if not (a.keyword and a.keyword.value == "profile")])
-        new_call = t.add_keyword(new_call, "profile", _profile_kw(ctx))
+        literal = cst.parse_expression(_profile_kw(ctx))
+        if prof is not None:
+            new_call = call.deep_replace(prof.value, literal)
+        else:
+            new_call = t.add_keyword(call, "profile", literal)
         pairs.append((call, new_call))
         out.changed(f"profile -> {ctx.profile_arg}")
     module = t.replace_many(module, pairs)

@@ -28,6 +28,7 @@ def _imports(text: str, module: str) -> bool:
 
 def kind_of(text: str) -> Optional[str]:
     """The demo kind of a file's text, or None when it is not one of the ChatGLM2 demos."""
+    text = text.lstrip("\ufeff")
     if not _CHATGLM.search(text):
         return None
     if re.search(r"^\s*def\s+load_model_on_gpus\s*\(", text, re.M):

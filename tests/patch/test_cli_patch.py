@@ -1,0 +1,70 @@
+"""`glmsetup patch` on the command line: exit codes, --json per file and rule, dry run, revert."""
+from __future__ import annotations
+
+import json
+import shutil
+
+from .conftest import MODEL, VARIANTS
+
+
+def test_dry_run_prints_a_diff_and_writes_nothing(cli, demo_dir):
+    before = (demo_dir / "web_demo.py").read_bytes()
+    result = cli("patch", str(demo_dir), "--model", MODEL, "--profile", "cpu", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "+++ b/web_demo.py" in result.stdout and "dry run:" in result.stdout
+    assert "-demo.queue().launch(share=False, inbrowser=True)" in result.stdout
+    assert (demo_dir / "web_demo.py").read_bytes() == before
+
+
+def test_json_reports_each_file_and_rule_then_reverts(cli, demo_dir):
+    doc = cli.json("patch", str(demo_dir), "--model", MODEL, "--profile", "cpu")
+    assert doc["ok"] and doc["command"] == "patch"
+    files = {f["path"].rsplit("/", 1)[-1]: f for f in doc["data"]["files"]}
+    assert set(files) == {"cli_demo.py", "web_demo.py", "web_demo2.py", "api.py", "openai_api.py", "utils.py"}
+    web = files["web_demo.py"]
+    assert web["kind"] == "gradio" and web["written"] and web["backup"]
+    assert [r["rule"] for r in web["rules"]] == ["model-path", "loader", "repetition-penalty", "compatibility", "binding"]
+    assert all(r["status"] == "applied" for r in web["rules"])
+    assert files["cli_demo.py"]["rules"][-1] == {
+        "rule": "binding", "status": "not_applicable", "reason": "a terminal program: it does not listen on the network",
+        "changes": [], "notes": []}
+    again = cli.json("patch", str(demo_dir), "--model", MODEL, "--profile", "cpu")
+    assert again["data"]["summary"]["changed"] == 0
+    reverted = cli.json("patch", str(demo_dir), "--revert")
+    assert sorted(f["status"] for f in reverted["data"]["files"]) == ["restored"] * 5
+
+
+def test_only_limits_the_rules(cli, demo_dir):
+    doc = cli.json("patch", str(demo_dir / "openai_api.py"), "--only", "compatibility", "--profile", "cpu")
+    (f,) = doc["data"]["files"]
+    assert [r["rule"] for r in f["rules"]] == ["compatibility"]
+    text = (demo_dir / "openai_api.py").read_text()
+    assert "model_dump_json" in text and "THUDM/chatglm2-6b" in text and "host='0.0.0.0'" in text
+
+
+def test_exit_codes(cli, demo_dir, tmp_path):
+    shutil.copy(VARIANTS / "cli_demo_broken.py", demo_dir / "cli_demo_broken.py")
+    broken = cli("patch", str(demo_dir), "--profile", "cpu", "--json")
+    assert broken.exit_code == 8
+    doc = json.loads(broken.stdout)
+    assert doc["error"]["code"] == "patch" and "nothing was written" in doc["error"]["message"]
+    assert not any(f["written"] for f in doc["error"]["details"]["files"])
+    (demo_dir / "cli_demo_broken.py").unlink()
+
+    assert cli("patch", str(tmp_path / "missing"), "--profile", "cpu").exit_code == 2
+    assert cli("patch", str(demo_dir), "--only", "colours", "--profile", "cpu").exit_code == 2
+    assert cli("patch", str(demo_dir), "--profile", "no-such-profile").exit_code == 2
+    assert cli("patch", str(demo_dir), "--loader", "official", "--profile", "cpu-int4").exit_code == 2
+    assert cli("patch", str(demo_dir), "--revert").exit_code == 8  # nothing was patched, nothing to revert
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("patch", str(empty), "--profile", "cpu").exit_code == 2
+
+
+def test_revert_of_an_edited_file_needs_force(cli, demo_dir):
+    assert cli("patch", str(demo_dir / "api.py"), "--profile", "cpu").exit_code == 0
+    (demo_dir / "api.py").write_text((demo_dir / "api.py").read_text() + "# edited\n")
+    result = cli("patch", str(demo_dir / "api.py"), "--revert")
+    assert result.exit_code == 8 and "--force" in result.stderr
+    assert cli("patch", str(demo_dir / "api.py"), "--revert", "--force").exit_code == 0
+    assert "# edited" not in (demo_dir / "api.py").read_text()
