@@ -54,11 +54,17 @@ class ChatMixin:
             response = self._beam_chat(tokenizer, query, history, max_length, num_beams, do_sample, top_p,
                                        temperature, logits_processor, kwargs)
             return response, history + [(query, response)]
-        response = ""
-        for response, _new_history in self.stream_chat(
-                tokenizer, query, history, max_length=max_length, do_sample=do_sample, top_p=top_p,
-                temperature=temperature, logits_processor=logits_processor, **kwargs):
-            pass
+        stop_event = kwargs.pop("stop_event", None)
+        max_new = kwargs.get("max_new_tokens")
+        s = sampling.make_sampling(do_sample, temperature, top_p, logits_processor, kwargs)
+        store, new_ids = self._prepare(tokenizer, query, history, None, max_length, max_new)
+        ids: list = []
+        try:
+            for ids in self._generate(store, new_ids, s, max_length, max_new, stop_event):
+                pass
+        finally:
+            store.lock.release()
+        response = process_response(tokenizer.decode(ids))
         return response, history + [(query, response)]
 
     def stream_chat(self, tokenizer, query: str, history=None, past_key_values=None, max_length: int = 8192,

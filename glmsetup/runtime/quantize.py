@@ -44,7 +44,8 @@ from glmsetup.runtime import int4_layout
 
 BACKENDS = ("cpu_int8pack", "cpu_int4pack", "cuda_int8pack", "cuda_int4pack", "dequant")
 CUDA_INT8_MAX_ROWS = 16  # larger batches (prefill) dequantize and use cuBLAS instead
-_ROW_CHUNK_ELEMENTS = 1 << 24  # rows are quantized/packed in chunks of about this many weights
+_ROW_CHUNK_ELEMENTS = 1 << 24  # rows are packed for the int4 kernel in chunks of about this many weights
+_QUANT_CHUNK_ELEMENTS = 1 << 20  # and quantized in chunks that stay in the CPU's cache
 
 pack_int4 = int4_layout.pack_int4
 unpack_int4 = int4_layout.unpack_int4
@@ -56,8 +57,8 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def _row_chunks(rows: int, cols: int, multiple: int = 64):
-    step = max(multiple, (_ROW_CHUNK_ELEMENTS // max(cols, 1)) // multiple * multiple)
+def _row_chunks(rows: int, cols: int, multiple: int = 64, elements: Optional[int] = None):
+    step = max(multiple, ((elements or _ROW_CHUNK_ELEMENTS) // max(cols, 1)) // multiple * multiple)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
@@ -76,13 +77,18 @@ def quantize_weight(weight: torch.Tensor, bits: int, *, scale_dtype: Optional[to
     rows, cols = weight.shape
     q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
-    for a, b in _row_chunks(rows, cols):
-        w = weight[a:b].float()
-        s = w.abs().amax(dim=1) / top
+    buf = None
+    for a, b in _row_chunks(rows, cols, 1, _QUANT_CHUNK_ELEMENTS):
+        chunk = weight[a:b]
+        s = torch.linalg.vector_norm(chunk, ord=float("inf"), dim=1).float().div_(top)  # max|W_row|, exact
         if scale_dtype is not None:
             s = s.to(scale_dtype).float()
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        q[a:b] = torch.round(w / safe[:, None]).clamp_(-top, top).to(torch.int8)
+        if buf is None or buf.shape[0] < b - a:
+            buf = torch.empty(b - a, cols, dtype=torch.float32, device=weight.device)
+        x = buf[: b - a]
+        torch.div(chunk, safe[:, None], out=x)  # float32 division, as W.float() / scale
+        q[a:b].copy_(x.round_().clamp_(-top, top))
         scale[a:b] = s
     return q, (scale if scale_dtype is None else scale.to(scale_dtype))
 

@@ -1,0 +1,77 @@
+"""Loading refuses damaged or foreign folders with a message naming the file and the repair."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from glmsetup.errors import ModelError
+from glmsetup.runtime.load import load_chat_model
+
+SHARD = "pytorch_model-00002-of-00002.bin"
+
+
+@pytest.fixture
+def copy(tiny_model_dir, tmp_path):
+    dest = tmp_path / "chatglm2-6b"
+    shutil.copytree(tiny_model_dir, dest)
+    return dest
+
+
+def _refused(folder, *needles):
+    with pytest.raises(ModelError) as info:
+        load_chat_model(folder, profile="cpu")
+    text = info.value.message + " " + (info.value.hint or "")
+    for needle in needles:
+        assert needle in text, text
+    assert info.value.exit_code == 4
+    return info.value
+
+
+def test_lfs_pointer_in_place_of_a_shard(copy):
+    (copy / SHARD).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 1827780615\n")
+    _refused(copy, SHARD, "git-lfs pointer", "glmsetup fetch", "glmsetup verify")
+
+
+def test_truncated_shard(copy):
+    data = (copy / SHARD).read_bytes()
+    (copy / SHARD).write_bytes(data[: len(data) // 2])
+    _refused(copy, SHARD, "truncated", "glmsetup fetch")
+
+
+def test_html_page_saved_as_shard(copy):
+    (copy / SHARD).write_text("<!DOCTYPE html><html><body>502 Bad Gateway</body></html>")
+    _refused(copy, SHARD, "HTML", "glmsetup fetch")
+
+
+def test_missing_shard(copy):
+    (copy / SHARD).unlink()
+    _refused(copy, SHARD, "missing")
+
+
+def test_foreign_checkpoint(copy):
+    (copy / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    _refused(copy, "not a ChatGLM2 checkpoint", "llama")
+
+
+def test_chatglm3_and_modified_configs(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "THUDM/chatglm3-6b"}))
+    _refused(copy, "ChatGLM3")
+    (copy / "config.json").write_text(json.dumps({**cfg, "pre_seq_len": 128}))
+    _refused(copy, "pre_seq_len")
+    (copy / "config.json").write_text(json.dumps({**cfg, "rmsnorm": False}))
+    _refused(copy, "rmsnorm")
+
+
+def test_weights_of_another_shape(copy, tmp_path):
+    from glmsetup.testing.tiny import build_tiny_checkpoint
+
+    other = build_tiny_checkpoint(tmp_path / "other", num_layers=3, shards=2)
+    shutil.copy(other / "pytorch_model-00002-of-00002.bin", copy / SHARD)
+    _refused(copy, SHARD)
+
+
+def test_missing_folder(tmp_path):
+    _refused(tmp_path / "nowhere", "does not exist", "glmsetup fetch")
