@@ -32,17 +32,6 @@ SECRET_VARS = ("HF_TOKEN",)
 SUBPROCESS_TIMEOUT = 5.0
 
 
-def _run(args: list, timeout: float = SUBPROCESS_TIMEOUT) -> Optional[str]:
-    """stdout of a command, or None when it is missing or fails."""
-    if shutil.which(args[0]) is None:
-        return None
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 # --- System, git ------------------------------------------------------------------------------------
 def probe_system() -> System:
     flags: tuple = ()
@@ -68,15 +57,39 @@ def _version_in(text: Optional[str]) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def _run_all(commands: list, timeout: float = SUBPROCESS_TIMEOUT) -> list:
+    """Start the commands side by side; stdout of each, or None when missing or failing."""
+    procs = []
+    for args in commands:
+        try:
+            procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                          stdin=subprocess.DEVNULL, text=True) if shutil.which(args[0]) else None)
+        except OSError:
+            procs.append(None)
+    out = []
+    for proc in procs:
+        if proc is None:
+            out.append(None)
+            continue
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+            out.append(stdout.strip() if proc.returncode == 0 else None)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            out.append(None)
+    return out
+
+
 def probe_git() -> Git:
-    git = _version_in(_run(["git", "--version"]))
-    lfs = _version_in(_run(["git", "lfs", "version"])) if git else None
-    lfs_filter = None
-    if git:
-        # `git lfs install` writes filter.lfs.* to the global (or system) config.
-        filt = _run(["git", "config", "--get", "filter.lfs.process"]) or _run(["git", "config", "--get", "filter.lfs.smudge"])
-        lfs_filter = bool(filt)
-    return Git(git=git, lfs=lfs, lfs_filter=lfs_filter)
+    # `git lfs install` writes filter.lfs.* to the global (or system) config.
+    version, lfs, process, smudge = _run_all([["git", "--version"], ["git", "lfs", "version"],
+                                              ["git", "config", "--get", "filter.lfs.process"],
+                                              ["git", "config", "--get", "filter.lfs.smudge"]])
+    git = _version_in(version)
+    if not git:
+        return Git()
+    return Git(git=git, lfs=_version_in(lfs), lfs_filter=bool(process or smudge))
 
 
 # --- NVIDIA through NVML (nvidia-ml-py), no torch ---------------------------------------------------------
@@ -87,6 +100,11 @@ def _text(value) -> str:
 def probe_nvidia(nvml=None) -> Nvidia:
     """Driver, the highest CUDA it supports and each GPU; `nvml` is the pynvml module (tests pass a fake)."""
     if nvml is None:
+        if sys.platform == "darwin":
+            return Nvidia(absent="macOS: no NVIDIA driver")
+        if sys.platform.startswith("linux") and not (os.path.exists("/proc/driver/nvidia/version")
+                                                     or os.path.exists("/usr/lib/wsl/lib/libnvidia-ml.so.1")):
+            return Nvidia(absent="no NVIDIA driver (/proc/driver/nvidia/version does not exist)")
         try:
             import pynvml as nvml
         except ImportError:
@@ -202,32 +220,41 @@ def package_versions(names=PACKAGES, path: Optional[list] = None) -> dict:
         except OSError:
             continue
         for item in listing:
-            if not item.endswith(".dist-info"):
+            if item.endswith(".dist-info"):
+                name, _, version = item[: -len(".dist-info")].partition("-")
+            elif item.endswith(".egg-info"):
+                name, _, version = item[: -len(".egg-info")].partition("-")
+                version = version.split("-py")[0]
+            else:
                 continue
-            name, _, version = item[: -len(".dist-info")].partition("-")
             key = _norm(name)
             if key in wanted and key not in found and version:
                 found[key] = version
-    missing = [wanted[k] for k in wanted if k not in found]
-    if missing:  # egg-info and other layouts: the slower, complete lookup
-        from importlib import metadata
-
-        for n in missing:
-            try:
-                found[_norm(n)] = metadata.version(n)
-            except metadata.PackageNotFoundError:
-                pass
     return {orig: found.get(key) for key, orig in wanted.items()}
 
 
 # --- Memory, honouring cgroup limits ---------------------------------------------------------------------
-def probe_memory(proc: str = "/proc", root: str = "/") -> Memory:
-    import psutil
+def meminfo(proc: str = "/proc") -> Optional[dict]:
+    """/proc/meminfo in bytes (Linux), or None."""
+    try:
+        with open(os.path.join(proc, "meminfo"), encoding="ascii") as fh:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in fh if ":" in line)}
+    except (OSError, ValueError):
+        return None
 
-    vm = psutil.virtual_memory()
+
+def probe_memory(proc: str = "/proc", root: str = "/") -> Memory:
+    info = meminfo(proc) if sys.platform.startswith("linux") else None
+    if info and "MemAvailable" in info:
+        total, available, swap = info["MemTotal"], info["MemAvailable"], info.get("SwapTotal", 0)
+    else:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        total, available, swap = int(vm.total), int(vm.available), int(psutil.swap_memory().total)
     limit, usage, version = storage.cgroup_memory(proc, root)
-    return Memory(total=int(vm.total), available=int(vm.available), cgroup_limit=limit, cgroup_usage=usage,
-                  cgroup_version=version, swap_total=int(psutil.swap_memory().total))
+    return Memory(total=total, available=available, cgroup_limit=limit, cgroup_usage=usage,
+                  cgroup_version=version, swap_total=swap)
 
 
 # --- Disk where the model will live ----------------------------------------------------------------------
@@ -292,7 +319,11 @@ def gather(model_dir: Path, *, default_model_dir: bool = True, deep: bool = Fals
            endpoints: Optional[dict] = None, online_timeout: float = 3.0, probes: Optional[dict] = None,
            only: Optional[tuple] = None) -> Facts:
     """Run the probes side by side; `probes` replaces some by name (tests), `only` picks some."""
-    from glmsetup.doctor import sources
+
+    def online_probe():
+        from glmsetup.doctor import sources
+
+        return sources.probe_sources(endpoints or {}, timeout=online_timeout)
 
     table: dict[str, Callable] = {
         "system": probe_system,
@@ -306,7 +337,7 @@ def gather(model_dir: Path, *, default_model_dir: bool = True, deep: bool = Fals
         "model": lambda: probe_model(model_dir),
     }
     if online:
-        table["online"] = lambda: sources.probe_sources(endpoints or {}, timeout=online_timeout)
+        table["online"] = online_probe
     table.update(probes or {})
     if only is not None:
         table = {k: v for k, v in table.items() if k in only}
