@@ -16,6 +16,8 @@ class DoctorFailed(GlmsetupError):
 
 
 def parse_endpoints(values: tuple) -> dict:
+    if not values:
+        return {}
     from glmsetup.doctor.sources import SOURCES
     from glmsetup.errors import UsageError
 

@@ -27,8 +27,9 @@ def diagnose(model_dir: Optional[Path] = None, **kwargs) -> dict:
 def auto_profile(context: int = 2048, facts=None):
     """The best profile that fits this machine (fast: no torch import, no network).
 
-    Prefers a profile that runs with what is installed; else the best one for the hardware (the
-    runtime then reports what to install). Raises ResourceError when nothing fits.
+    Only native-backend profiles are candidates (the official-* ones are chosen by name). Prefers
+    a profile that runs with what is installed; else the best one for the hardware (the runtime then
+    reports what to install). Raises ResourceError when nothing fits.
     """
     from glmsetup import profiles
     from glmsetup.doctor import probes
@@ -37,7 +38,7 @@ def auto_profile(context: int = 2048, facts=None):
 
     if facts is None:
         facts = probes.gather(Path("."), only=LIGHT_PROBES)
-    verdict = evaluate(facts, profiles.load_all(), context)
+    verdict = evaluate(facts, [p for p in profiles.load_all() if p.backend == "native"], context)
     name = verdict.best or verdict.recommended
     if name is None:
         raise ResourceError(f"no profile fits this machine at {context} tokens",

@@ -11,15 +11,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-# name -> (default base URL, path of a small file to ask about, what `glmsetup fetch` calls it)
+from glmsetup.fetch.models import (HF_ENDPOINT, MODELS, MODELSCOPE_ENDPOINT, TSINGHUA_ENDPOINT,
+                                   TSINGHUA_SHARE)
+
+_MODEL = MODELS["chatglm2-6b"]
+# name -> (default base URL, path of a small file to ask about, the `glmsetup fetch` options that pick it)
 SOURCES: dict[str, tuple] = {
-    "hf": ("https://huggingface.co", "/THUDM/chatglm2-6b/resolve/main/config.json", "--source hf"),
-    "hf-mirror": ("https://hf-mirror.com", "/THUDM/chatglm2-6b/resolve/main/config.json",
+    "hf": (HF_ENDPOINT, f"/{_MODEL.hf_repo}/resolve/{_MODEL.hf_revision}/config.json", "--source hf"),
+    "hf-mirror": ("https://hf-mirror.com", f"/{_MODEL.hf_repo}/resolve/{_MODEL.hf_revision}/config.json",
                   "--source hf --endpoint https://hf-mirror.com"),
-    "modelscope": ("https://www.modelscope.cn",
-                   "/api/v1/models/ZhipuAI/chatglm2-6b/repo?Revision=v1.0.12&FilePath=config.json",
-                   "--source modelscope"),
-    "tsinghua": ("https://cloud.tsinghua.edu.cn", "/d/674208019e314311ab5c/", "--source tsinghua"),
+    "modelscope": (MODELSCOPE_ENDPOINT, f"/api/v1/models/{_MODEL.modelscope_id}/repo?Revision="
+                   f"{_MODEL.modelscope_revision}&FilePath=config.json", "--source modelscope"),
+    "tsinghua": (TSINGHUA_ENDPOINT, f"/d/{TSINGHUA_SHARE}/", "--source tsinghua"),
 }
 
 

@@ -188,7 +188,7 @@ def test_online_times_each_source(cli, server):
     assert checks["source-hf-mirror"]["status"] == "warn" and "404" in checks["source-hf-mirror"]["summary"]
     assert checks["source-tsinghua"]["status"] == "warn" and "ConnectError" in checks["source-tsinghua"]["summary"]
     assert fast.paths == ["/api/v1/models/ZhipuAI/chatglm2-6b/repo?Revision=v1.0.12&FilePath=config.json"]
-    assert missing.paths == ["/THUDM/chatglm2-6b/resolve/main/config.json"]
+    assert missing.paths == ["/zai-org/chatglm2-6b/resolve/main/config.json"]
     assert f"glmsetup fetch --source modelscope --endpoint {fast_url}" in data["verdict"]["next_commands"]
     assert result.exit_code == 0  # unreachable sources warn, they do not block
 
@@ -199,7 +199,7 @@ def test_online_honours_hf_endpoint(cli, server, monkeypatch):
     result = cli("doctor", "--online", "--timeout", "0.5", "--json", "--endpoint", f"hf-mirror={closed_port()}",
                  "--endpoint", f"modelscope={closed_port()}", "--endpoint", f"tsinghua={closed_port()}")
     checks = {c["id"]: c for c in json.loads(result.stdout)["data"]["checks"]}
-    assert checks["source-hf"]["status"] == "ok" and srv.paths == ["/THUDM/chatglm2-6b/resolve/main/config.json"]
+    assert checks["source-hf"]["status"] == "ok" and srv.paths == ["/zai-org/chatglm2-6b/resolve/main/config.json"]
     assert checks["hf-endpoint"]["summary"] == f"HF_ENDPOINT={url}"
 
 

@@ -255,3 +255,19 @@ def test_missing_facts_become_could_not_check():
     for cid in ("nvidia", "gpus", "torch-cuda", "ram"):
         assert checks[cid]["status"] == "skipped" and checks[cid]["summary"].startswith("could not check"), cid
     assert "NVMLError_Unknown" in checks["nvidia"]["summary"]
+
+
+def test_auto_profile_never_picks_the_official_backend():
+    facts = m.rtx2060_laptop()
+    facts.packages["transformers"] = "4.30.2"
+    facts.packages["cpm-kernels"] = "1.0.11"
+    assert auto_profile(facts=facts).name == "cuda-int4"  # the native one; the runtime says what to install
+
+
+def test_auto_profile_raises_when_nothing_fits():
+    from glmsetup.errors import ResourceError
+
+    facts = m.cpu_pc_16gb()
+    facts.memory = dataclasses.replace(facts.memory, total=4 * m.GiB, available=3 * m.GiB)
+    with pytest.raises(ResourceError):
+        auto_profile(facts=facts)
