@@ -40,7 +40,7 @@ def make_model_files(shards: int = 2, shard_bytes: int = 3 << 20, seed: int = 0)
     files: Dict[str, bytes] = {}
     names = [f"pytorch_model-{i:05d}-of-{shards:05d}.bin" for i in range(1, shards + 1)]
     for i, name in enumerate(names):
-        files[name] = b"PK\x03\x04" + rng.randbytes(shard_bytes + 1000 * i - 4)
+        files[name] = b"PK\x03\x04" + _random_bytes(rng, shard_bytes + 1000 * i - 4)
     weight_map = {f"transformer.encoder.layers.{i}.weight": names[i % shards] for i in range(shards * 2)}
     files["pytorch_model.bin.index.json"] = json.dumps(
         {"metadata": {"total_size": sum(len(files[n]) for n in names)}, "weight_map": weight_map}, indent=2).encode()
@@ -52,6 +52,13 @@ def make_model_files(shards: int = 2, shard_bytes: int = 3 << 20, seed: int = 0)
     files["tokenizer_config.json"] = b'{"tokenizer_class": "ChatGLMTokenizer"}\n'
     files["modeling_chatglm.py"] = b"# model code\n" * 200
     return files
+
+
+def _random_bytes(rng: random.Random, n: int) -> bytes:
+    if n <= 16 << 20:
+        return rng.randbytes(n)
+    block = rng.randbytes(1 << 20)  # big files for benchmarks: a random block, repeated
+    return (block * (n // len(block) + 1))[:n]
 
 
 @dataclass
@@ -308,6 +315,8 @@ class HFServer(BaseServer):
         return e
 
     def route(self, h, method, path, query):
+        if path.startswith("/_loopback/"):  # control for benchmarks running this server in another process
+            return self._control(h, path[len("/_loopback/"):], query)
         if path.startswith("/api/models/"):
             rest = path[len("/api/models/"):]
             for kind in ("revision", "tree"):
@@ -326,6 +335,22 @@ class HFServer(BaseServer):
             rev, file = rest.split("/", 1)
             return self._resolve(h, repo, unquote(rev), unquote(file))
         h.send_simple(404, b"not found")
+
+    def _control(self, h, action, query):
+        one = {k: v[0] for k, v in query.items()}
+        if action == "stats":
+            return h.send_json({"sent": self.store.sent, "total": self.store.total_sent(), "cdn": self.cdn.url})
+        if action == "reset":
+            self.store.sent.clear()
+            self.store.requests.clear()
+            self.store.faults.items.clear()
+            self.store.rate = float(one["rate"]) if one.get("rate") else None
+            return h.send_json({"ok": True})
+        if action == "fault":
+            kind, path, times = one.pop("kind"), one.pop("path", None), int(one.pop("times", 1))
+            self.store.faults.add(kind, path=path, times=times, **one)
+            return h.send_json({"ok": True})
+        h.send_simple(404)
 
     def _revision(self, h, query):
         blobs = query.get("blobs", ["false"])[0] == "true"
@@ -458,3 +483,21 @@ class SeafileFiles(BaseServer):
         if float(query.get("exp", ["0"])[0]) < time.time() or self.store.faults.take(rel, ("expired",)):
             return h.send_simple(403, b"Token expired")
         h.send_file(rel)
+
+
+def serve_forever(shards: int, shard_bytes: int) -> None:
+    """Run an HF server with a generated model in this process; prints its URL (used by benchmarks/fetch.py)."""
+    import sys
+
+    server = HFServer(FileStore(make_model_files(shards=shards, shard_bytes=shard_bytes)))
+    print(server.url, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_forever(int(sys.argv[1]), int(sys.argv[2]))
