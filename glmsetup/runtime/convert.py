@@ -61,7 +61,12 @@ def cached_conversion(ckpt, dtype: Optional[str] = None) -> Optional[Path]:
 
 def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] = None, use_cache: bool = True,
                        progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Convert `src` into `dst` (default: the cache). Returns a summary dict."""
+    """Convert `src` into `dst` (default: the cache). Returns a summary dict.
+
+    Without `dst` the result goes to the cache (an existing entry is reused unless use_cache is
+    False). With `dst`, a cached entry is copied instead of converting again (unless use_cache is
+    False); an explicit destination never fills the cache, so 12 GB are not written twice.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -74,7 +79,7 @@ def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] 
         raise UsageError(f"--dtype {dtype} is not one of float32, bfloat16, float16", hint="e.g. --dtype bfloat16")
     target = Path(dst).expanduser() if dst else cache_dir_for(ckpt, dtype)
     cached = False
-    if dst is None and (target / MARK).is_file():
+    if dst is None and use_cache and (target / MARK).is_file():
         cached = True
     elif use_cache and dst is not None and (hit := cached_conversion(ckpt, dtype)) is not None:
         _copy_tree(hit, target)
@@ -113,24 +118,31 @@ def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] 
         _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                              "weight_map": dict(sorted(weight_map.items()))})
         config = ck.glm_config(ckpt.raw_config) if ckpt.official else ckpt.config
-        config.torch_dtype = dtype
         config.save_pretrained(tmp)
+        _portable_config(tmp / "config.json", dtype)
         official_generation_config().save_pretrained(tmp)
         from glmsetup.runtime.engine_files import write_tokenizer_files
 
-        write_tokenizer_files(ckpt.path / "tokenizer.model", tmp)
+        tok_info = write_tokenizer_files(ckpt.path / "tokenizer.model", tmp)
         _write_json(tmp / MARK, {"source": str(ckpt.path), "source_kind": ckpt.kind, "dtype": dtype,
-                                 "source_key": source_key(ckpt)})
+                                 "source_key": source_key(ckpt), **tok_info})
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = _summary(ckpt, target, dtype, cached=False, seconds=time.perf_counter() - t0)
-    if use_cache and dst is not None and cached_conversion(ckpt, dtype) is None:
-        _copy_tree(target, cache_dir_for(ckpt, dtype))
-    return summary
+    return _summary(ckpt, target, dtype, cached=False, seconds=time.perf_counter() - t0)
+
+
+def _portable_config(path: Path, dtype: str) -> None:
+    """Spell the dtype and RoPE settings both ways, for transformers 4.46+ and 5.x readers alike."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["dtype"] = cfg["torch_dtype"] = dtype
+    rope = cfg.get("rope_parameters") or {}
+    cfg["rope_theta"] = rope.get("rope_theta", 10000.0)
+    cfg["partial_rotary_factor"] = rope.get("partial_rotary_factor", 0.5)
+    _write_json(path, cfg)
 
 
 def _default_dtype(ckpt) -> str:
@@ -168,7 +180,11 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _summary(ckpt, target: Path, dtype: str, *, cached: bool, seconds: float) -> dict:
+    mark = {}
+    if (target / MARK).is_file():
+        mark = json.loads((target / MARK).read_text(encoding="utf-8"))
     files = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     size = sum(p.stat().st_size for p in target.iterdir() if p.is_file()) if target.is_dir() else 0
     return {"source": str(ckpt.path), "source_kind": ckpt.kind, "destination": str(target), "dtype": dtype,
-            "from_cache": cached, "seconds": round(seconds, 2), "bytes": size, "files": files}
+            "from_cache": cached, "seconds": round(seconds, 2), "bytes": size, "files": files,
+            "engine_tokenizer": bool(mark.get("engine_tokenizer"))}

@@ -53,8 +53,9 @@ def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, **kwar
     if use_cache and ckpt.official:
         from glmsetup.runtime.convert import cached_conversion
 
-        cached = cached_conversion(ckpt)
+        cached = cached_conversion(ckpt, prof.dtype) or cached_conversion(ckpt)
         if cached is not None:
+            log.info("using the converted copy %s of %s", cached, ckpt.path)
             ckpt = open_checkpoint(cached)
     tokenizer = ChatGLM2Tokenizer(ckpt.path / "tokenizer.model")
     if tokenizer.vocab_size > ckpt.config.vocab_size:
@@ -62,6 +63,7 @@ def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, **kwar
                          f"{ckpt.config.vocab_size}: the tokenizer belongs to another model",
                          hint="use the tokenizer.model of the same chatglm2-6b download (`glmsetup fetch`)")
     model = load_model(ckpt, prof)
+    model.checkpoint_path = ckpt.path
     return tokenizer, model
 
 

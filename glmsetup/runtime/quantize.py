@@ -94,7 +94,10 @@ def quantize_weight(weight: torch.Tensor, bits: int, *, scale_dtype: Optional[to
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q * scale`` row by row, as ``dtype`` (``q`` unpacked int8)."""
+    """``q * scale`` row by row, as ``dtype`` (``q`` unpacked int8). In a 16-bit dtype the product is
+    formed there directly (q is exact in it), so no float32 copy of the layer is made."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return q.to(dtype) * scale.to(dtype)[:, None]
     return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
 
 
