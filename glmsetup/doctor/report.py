@@ -83,7 +83,7 @@ def check_verdict(v: Verdict) -> Finding:
                        " && ".join(v.fixes) or None)
     if v.best != v.recommended:
         return Finding("profile-fit", "verdict", "Profiles", "warn",
-                       f"{v.best} runs now; {v.recommended} would run after: {' && '.join(v.fixes)}", ev,
+                       f"{v.best} runs now; {v.recommended} fits this hardware once fixed: {'; '.join(rec.blockers)}", ev,
                        " && ".join(v.fixes) or None)
     status = "ok" if rec.fit == "fits" else "warn"
     return Finding("profile-fit", "verdict", "Profiles", status, f"{v.recommended} fits ({rec.reason})", ev,
