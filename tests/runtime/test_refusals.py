@@ -75,3 +75,17 @@ def test_weights_of_another_shape(copy, tmp_path):
 
 def test_missing_folder(tmp_path):
     _refused(tmp_path / "nowhere", "does not exist", "glmsetup fetch")
+
+
+def test_official_backend_refuses_new_transformers(tiny_model_dir):
+    import transformers
+    from packaging.version import Version
+
+    from glmsetup.errors import MissingDependency
+
+    if Version(transformers.__version__) <= Version("4.41.99"):
+        pytest.skip("this transformers can run the official remote code")
+    with pytest.raises(MissingDependency) as info:
+        load_chat_model(tiny_model_dir, profile="official-cpu")
+    assert transformers.__version__ in info.value.message and "4.41" in info.value.message
+    assert "native" in info.value.hint and info.value.exit_code == 3
