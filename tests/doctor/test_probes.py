@@ -289,3 +289,55 @@ def test_virtio_disk_is_unknown(tmp_path):
 
 def test_missing_node_is_unknown(tmp_path):
     assert storage.sysfs_kind(1, 2, str(tmp_path))[0] == "unknown"
+
+
+def test_overlay_root_is_unknown(tmp_path):
+    # Docker's root file system: an anonymous device number (major 0) and no block device behind it.
+    proc = tmp_path / "proc"
+    _write(proc / "self" / "mountinfo",
+           "585 493 0:48 / / rw,relatime master:254 - overlay overlay rw,lowerdir=/var/lib/docker/overlay2/l/X\n")
+    kind, device, evidence = storage.linux_disk_kind(Path("/"), str(tmp_path / "sys"), str(proc), dev=os.makedev(0, 48))
+    assert (kind, device) == ("unknown", "overlay") and "overlay" in evidence
+
+
+# --- macOS and Windows: the real tools' output, recorded --------------------------------------------------------
+class Done:
+    def __init__(self, stdout, returncode=0):
+        self.stdout, self.returncode = stdout, returncode
+
+
+def test_macos_diskutil(monkeypatch):
+    import plistlib
+
+    df = "Filesystem     512-blocks      Used Available Capacity  Mounted on\n/dev/disk3s1s1  965595304  20098944 450862816     5%    /\n"
+    info = plistlib.dumps({"DeviceIdentifier": "disk3s1s1", "SolidState": True, "Internal": True, "MediaName": ""})
+    calls = []
+
+    def fake_run(args, **kw):
+        calls.append(args)
+        return Done(df) if args[0] == "df" else Done(info)
+
+    monkeypatch.setattr(storage.subprocess, "run", fake_run)
+    assert storage.mac_disk_kind(Path("/Users/me")) == ("ssd", "/dev/disk3s1s1", "diskutil info /dev/disk3s1s1: SolidState = True")
+    assert calls[1] == ["diskutil", "info", "-plist", "/dev/disk3s1s1"]
+
+
+@pytest.mark.parametrize("media, kind", [("SSD", "ssd"), ("HDD", "hdd"), ("Unspecified", "unknown"), ("", "unknown")])
+def test_windows_powershell(monkeypatch, media, kind):
+    monkeypatch.setattr(storage.subprocess, "run", lambda args, **kw: Done(media + "\r\n"))
+    monkeypatch.setattr(storage.os.path, "splitdrive", lambda p: ("C:", p))
+    assert storage.windows_disk_kind(Path("C:/Users/me"))[0] == kind
+
+
+def test_model_check_skips_when_modelfiles_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "glmsetup.modelfiles", None)  # import now raises ImportError
+    import glmsetup
+
+    monkeypatch.delattr(glmsetup, "modelfiles", raising=False)
+    m = probes.probe_model(tmp_path)
+    assert m.exists and "not available" in m.unavailable
+    from glmsetup.doctor.checks_network import check_model
+    from glmsetup.doctor.facts import Facts
+
+    finding = check_model(Facts(model=m))
+    assert finding.status == "skipped" and finding.summary.startswith("could not check")
