@@ -13,6 +13,7 @@ with serve().
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -26,7 +27,7 @@ fastapi = require("fastapi", "api")
 require("sse_starlette", "api")
 require("uvicorn", "api")
 
-from fastapi import FastAPI  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from sse_starlette.sse import EventSourceResponse  # noqa: E402
@@ -162,7 +163,7 @@ def _add_routes(app: FastAPI, s: _Settings) -> None:
         return _model_card(s)
 
     @app.post("/")
-    async def official(body: OfficialRequest):
+    async def official(body: OfficialRequest, request: Request):
         history = [tuple(turn) for turn in body.history or []]
         max_length = body.max_length if body.max_length is not None else OFFICIAL_DEFAULTS["max_length"]
         top_p = body.top_p if body.top_p is not None else OFFICIAL_DEFAULTS["top_p"]
@@ -174,14 +175,15 @@ def _add_routes(app: FastAPI, s: _Settings) -> None:
         if prompt_tokens >= max_length:
             raise ApiError(400, f"the prompt and history take {prompt_tokens} tokens, not less than max_length "
                                 f"{max_length}", param="max_length", code="context_length_exceeded")
-        kwargs = {"max_length": max_length, **_sampling(temperature, top_p)}
-        response, new_history = await s.queue.call(
-            lambda: s.model.chat(s.tokenizer, body.prompt, history, **kwargs))
+        stop = threading.Event()
+        kwargs = {"max_length": max_length, **_sampling(temperature, top_p), "stop_event": stop}
+        response, new_history = await _call_watching(
+            request, s.queue, lambda: s.model.chat(s.tokenizer, body.prompt, history, **kwargs), stop)
         return {"response": response, "history": [list(turn) for turn in new_history], "status": 200,
                 "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.n not in (None, 1):
             raise ApiError(400, "this server returns one choice per request: 'n' must be 1", param="n")
         query, history = to_query_history(body.messages)
@@ -218,7 +220,36 @@ def _add_routes(app: FastAPI, s: _Settings) -> None:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             job = completion.start_stream()  # admitted now: a full queue answers 503, not a broken stream
             return EventSourceResponse(completion.events(job, include_usage), ping=15)
-        return await completion.run()
+        return await completion.run(request)
+
+
+async def _call_watching(request: Request, queue: GenerationQueue, fn, stop: threading.Event):
+    """queue.call(fn), setting `stop` if the client goes away before the answer is ready."""
+
+    async def watch():
+        while not stop.is_set():
+            if await request.is_disconnected():
+                stop.set()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await queue.call(fn, stop)
+    finally:
+        watcher.cancel()
+
+
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def _sse_json(obj) -> str:
+    """JSON for one SSE data line: UTF-8 kept, but the characters some clients split lines at escaped."""
+    text = json.dumps(obj, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS.items():
+        if raw in text:
+            text = text.replace(raw, escaped)
+    return text
 
 
 def _model_card(s: _Settings) -> dict:
@@ -271,7 +302,7 @@ class _Completion:
                     break
         return hold
 
-    async def run(self) -> dict:
+    async def run(self, request: Request) -> dict:
         s = self.s
         if self.stops:
             text, stopped = "", False
@@ -284,8 +315,10 @@ class _Completion:
             finally:
                 job.cancel()
         else:
-            text, _history = await s.queue.call(
-                lambda: s.model.chat(s.tokenizer, self.query, self.history, **self.kwargs), self.stop_event)
+            kwargs = dict(self.kwargs, stop_event=self.stop_event)
+            text, _history = await _call_watching(
+                request, s.queue, lambda: s.model.chat(s.tokenizer, self.query, self.history, **kwargs),
+                self.stop_event)
             stopped = False
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": s.model_id,
@@ -305,10 +338,10 @@ class _Completion:
         return s.queue.stream(make_iter, self.stop_event)
 
     def _chunk(self, delta: dict, finish_reason: Optional[str] = None) -> str:
-        return json.dumps({
+        return _sse_json({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.s.model_id,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-        }, ensure_ascii=False)
+        })
 
     async def events(self, job, include_usage: bool):
         sent = ""

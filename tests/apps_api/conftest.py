@@ -1,0 +1,98 @@
+"""Fixtures of the API tests: the tiny checkpoint loaded once per worker, servers on free loopback ports."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tiny_model_dir, tmp_path_factory):
+    """(tokenizer, model) of the tiny checkpoint, loaded once per test worker on the cpu profile."""
+    import glmsetup
+
+    with pytest.MonkeyPatch.context() as mp:  # whatever loading writes stays in a temporary home
+        mp.setenv("GLMSETUP_HOME", str(tmp_path_factory.mktemp("api-load-home")))
+        tokenizer, model = glmsetup.load_chat_model(tiny_model_dir, profile="cpu")
+    return tokenizer, model
+
+
+@pytest.fixture
+def start_server():
+    """start_server(tokenizer, model, **create_app_kwargs) -> a running ServerThread (stopped after the test)."""
+    from glmsetup.apps.api import ServerThread, create_app
+
+    servers = []
+
+    def start(tokenizer, model, **kwargs):
+        server = ServerThread(create_app(tokenizer, model, **kwargs)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def api(tiny_chat):
+    """One shared server on the tiny model (room for 16 waiting requests), for tests that only read."""
+    from glmsetup.apps.api import ServerThread, create_app
+
+    tokenizer, model = tiny_chat
+    server = ServerThread(create_app(tokenizer, model, max_queue=16)).start()
+    yield server
+    server.stop()
+
+
+class SlowModel:
+    """The real tiny model behind a gate and a per-token delay, counting what its streams produced.
+
+    Stands in for a big model's speed so that the queue and disconnect behaviour can be observed.
+    """
+
+    def __init__(self, model, delay: float = 0.0, gated: bool = False):
+        self._model = model
+        self.delay = delay
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.started = threading.Event()
+        self.yielded = 0
+        self.stop_seen = False
+        self.finished = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def stream_chat(self, tokenizer, query, history=None, **kwargs):
+        stop_event = kwargs.get("stop_event")
+        self.started.set()
+        self.gate.wait(30)
+        try:
+            for item in self._model.stream_chat(tokenizer, query, history, **kwargs):
+                self.yielded += 1
+                yield item
+                time.sleep(self.delay)
+            self.stop_seen = bool(stop_event is not None and stop_event.is_set())
+        finally:
+            self.finished.set()
+
+    def chat(self, tokenizer, query, history=None, **kwargs):
+        self.started.set()
+        self.gate.wait(30)
+        return self._model.chat(tokenizer, query, history, **kwargs)
+
+
+def wait_idle(server, timeout: float = 30.0) -> None:
+    """Wait until the server's model thread is idle (a stopped stream may still finish its last token)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        queue = httpx.get(server.url + "/health", timeout=30).json()["queue"]
+        if queue["running"] == 0 and queue["waiting"] == 0:
+            return
+        assert time.monotonic() < deadline, f"the server stayed busy: {queue}"
+        time.sleep(0.02)
