@@ -112,7 +112,7 @@ class Facts:
     torch: Optional[Torch] = None
     memory: Optional[Memory] = None
     disk: Optional[Disk] = None
-    packages: dict = field(default_factory=dict)  # distribution name -> version or None
+    packages: Optional[dict] = field(default_factory=dict)  # distribution -> version or None; None: not probed
     network: Optional[Network] = None
     model: Optional[ModelFolder] = None
     errors: dict = field(default_factory=dict)  # probe name -> "what it raised"
@@ -127,4 +127,4 @@ class Facts:
         return bool(self.system and self.system.os == "Darwin" and self.system.machine in ("arm64", "aarch64"))
 
     def version(self, name: str) -> Optional[str]:
-        return self.packages.get(name)
+        return self.packages.get(name) if self.packages else None

@@ -341,7 +341,7 @@ def gather(model_dir: Path, *, default_model_dir: bool = True, deep: bool = Fals
     table.update(probes or {})
     if only is not None:
         table = {k: v for k, v in table.items() if k in only}
-    facts = Facts(default_model_dir=default_model_dir)
+    facts = Facts(default_model_dir=default_model_dir, packages=None)
     with ThreadPoolExecutor(max_workers=len(table)) as pool:
         futures = {name: pool.submit(fn) for name, fn in table.items()}
     for name, fut in futures.items():
@@ -349,6 +349,8 @@ def gather(model_dir: Path, *, default_model_dir: bool = True, deep: bool = Fals
             value = fut.result()
         except Exception as exc:  # noqa: BLE001 - any probe may fail on an odd machine
             facts.errors[name] = f"{type(exc).__name__}: {exc}"
+            if name == "packages":
+                facts.packages = None
             continue
         if name == "online":
             if facts.network is None:

@@ -153,11 +153,13 @@ def software_blockers(p: Profile, facts: Facts) -> tuple:
     os_name = facts.system.os if facts.system else "Linux"
     nv = facts.nvidia
     torch_cmd, _why = torch_wheels.install_command(os_name, nv.cuda if nv else None, bool(facts.gpus))
-    t = facts.torch
-    if t is None or t.version is None:
+    t = facts.torch  # None: could not be probed, so it blocks nothing
+    if t is not None and t.version is None:
         blockers.append("torch is not installed")
         if torch_cmd:
             fixes.append(torch_cmd)
+    elif t is None:
+        pass
     elif p.device == "cuda":
         if t.cuda is None:
             blockers.append(f"torch {t.version} is a CPU build")
@@ -171,6 +173,8 @@ def software_blockers(p: Profile, facts: Facts) -> tuple:
             blockers.append("torch.cuda.is_available() is False" + (f" ({t.deep['error']})" if t.deep.get("error") else ""))
     elif p.device == "mps" and t.deep and t.deep.get("mps_available") is False:
         blockers.append("torch.backends.mps.is_available() is False")
+    if facts.packages is None:
+        return blockers, fixes
     tf = _v(facts.version("transformers"))
     if p.backend == "native":
         if tf is None or tf < Version(requirements.NATIVE_TRANSFORMERS):

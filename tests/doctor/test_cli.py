@@ -229,3 +229,16 @@ def test_deep_imports_torch_in_a_child(cli):
     deep = data["facts"]["torch"]["deep"]
     assert deep["version"] == data["facts"]["torch"]["version"]
     assert deep["cuda_available"] is False or data["facts"]["nvidia"]["gpus"]
+
+
+def test_package_and_torch_probes_failing_do_not_block(cli, monkeypatch):
+    def broken(*args, **kwargs):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a dist-info name in a strange encoding")
+
+    monkeypatch.setattr(probes, "package_versions", broken)
+    result = cli("doctor", "--json")
+    data = json.loads(result.stdout)["data"]
+    checks = {c["id"]: c for c in data["checks"]}
+    for cid in ("torch", "transformers", "gradio", "sentencepiece"):
+        assert checks[cid]["summary"].startswith("could not check"), cid
+    assert result.exit_code == 0 and data["verdict"]["best"]
