@@ -280,3 +280,15 @@ def test_layers_of_the_tiny_int4_checkpoint(tmp_path):
         assert agree >= 0.99, (name, agree)
         x = activations(3, layer.in_features)
         check_against_reference(layer, weight, bias, x, 4)
+
+
+def test_a_kernel_that_disagrees_is_replaced_by_dequant(monkeypatch):
+    monkeypatch.setattr(quantize, "_probe_results", {})
+    assert quantize._kernel_works("cpu_int8pack", torch.device("cpu"), 8, 96)
+    assert quantize._kernel_works("cpu_int4pack", torch.device("cpu"), 4, 96)
+    monkeypatch.setattr(quantize, "_probe_results", {})
+    monkeypatch.setattr(WeightOnlyLinear, "_kernel_matmul", lambda self, x: torch.zeros(x.shape[0], self.out_features))
+    weight, x = gaussian(64, 96), activations(2, 96)
+    layer = WeightOnlyLinear.from_float(weight, None, 4, device="cpu", dtype=torch.bfloat16)
+    assert layer.backend == "dequant"
+    check_against_reference(layer, weight, None, x, 4)
