@@ -62,11 +62,17 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
         if json_mode:
             output.print_json(output.envelope("run", {**plan.to_dict(), "status": "serving"}))
 
+    if plan.binding.host is not None:
+        serve.check_port_free(plan.binding.host, plan.binding.port)
     if plan.command:  # streamlit, an official script or vLLM: another process does the serving
         if plan.official is not None:
             from glmsetup.launch import official
 
-            official.prepare(plan)
+            report = official.prepare(plan)
+            if not json_mode:
+                summary = report.get("summary", {}) if isinstance(report, dict) else {}
+                output.stderr().print(f"patched {summary.get('written', '?')} of {summary.get('demos', '?')} demo "
+                                      f"files in the working copy {plan.official['work_dir']}", highlight=False)
         announce()
         serve.run_child(plan, plan.command[0] if plan.engine == "vllm" else f"`run {plan.front}`")
         return

@@ -30,6 +30,7 @@ SCRIPTS = {
 }
 # What identifies a demo when it was renamed: (front, words that must all appear in the file)
 SIGNATURES = (
+    ("api", ("/v1/chat/completions",)),
     ("streamlit", ("import streamlit",)),
     ("web", ("import gradio",)),
     ("api", ("FastAPI",)),
@@ -37,6 +38,7 @@ SIGNATURES = (
 )
 SKIP = shutil.ignore_patterns(".git", "__pycache__", "*.bin", "*.safetensors", "*.pt", "*.pth", "*.gguf", "*.ckpt")
 BIG_FILE = 20 * 1024 * 1024
+PROFILE_FILE = "glmsetup-run.toml"
 
 
 def kind_of(script: Path) -> str:
@@ -101,6 +103,33 @@ def plan_official(plan: RunPlan, official: str) -> RunPlan:
     return plan
 
 
+def profile_toml(plan: RunPlan) -> str:
+    """The resolved profile as a self-contained TOML file, its [server] set to where this run binds.
+
+    The patch rules write the profile's host and ports into the scripts, so --host/--port/--listen
+    reach the official script through this file.
+    """
+    prof = plan.profile
+
+    def value(v) -> str:
+        return f'"{v}"' if isinstance(v, str) else str(v)
+
+    server = dict(vars(prof.server))
+    if plan.binding.host is not None:
+        server["host"] = plan.binding.host
+        server[{"api": "api_port", "web": "web_port", "streamlit": "streamlit_port"}[plan.front]] = plan.binding.port
+        if plan.official and plan.official.get("kind") == "streamlit":
+            server["streamlit_port"] = plan.binding.port
+    lines = [f"# written by glmsetup run --official from profile {prof.name} ({prof.source})",
+             f"description = {value(prof.description or prof.name)}"]
+    for key in ("device", "dtype", "quantization_bits", "backend", "num_gpus"):
+        lines.append(f"{key} = {value(getattr(prof, key))}")
+    for section, table in (("generation", vars(prof.generation)), ("server", server)):
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _skip(folder, names):
     skipped = set(SKIP(folder, names))
     for name in names:
@@ -129,8 +158,8 @@ def prepare(plan: RunPlan) -> dict:
     """Copy and patch; returns the patch report. Runs only when really starting (not --dry-run)."""
     try:
         from glmsetup.patch import patch_folder
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("glmsetup"):
+    except ImportError as exc:
+        if not (exc.name or "glmsetup").startswith("glmsetup"):
             raise MissingDependency(f"patching needs {exc.name}, which is not installed",
                                     hint='pip install "glmsetup[patch]"') from exc
         raise MissingDependency("this install has no glmsetup.patch, so the official demos cannot be patched",
@@ -138,6 +167,10 @@ def prepare(plan: RunPlan) -> dict:
     source = Path(plan.official["source"])
     work = Path(plan.official["work_dir"])
     copy_tree(source, work)
-    report = patch_folder(work, model=str(plan.model_dir), profile=plan.profile_ref)
+    profile_file = work / PROFILE_FILE
+    tmp = profile_file.with_suffix(".tmp")
+    tmp.write_text(profile_toml(plan), encoding="utf-8")
+    os.replace(tmp, profile_file)
+    report = patch_folder(work, model=str(plan.model_dir), profile=str(profile_file))
     plan.official["patched"] = True
     return report

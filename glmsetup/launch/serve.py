@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from glmsetup.errors import Interrupted, RuntimeFailure, UsageError
+from glmsetup.errors import RuntimeFailure, UsageError
 from glmsetup.launch.binding import WEB_USER
 from glmsetup.launch.plan import RunPlan
 
@@ -41,26 +41,54 @@ def plan_streamlit(plan: RunPlan) -> RunPlan:
     return plan
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the (slow) model load when the address is taken, not after it."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                                 hint=f"is another server using it? pick another port with --port "
+                                      f"(e.g. --port {port + 1 if port < 65535 else 8001})") from exc
+
+
 def run_child(plan: RunPlan, name: str) -> int:
-    """Run plan.command in the foreground; Ctrl-C reaches it too, and we wait for it to finish."""
+    """Run plan.command in the foreground until it ends; Ctrl-C and SIGTERM are passed on to it.
+
+    Stopping a server with Ctrl-C is the normal way to end it, so that is exit 0 here too.
+    """
     env = {**os.environ, **plan.env}
     try:
         proc = subprocess.Popen(plan.command, env=env, cwd=str(plan.cwd) if plan.cwd else None)
-    except FileNotFoundError as exc:
+    except OSError as exc:
         raise RuntimeFailure(f"cannot start {name}: {exc}", hint="check that it is installed in this environment")
+
+    def forward(signum, _frame=None):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        code = proc.wait()
-    except KeyboardInterrupt:
         try:
-            code = proc.wait(timeout=15)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.terminate()
+            code = proc.wait()
+        except KeyboardInterrupt:
+            forward(signal.SIGINT)
             try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        raise Interrupted(f"{name} stopped", hint="run the same command to start it again")
-    if code in (0, -signal.SIGINT, -signal.SIGTERM, 130):
+                code = proc.wait(timeout=15)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.terminate()
+                try:
+                    code = proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code in (0, -signal.SIGINT, -signal.SIGTERM, 130, 143):
         return 0
     raise RuntimeFailure(f"{name} exited with code {code}", hint="its own messages are printed above")
 
@@ -89,13 +117,26 @@ def make_api(tokenizer, model, plan: RunPlan):
     return api.create_app(tokenizer, model, api_key=plan.binding.api_key, cors_origins=plan.binding.cors or None)
 
 
+def stderr_log_config(uvicorn) -> dict:
+    """uvicorn's logging with the access log on stderr too: stdout is for the JSON envelope."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config.get("handlers", {}).values():
+        if handler.get("stream") == "ext://sys.stdout":
+            handler["stream"] = "ext://sys.stderr"
+    return config
+
+
 def serve_api(tokenizer, model, plan: RunPlan, on_ready: Optional[Callable[[], None]] = None) -> None:
     from glmsetup.errors import require
 
     uvicorn = require("uvicorn", "api")
     app = make_api(tokenizer, model, plan)
     config = uvicorn.Config(app, host=plan.binding.host, port=plan.binding.port, log_level="info",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, log_config=stderr_log_config(uvicorn))
     server = uvicorn.Server(config)
     if on_ready is not None:
         on_ready()
@@ -103,6 +144,9 @@ def serve_api(tokenizer, model, plan: RunPlan, on_ready: Optional[Callable[[], N
         server.run()
     except SystemExit:  # uvicorn exits this way when it cannot bind
         pass
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a graceful shutdown: the normal way to stop
+        if not server.started:
+            raise
     if not server.started:
         raise RuntimeFailure(f"the API server could not start on {plan.binding.host}:{plan.binding.port}",
                              hint=f"is the port in use? pick another with --port (e.g. --port {plan.binding.port + 1})")

@@ -1,0 +1,79 @@
+"""`glmsetup run` for real: the API as a subprocess on a free port, the CLI through a pipe, Streamlit launched."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from ..conftest import run_glmsetup
+from .conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def runtime():
+    pytest.importorskip("glmsetup.runtime.load", reason="the native runtime is not in this checkout")
+
+
+def test_run_api_serves_both_protocols_with_a_key(runtime, tiny_model_dir, server_factory):
+    port = free_port()
+    server = server_factory("run", "api", "--model", str(tiny_model_dir), "--profile", "cpu", "--port", str(port),
+                            "--api-key", "test-key", "--json")
+    base = f"http://127.0.0.1:{port}"
+    assert server.wait_http(f"{base}/health").status_code == 200
+    body = {"prompt": "你好", "history": [], "max_length": 48}
+    assert httpx.post(f"{base}/", json=body, timeout=60).status_code == 401
+    auth = {"Authorization": "Bearer test-key"}
+    answer = httpx.post(f"{base}/", json=body, headers=auth, timeout=60)
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    assert data["status"] == 200 and isinstance(data["response"], str) and data["history"][-1][0] == "你好"
+    chat = httpx.post(f"{base}/v1/chat/completions", headers=auth, timeout=60,
+                      json={"model": "chatglm2-6b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+    assert server.stop() == 0
+    doc = json.loads(server.stdout)  # exactly one JSON document on stdout
+    assert doc["ok"] and doc["data"]["status"] == "serving" and doc["data"]["binding"]["url"] == base
+    assert "test-key" not in server.stdout + server.stderr
+
+
+def test_run_api_port_in_use(runtime, tiny_model_dir, server_factory):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_glmsetup("run", "api", "--model", str(tiny_model_dir), "--profile", "cpu", "--port", str(port))
+    assert result.returncode == 9, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "loading" not in result.stderr  # refused before the model load, not after it
+
+
+def test_run_cli_through_a_pipe(runtime, tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "glmsetup", "run", "cli", "--model", str(tiny_model_dir), "--profile", "cpu"],
+        input="/set max_length 48\n你好\nclear\nexit\n", capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("tokens/s") == 1 and "(conversation cleared)" in result.stdout
+    err = result.stderr.splitlines()
+    assert err[0].startswith("profile  cpu") and err[1].startswith("memory")
+    assert any(line.startswith("loading chatglm2-6b") for line in err) and any("loaded in" in line for line in err)
+
+
+def test_run_streamlit_launches_the_app(tiny_model_dir, server_factory):
+    pytest.importorskip("streamlit")
+    port = free_port()
+    server = server_factory("run", "streamlit", "--model", str(tiny_model_dir), "--profile", "cpu",
+                            "--port", str(port))
+    health = server.wait_http(f"http://127.0.0.1:{port}/_stcore/health")
+    assert health.status_code == 200 and health.text.strip() == "ok"
+    page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert server.stop() == 0
+    assert "streamlit" in server.stderr.lower() or "streamlit" in server.stdout.lower()

@@ -1,0 +1,80 @@
+"""`run api --engine vllm`: the command line on the converted folder, and the missing-vLLM error."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+
+@pytest.fixture
+def converted(tmp_path):
+    """A converted-folder layout (what `glmsetup convert` writes) with a chat template file."""
+    folder = tmp_path / "chatglm2-6b-glm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "glm", "num_key_value_heads": 2,
+                                                    "architectures": ["GlmForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}[Round {{ loop.index }}]{% endfor %}")
+    return folder
+
+
+def dry(cli, *args, exit_code=0):
+    result = cli("run", "api", "--engine", "vllm", *args, "--dry-run", "--json")
+    assert result.exit_code == exit_code, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+def test_command_on_converted_folder(cli, converted):
+    data = dry(cli, "--model", str(converted), "--profile", "cuda-bf16", "--tensor-parallel-size", "2",
+               "--listen", "--api-key", "sk-secret", "--cors", "https://app.example")["data"]
+    cmd = data["command"]
+    assert data["engine"] == "vllm" and data["model_kind"] == "glm-converted"
+    assert cmd[:3] == [cmd[0], "serve", str(converted)] or cmd[1:5] == ["-m", "vllm.entrypoints.openai.api_server",
+                                                                       "--model", str(converted)]
+    line = data["command_line"]
+    for part in ("--host 0.0.0.0", "--port 8000", "--served-model-name chatglm2-6b", "--tensor-parallel-size 2",
+                 "--dtype bfloat16", "--max-model-len 8192", f"--chat-template {converted / 'chat_template.jinja'}",
+                 "--api-key '***'"):
+        assert part in line, (part, line)
+    assert json.loads(cmd[cmd.index("--allowed-origins") + 1]) == ["https://app.example"]
+    assert "sk-secret" not in json.dumps(data)
+    assert shlex.split(line)  # printable as one shell line
+
+
+def test_official_folder_needs_conversion(cli, tiny_model_dir, glmsetup_home):
+    data = dry(cli, "--model", str(tiny_model_dir), "--profile", "cuda-fp16")["data"]
+    target = glmsetup_home / "converted" / tiny_model_dir.name
+    assert str(target) in data["command"]
+    assert any("would first convert" in n and "glmsetup convert" in n for n in data["notes"])
+    assert not target.exists()
+
+
+def test_vllm_missing_says_how_to_install(cli, converted):
+
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    assert any("pip install vllm" in n for n in dry(cli, "--model", str(converted), "--profile", "cpu")["data"]["notes"])
+    result = cli("run", "api", "--engine", "vllm", "--model", str(converted), "--profile", "cpu", "--json")
+    assert result.exit_code == 3
+    err = json.loads(result.stdout)["error"]
+    assert err["code"] == "missing_dependency" and "pip install vllm" in err["hint"]
+
+
+def test_vllm_binding_rules_apply(cli, converted):
+    doc = dry(cli, "--model", str(converted), "--profile", "cpu", "--listen", exit_code=2)
+    assert "no API key" in doc["error"]["message"]
+
+
+def test_no_chat_template_is_an_error(cli, converted):
+    (converted / "chat_template.jinja").unlink()
+    doc = dry(cli, "--model", str(converted), "--profile", "cpu", exit_code=4)
+    assert "chat template" in doc["error"]["message"]
+    (converted / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    data = dry(cli, "--model", str(converted), "--profile", "cpu")["data"]
+    assert "--chat-template" not in data["command"]
+    assert any("tokenizer_config.json" in n for n in data["notes"])
