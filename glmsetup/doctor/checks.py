@@ -192,6 +192,9 @@ def check_torch_cuda(facts: Facts, hardware_wants_cuda: bool = False) -> Finding
         return Finding("torch-cuda", "gpu", title, bad, f"torch {t.version} is a CPU build: it cannot use the GPU",
                        [why], fix)
     status, reason = torch_wheels.torch_fits_driver(t.cuda, nv.cuda)
+    lacking = torch_wheels.torch_lacks_kernels(t.cuda, [g.compute_capability for g in nv.gpus])
+    if lacking and status != "fail":
+        return Finding("torch-cuda", "gpu", title, bad, lacking, [reason, why], fix)
     if t.deep and t.deep.get("cuda_available") is False:
         return Finding("torch-cuda", "gpu", title, bad, "torch.cuda.is_available() is False", [reason], fix)
     if status == "fail":

@@ -22,7 +22,7 @@ CUDA_WHEELS: tuple = (
     ((11, 8), "cu118", "2.7.1"),
 )
 # GPUs newer than a CUDA version: compute capability -> the first CUDA release that knows it.
-MIN_CUDA_FOR_CAPABILITY: tuple = (((12, 0), (12, 8)), ((10, 0), (12, 8)), ((9, 0), (11, 8)))
+MIN_CUDA_FOR_CAPABILITY: tuple = (((12, 0), (12, 8)), ((10, 0), (12, 8)), ((9, 0), (11, 8)), ((8, 9), (11, 8)))
 
 
 def parse_cuda(text: Optional[str]) -> Optional[tuple]:
@@ -92,3 +92,14 @@ def torch_fits_driver(torch_cuda: Optional[str], driver_cuda: Optional[str]) -> 
         return "warn", (f"torch was built for CUDA {torch_cuda}, the driver supports up to {driver_cuda}: "
                         "runs through minor version compatibility, a newer driver is safer")
     return "ok", f"torch's CUDA {torch_cuda} <= the driver's CUDA {driver_cuda}"
+
+
+def torch_lacks_kernels(torch_cuda: Optional[str], capabilities: list) -> Optional[str]:
+    """Why a CUDA build of torch has no kernels for a GPU here (e.g. an RTX 50xx before CUDA 12.8), or None."""
+    built = parse_cuda(torch_cuda)
+    need = needs_newer_cuda(capabilities)
+    if built is None or need is None or built >= need:
+        return None
+    cc = max(tuple(c) for c in capabilities if c)
+    return (f"torch built for CUDA {torch_cuda} has no kernels for compute capability {cc[0]}.{cc[1]} "
+            f"(needs a CUDA {need[0]}.{need[1]} build)")

@@ -169,6 +169,10 @@ def software_blockers(p: Profile, facts: Facts) -> tuple:
             blockers.append(torch_wheels.torch_fits_driver(t.cuda, nv.cuda)[1])
             if torch_cmd:
                 fixes.append(f"pip uninstall -y torch && {torch_cmd}")
+        elif torch_wheels.torch_lacks_kernels(t.cuda, [g.compute_capability for g in facts.gpus]):
+            blockers.append(torch_wheels.torch_lacks_kernels(t.cuda, [g.compute_capability for g in facts.gpus]))
+            if torch_cmd:
+                fixes.append(f"pip uninstall -y torch && {torch_cmd}")
         elif t.deep and t.deep.get("cuda_available") is False:
             blockers.append("torch.cuda.is_available() is False" + (f" ({t.deep['error']})" if t.deep.get("error") else ""))
     elif p.device == "mps" and t.deep and t.deep.get("mps_available") is False:

@@ -99,3 +99,9 @@ def windows_no_lfs() -> Facts:
     gpu = Gpu(0, "NVIDIA GeForce RTX 3060", 12884901888, 12171018240, (8, 6))
     return make(windows(), [gpu], "537.58", "12.2", torch=("2.3.1+cu121", "12.1"), ram=(31.9, 20.3),
                 git=Git(git="2.43.0", lfs=None, lfs_filter=False))
+
+
+def rtx5090_old_torch() -> Facts:
+    # Blackwell (compute capability 12.0) needs a CUDA 12.8 build; torch 2.5.1+cu124 has no sm_120 kernels.
+    gpu = Gpu(0, "NVIDIA GeForce RTX 5090", 34190917632, 33521221632, (12, 0))
+    return make(linux(cpu_count=24), [gpu], "570.124.04", "12.8", torch=("2.5.1+cu124", "12.4"), ram=(62.5, 57.8))

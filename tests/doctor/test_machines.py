@@ -271,3 +271,12 @@ def test_auto_profile_raises_when_nothing_fits():
     facts.memory = dataclasses.replace(facts.memory, total=4 * m.GiB, available=3 * m.GiB)
     with pytest.raises(ResourceError):
         auto_profile(facts=facts)
+
+
+def test_blackwell_needs_a_cuda_12_8_build():
+    data, checks, profiles = run(m.rtx5090_old_torch())
+    assert checks["torch-cuda"]["status"] == "fail" and "12.0" in checks["torch-cuda"]["summary"]
+    assert checks["torch-cuda"]["hint"].endswith("/whl/cu128")
+    assert profiles["cuda-fp16"]["fit"] == "fits" and not profiles["cuda-fp16"]["runnable"]
+    assert data["verdict"]["recommended"] == "cuda-fp16" and data["ok"] is False
+    assert data["verdict"]["next_commands"][0].endswith("/whl/cu128")
