@@ -242,3 +242,15 @@ def test_package_and_torch_probes_failing_do_not_block(cli, monkeypatch):
     for cid in ("torch", "transformers", "gradio", "sentencepiece"):
         assert checks[cid]["summary"].startswith("could not check"), cid
     assert result.exit_code == 0 and data["verdict"]["best"]
+
+
+def test_complete_tiny_checkpoint_needs_no_fetch(cli, tiny_model_dir):
+    data = cli.json("doctor", "--model-dir", str(tiny_model_dir))["data"]
+    model = next(c for c in data["checks"] if c["id"] == "model")
+    assert model["status"] == "ok" and "chatglm2" in model["summary"]
+    disk = next(c for c in data["checks"] if c["id"] == "disk-space")
+    assert disk["status"] == "ok" and "already there" in disk["summary"]
+    assert data["facts"]["disk"]["existing_bytes"] > 0
+    commands = data["verdict"]["next_commands"]
+    assert not any(c.startswith("glmsetup fetch") for c in commands)
+    assert commands[-1] == f"glmsetup run web --profile {data['verdict']['best']} --model {tiny_model_dir}"

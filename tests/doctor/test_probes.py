@@ -44,7 +44,7 @@ def test_disk_is_this_machine(tmp_path):
     assert disk.probed == str(tmp_path) and disk.existing_bytes == 0
     usage = shutil.disk_usage(tmp_path)
     assert disk.total == usage.total
-    assert abs(disk.free - usage.free) < 200e6  # other tests write meanwhile
+    assert abs(disk.free - usage.free) < 2e9  # other tests write meanwhile
     assert disk.kind in ("ssd", "hdd", "unknown")
     if LINUX:
         st = os.stat(tmp_path).st_dev
