@@ -43,7 +43,7 @@ def render_verdict(console, data: dict, verbose: bool) -> None:
         star = "[bold]>[/]" if p["name"] == v["recommended"] else " "
         line = f"  {star} {status_mark(mark)} [bold]{p['name']:<18}[/] {escape(p['summary']):<24} {escape(p['reason'])}"
         console.print(line)
-        if p["blockers"]:
+        if p["blockers"] and p["fit"] != "no":
             console.print(f"        [dim]needs first: {escape('; '.join(p['blockers']))}[/]")
         shown += 1
     hidden = sum(p["fit"] == "no" for p in v["profiles"])
