@@ -246,7 +246,9 @@ class WeightOnlyLinear(torch.nn.Module):
         else:
             backend = "dequant"
             stored = q.to(device=device, dtype=torch.int8)
-            if self.bits == 4:
+            if self.bits == 4 and device.type == "meta":  # shapes only (ops on meta are slow to set up)
+                stored = torch.empty(self.out_features, (self.in_features + 1) // 2, dtype=torch.int8, device=device)
+            elif self.bits == 4:
                 stored = pack_int4(stored)
             self.register_buffer("qweight", stored.contiguous(), persistent=False)
             self.register_buffer("scale", scale.contiguous(), persistent=False)
