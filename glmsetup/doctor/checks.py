@@ -251,6 +251,9 @@ def check_disk_space(facts: Facts, complete: bool = False) -> Finding:
     hint = f"free space, or put the model on a bigger disk: glmsetup doctor --model-dir /bigger/disk/{'chatglm2-6b'}"
     if complete:
         return Finding("disk-space", "memory", "Disk space", "ok", f"model already there; {gb(d.free)} free", ev)
+    if not d.writable:
+        return Finding("disk-space", "memory", "Disk space", "fail", f"{d.probed} is not writable for this user", ev,
+                       "choose a folder you can write to: glmsetup doctor --model-dir ~/models/chatglm2-6b")
     if d.free < remaining:
         return Finding("disk-space", "memory", "Disk space", "fail",
                        f"{gb(d.free)} free, the download needs {gb(remaining)}", ev, hint)

@@ -86,6 +86,7 @@ class Disk:
     device: str = ""  # vda, nvme0n1, disk3, C:
     evidence: str = ""
     existing_bytes: int = 0  # bytes already inside the model folder
+    writable: bool = True  # the folder (or the nearest existing parent) accepts new files
 
 
 @dataclass

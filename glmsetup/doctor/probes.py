@@ -278,7 +278,7 @@ def probe_disk(model_dir: Path) -> Disk:
     kind, device, evidence = storage.disk_kind(probed)
     existing = folder_bytes(model_dir) if model_dir.is_dir() else 0
     return Disk(path=str(model_dir), probed=str(probed), free=usage.free, total=usage.total, kind=kind,
-                device=device, evidence=evidence, existing_bytes=existing)
+                device=device, evidence=evidence, existing_bytes=existing, writable=os.access(probed, os.W_OK))
 
 
 # --- Network settings and, with --online, the download sources --------------------------------------------

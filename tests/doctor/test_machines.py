@@ -280,3 +280,11 @@ def test_blackwell_needs_a_cuda_12_8_build():
     assert profiles["cuda-fp16"]["fit"] == "fits" and not profiles["cuda-fp16"]["runnable"]
     assert data["verdict"]["recommended"] == "cuda-fp16" and data["ok"] is False
     assert data["verdict"]["next_commands"][0].endswith("/whl/cu128")
+
+
+def test_model_dir_that_cannot_be_written_blocks():
+    facts = m.rtx4090()
+    facts.disk = dataclasses.replace(m.ssd(), probed="/opt", writable=False)
+    data, checks, _ = run(facts)
+    assert checks["disk-space"]["status"] == "fail" and "not writable" in checks["disk-space"]["summary"]
+    assert data["ok"] is False

@@ -341,3 +341,17 @@ def test_model_check_skips_when_modelfiles_is_missing(tmp_path, monkeypatch):
 
     finding = check_model(Facts(model=m))
     assert finding.status == "skipped" and finding.summary.startswith("could not check")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes everywhere")
+def test_unwritable_parent(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        assert probes.probe_disk(locked / "chatglm2-6b").writable is False
+    finally:
+        locked.chmod(0o700)
+
+
+def test_writable_parent(tmp_path):
+    assert probes.probe_disk(tmp_path / "chatglm2-6b").writable is True
