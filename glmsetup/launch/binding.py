@@ -100,7 +100,7 @@ def resolve_binding(front: str, profile: Profile, *, host: Optional[str] = None,
         binding.warnings.append(
             f"INSECURE: {front} listens on {chosen}:{binding.port} with no API key; anyone who can reach this "
             "machine can use the model")
-    if binding.exposed and api_key and front == "web":
+    if api_key and front == "web":
         binding.notes.append(f"the web page asks for a login: user '{WEB_USER}', password = the API key")
     if "*" in binding.cors:
         binding.warnings.append("CORS allows every origin ('*'): any web page a user opens can call this API")

@@ -151,6 +151,9 @@ def build_plan(front: str, *, profile: str = "auto", model: Optional[str] = None
     folder, kind = check_model_dir(model, kinds=model_kinds)
     if check_extras:
         require_extra(front)
-    return RunPlan(front=front, profile=prof, profile_ref=ref, model_dir=folder, model_kind=kind, binding=binding,
+    plan = RunPlan(front=front, profile=prof, profile_ref=ref, model_dir=folder, model_kind=kind, binding=binding,
                    estimate=memory_estimate(prof, ESTIMATE_CONTEXT),
                    estimate_max=memory_estimate(prof, prof.generation.max_length), engine=engine)
+    if profile == "auto":
+        plan.notes.append(f"--profile auto chose {prof.name} for this machine (`glmsetup doctor` shows why)")
+    return plan

@@ -100,14 +100,15 @@ def serve_cli(tokenizer, model, plan: RunPlan, stdin=None, stdout=None) -> None:
     cli_chat.main_loop(tokenizer, model, plan.profile, stdin or sys.stdin, stdout or sys.stdout)
 
 
-def serve_web(tokenizer, model, plan: RunPlan) -> None:
+def serve_web(tokenizer, model, plan: RunPlan, *, quiet: bool = False) -> None:
+    """Gradio's launch; quiet under --json, where stdout carries only the envelope."""
     from glmsetup.errors import require
 
     web = require("glmsetup.apps.web", "web")
     demo = web.build_demo(tokenizer, model, plan.profile)
     auth = (WEB_USER, plan.binding.api_key) if plan.binding.api_key else None
     demo.launch(server_name=plan.binding.host, server_port=plan.binding.port, share=False, inbrowser=False,
-                auth=auth, show_error=True)
+                auth=auth, show_error=True, quiet=quiet)
 
 
 def make_api(tokenizer, model, plan: RunPlan):

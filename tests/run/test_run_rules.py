@@ -159,3 +159,11 @@ def test_missing_runtime_names_pip_line(cli, tiny_model_dir, monkeypatch):
 def test_cli_cannot_print_json(cli, tiny_model_dir):
     doc = json.loads(cli("run", "cli", "--profile", "cpu", "--model", str(tiny_model_dir), "--json").stdout)
     assert doc["error"]["exit_code"] == 2 and "--dry-run" in doc["error"]["hint"]
+
+
+def test_auto_profile_comes_from_the_doctor(cli, tiny_model_dir):
+    from glmsetup.doctor import auto_profile
+
+    data = dry(cli, "api", "--model", str(tiny_model_dir))["data"]  # --profile auto is the default
+    assert data["profile"]["name"] == auto_profile(context=2048).name
+    assert any(n.startswith(f"--profile auto chose {data['profile']['name']}") for n in data["notes"])

@@ -77,3 +77,21 @@ def test_run_streamlit_launches_the_app(tiny_model_dir, server_factory):
     assert page.status_code == 200 and "<html" in page.text.lower()
     assert server.stop() == 0
     assert "streamlit" in server.stderr.lower() or "streamlit" in server.stdout.lower()
+
+
+def test_run_web_with_a_key_asks_for_a_login(runtime, tiny_model_dir, server_factory):
+    pytest.importorskip("gradio")
+    port = free_port()
+    server = server_factory("run", "web", "--model", str(tiny_model_dir), "--profile", "cpu", "--port", str(port),
+                            "--api-key", "web-key")
+    base = f"http://127.0.0.1:{port}"
+    assert server.wait_http(f"{base}/").status_code == 200
+    assert httpx.get(f"{base}/config", timeout=10).status_code == 401  # nothing without the login
+    bad = httpx.post(f"{base}/login", data={"username": "glmsetup", "password": "nope"}, timeout=10)
+    assert bad.status_code >= 400
+    with httpx.Client(base_url=base, timeout=10) as browser:
+        good = browser.post("/login", data={"username": "glmsetup", "password": "web-key"})
+        assert good.status_code == 200 and good.json().get("success") is True
+        assert browser.get("/config").status_code == 200
+    assert server.stop() == 0
+    assert "the web page asks for a login" in server.stderr.replace("\n", " ")

@@ -45,10 +45,29 @@ def test_command_on_converted_folder(cli, converted):
 
 def test_official_folder_needs_conversion(cli, tiny_model_dir, glmsetup_home):
     data = dry(cli, "--model", str(tiny_model_dir), "--profile", "cuda-fp16")["data"]
-    target = glmsetup_home / "converted" / tiny_model_dir.name
-    assert str(target) in data["command"]
+    folder = data["command"][data["command"].index("serve") + 1] if "serve" in data["command"] else \
+        data["command"][data["command"].index("--model") + 1]
+    assert folder.startswith(str(glmsetup_home / "converted")) and folder.endswith("-float16")
     assert any("would first convert" in n and "glmsetup convert" in n for n in data["notes"])
-    assert not target.exists()
+    assert not (glmsetup_home / "converted").exists()  # a dry run converts nothing
+
+
+@pytest.mark.slow
+def test_uses_the_runtime_conversion_and_its_template(cli, tiny_model_dir, glmsetup_home):
+    pytest.importorskip("glmsetup.runtime.convert", reason="the native runtime is not in this checkout")
+    from glmsetup.runtime.convert import convert_checkpoint
+
+    done = convert_checkpoint(tiny_model_dir, dtype="bfloat16")
+    data = dry(cli, "--model", str(tiny_model_dir), "--profile", "cuda-bf16")["data"]
+    assert done["destination"] in data["command"]
+    assert any(f"using the converted folder {done['destination']}" == n for n in data["notes"])
+    template = data["command"][data["command"].index("--chat-template") + 1]
+    assert template.endswith(".jinja")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:  # this machine: the real run stops at the missing vLLM
+        result = cli("run", "api", "--engine", "vllm", "--model", str(tiny_model_dir), "--profile", "cuda-bf16")
+        assert result.exit_code == 3 and "pip install vllm" in result.stderr
 
 
 def test_vllm_missing_says_how_to_install(cli, converted):
@@ -70,11 +89,12 @@ def test_vllm_binding_rules_apply(cli, converted):
     assert "no API key" in doc["error"]["message"]
 
 
-def test_no_chat_template_is_an_error(cli, converted):
+def test_no_chat_template_is_an_error(cli, converted, glmsetup_home):
     (converted / "chat_template.jinja").unlink()
     doc = dry(cli, "--model", str(converted), "--profile", "cpu", exit_code=4)
     assert "chat template" in doc["error"]["message"]
     (converted / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     data = dry(cli, "--model", str(converted), "--profile", "cpu")["data"]
-    assert "--chat-template" not in data["command"]
+    template = data["command"][data["command"].index("--chat-template") + 1]
+    assert template.startswith(str(glmsetup_home / "work" / "vllm"))
     assert any("tokenizer_config.json" in n for n in data["notes"])
