@@ -397,5 +397,7 @@ class Downloader:
         if force or now - last[0] >= self.settings.flush_seconds or done - last[1] >= self.settings.flush_bytes:
             partial._flushed_at = (now, done)
             if partial._fd is not None:
-                partial.save_record()
+                # no fsync on the way: a kill keeps the page cache, and after a power cut the final sha256
+                # check catches any byte the record claimed but the disk lost
+                partial.save_record(sync=force)
                 partial.catch_up()

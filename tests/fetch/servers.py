@@ -253,6 +253,7 @@ class BaseServer:
         handler = type("H", (Handler,), {"store": store, "app": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # clients that hang up are part of the tests
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -307,6 +308,12 @@ class HFServer(BaseServer):
         self.cdn.close()
 
     def _entry_tree(self, p):
+        cache = self.store.__dict__.setdefault("tree_cache", {})
+        if p not in cache:
+            cache[p] = self._compute_entry(p)
+        return dict(cache[p])
+
+    def _compute_entry(self, p):
         data = self.store.files[p]
         e = {"type": "file", "path": p, "size": len(data), "oid": git_sha1(data)}
         if self.store.is_lfs(p):
@@ -392,9 +399,9 @@ class HFServer(BaseServer):
         if self.store.is_lfs(file):
             sha = self.store.sha256[file]
             common.update({"X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)),
-                           "ETag": f'"{git_sha1(lfs_pointer(data))}"', "Location": self.cdn.sign(file)})
+                           "ETag": f'"{self._entry_tree(file)["oid"]}"', "Location": self.cdn.sign(file)})
             return h.send_simple(302, b"", common)
-        common["ETag"] = f'"{git_sha1(data)}"'
+        common["ETag"] = f'"{self._entry_tree(file)["oid"]}"'
         h.send_file(file, common)
 
 
