@@ -44,6 +44,7 @@ class RunPlan:
     env: dict = field(default_factory=dict)  # extra environment for that process
     cwd: Optional[Path] = None
     notes: list = field(default_factory=list)
+    memory_warnings: list = field(default_factory=list)
     official: Optional[dict] = None
 
     @property
@@ -56,7 +57,7 @@ class RunPlan:
 
     @property
     def warnings(self) -> list:
-        return self.binding.warnings
+        return self.binding.warnings + self.memory_warnings
 
     def to_dict(self) -> dict:
         return {
@@ -138,6 +139,54 @@ def memory_estimate(profile: profiles.Profile, context: int) -> dict:
             "kv_cache_bytes": est.kv_cache}
 
 
+def model_dims(folder: Path) -> Optional[tuple]:
+    """(layers, hidden size) from a folder's config.json (official or converted names), or None."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    layers = config.get("num_layers", config.get("num_hidden_layers"))
+    return (layers, config.get("hidden_size")) if layers and config.get("hidden_size") else None
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of RAM this process can still use (cgroup limits counted), or None when unknown."""
+    try:
+        from glmsetup.doctor.probes import probe_memory
+
+        return probe_memory().effective_available
+    except Exception:  # the doctor's probes are a nicety here: fall back to psutil
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        except Exception:
+            return None
+
+
+def memory_notes(plan: "RunPlan") -> None:
+    """Say when the estimate does not apply (a smaller test model) or does not fit in RAM."""
+    from glmsetup import output
+
+    dims = model_dims(plan.model_dir)
+    full = (requirements.NUM_LAYERS, requirements.HIDDEN)
+    if dims is not None and tuple(dims) != full:
+        plan.notes.append(f"this folder holds a smaller model ({dims[0]} layers, hidden size {dims[1]}): "
+                          "the memory estimate is for ChatGLM2-6B")
+        return
+    if plan.profile.device not in ("cpu", "mps"):
+        return  # VRAM is the doctor's to probe (NVML); the estimate above says what is needed
+    free = available_memory()
+    need = plan.estimate["total_bytes"]
+    if free is not None and need > free:
+        plan.memory_warnings.append(
+            f"profile {plan.profile.name} needs about {output.human_bytes(need)} of RAM and "
+            f"{output.human_bytes(free)} are available: the load may fail or swap heavily "
+            "(`glmsetup doctor` suggests a profile that fits; try --profile auto)")
+
+
 def build_plan(front: str, *, profile: str = "auto", model: Optional[str] = None, host: Optional[str] = None,
                port: Optional[int] = None, listen: bool = False, api_key: Optional[str] = None,
                insecure: bool = False, cors: tuple = (), engine: str = "native",
@@ -154,6 +203,7 @@ def build_plan(front: str, *, profile: str = "auto", model: Optional[str] = None
     plan = RunPlan(front=front, profile=prof, profile_ref=ref, model_dir=folder, model_kind=kind, binding=binding,
                    estimate=memory_estimate(prof, ESTIMATE_CONTEXT),
                    estimate_max=memory_estimate(prof, prof.generation.max_length), engine=engine)
+    memory_notes(plan)
     if profile == "auto":
         plan.notes.append(f"--profile auto chose {prof.name} for this machine (`glmsetup doctor` shows why)")
     return plan

@@ -167,3 +167,25 @@ def test_auto_profile_comes_from_the_doctor(cli, tiny_model_dir):
     data = dry(cli, "api", "--model", str(tiny_model_dir))["data"]  # --profile auto is the default
     assert data["profile"]["name"] == auto_profile(context=2048).name
     assert any(n.startswith(f"--profile auto chose {data['profile']['name']}") for n in data["notes"])
+
+
+def full_size(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_layers=28, hidden_size=4096)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_memory_warning_when_the_profile_does_not_fit(cli, model_copy, monkeypatch):
+    from glmsetup.launch import plan as planning
+
+    full_size(model_copy)
+    monkeypatch.setattr(planning, "available_memory", lambda: 7_400_000_000)  # an 8 GB laptop, browser open
+    data = dry(cli, "api", "--profile", "cpu", "--model", str(model_copy))["data"]
+    assert any("needs about 26.06 GB of RAM and 7.40 GB are available" in w for w in data["warnings"])
+    assert dry(cli, "api", "--profile", "cpu-int4", "--model", str(model_copy))["data"]["warnings"] == []
+
+
+def test_a_smaller_model_says_the_estimate_is_for_6b(cli, tiny_model_dir):
+    data = dry(cli, "api", "--profile", "cpu", "--model", str(tiny_model_dir))["data"]
+    assert any("smaller model (2 layers, hidden size 64)" in n for n in data["notes"])
+    assert data["warnings"] == []
