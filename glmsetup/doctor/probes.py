@@ -81,15 +81,36 @@ def _run_all(commands: list, timeout: float = SUBPROCESS_TIMEOUT) -> list:
     return out
 
 
+def lfs_filter_in_config_files(env=None) -> bool:
+    """Whether a global or system git config file sets up the LFS filter (what `git lfs install` writes)."""
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME") or Path.home())
+    xdg = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"
+    files = [env.get("GIT_CONFIG_GLOBAL") or home / ".gitconfig", xdg / "git" / "config",
+             env.get("GIT_CONFIG_SYSTEM") or "/etc/gitconfig"]
+    pattern = re.compile(r'^\s*\[filter\s+"lfs"\]\s*$((?:\n(?!\s*\[).*)*)', re.M)
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for section in pattern.findall(text):
+            if re.search(r"^\s*(process|smudge)\s*=", section, re.M):
+                return True
+    return False
+
+
 def probe_git() -> Git:
-    # `git lfs install` writes filter.lfs.* to the global (or system) config.
-    version, lfs, process, smudge = _run_all([["git", "--version"], ["git", "lfs", "version"],
-                                              ["git", "config", "--get", "filter.lfs.process"],
-                                              ["git", "config", "--get", "filter.lfs.smudge"]])
-    git = _version_in(version)
+    # git-lfs is asked directly when it is on PATH (one process instead of two); the config files are
+    # read as text, and `git config` is asked only when they do not show the filter (includes, Windows).
+    lfs_cmd = ["git-lfs", "version"] if shutil.which("git-lfs") else ["git", "lfs", "version"]
+    in_files = lfs_filter_in_config_files()
+    commands = [["git", "--version"], lfs_cmd] + ([] if in_files else [["git", "config", "--get", "filter.lfs.process"]])
+    results = _run_all(commands)
+    git = _version_in(results[0])
     if not git:
         return Git()
-    return Git(git=git, lfs=_version_in(lfs), lfs_filter=bool(process or smudge))
+    return Git(git=git, lfs=_version_in(results[1]), lfs_filter=in_files or bool(results[2]))
 
 
 # --- NVIDIA through NVML (nvidia-ml-py), no torch ---------------------------------------------------------

@@ -355,3 +355,23 @@ def test_unwritable_parent(tmp_path):
 
 def test_writable_parent(tmp_path):
     assert probes.probe_disk(tmp_path / "chatglm2-6b").writable is True
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[filter "lfs"]\n\tsmudge = git-lfs smudge -- %f\n\tprocess = git-lfs filter-process\n\trequired = true\n', True),
+    ('[user]\n\tname = me\n[filter "lfs"]\n\tclean = git-lfs clean -- %f\n[core]\n\tprocess = x\n', False),
+    ('[core]\n\tautocrlf = input\n', False),
+])
+def test_lfs_filter_in_config_files(tmp_path, text, expected):
+    (tmp_path / ".gitconfig").write_text(text)
+    env = {"HOME": str(tmp_path), "GIT_CONFIG_SYSTEM": str(tmp_path / "none")}
+    assert probes.lfs_filter_in_config_files(env) is expected
+
+
+def test_lfs_filter_agrees_with_git_config():
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    out = subprocess.run(["git", "config", "--get", "filter.lfs.process"], capture_output=True, text=True).stdout
+    if probes.lfs_filter_in_config_files():
+        assert out.strip()
+    assert probes.probe_git().lfs_filter is bool(out.strip())
