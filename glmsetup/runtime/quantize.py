@@ -328,17 +328,23 @@ class WeightOnlyLinear(torch.nn.Module):
                 self.bias.copy_(state_dict[prefix + "bias"])
 
     def _apply(self, fn, recurse=True):
-        """Moves and dtype casts (``.to``, ``.cuda()``, ``.half()``) rebuild the packed form for the target."""
+        """``.to``, ``.cuda()``, ``.half()``: a move to another device repacks for its kernel; a dtype cast
+        changes the activation dtype (and the bias), not the integer weights; a no-op stays one."""
         here = self.row_scales().device
         probe = fn(torch.empty(0, dtype=self.dtype, device=here))
-        if here.type == "meta" and probe.device.type != "meta":  # to_empty(): contents are undefined anyway
+        if self.bias is not None:
+            self.bias = torch.nn.Parameter(fn(self.bias.detach()), requires_grad=False)
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        if probe.device == here:
+            if self.backend == "dequant":  # its scales are held in the activation dtype
+                self.scale = self.scale.to(self.dtype)
+            return self
+        if here.type == "meta":  # to_empty(): contents are undefined anyway
             q = torch.zeros(self.out_features, self.in_features, dtype=torch.int8)
             scale = torch.zeros(self.out_features)
         else:
             q, scale = self.quantized_rows(), self.row_scales()
-        if self.bias is not None:
-            self.bias = torch.nn.Parameter(fn(self.bias.detach()), requires_grad=False)
-        self.dtype = probe.dtype if probe.is_floating_point() else self.dtype
         self._install(q.to(probe.device), scale.to(probe.device).float(), probe.device)
         return self
 

@@ -292,3 +292,16 @@ def test_a_kernel_that_disagrees_is_replaced_by_dequant(monkeypatch):
     layer = WeightOnlyLinear.from_float(weight, None, 4, device="cpu", dtype=torch.bfloat16)
     assert layer.backend == "dequant"
     check_against_reference(layer, weight, None, x, 4)
+
+
+def test_moves_within_a_device_do_not_repack():
+    layer = WeightOnlyLinear.from_float(gaussian(128, 64), None, 4, dtype=torch.bfloat16)
+    packed = layer.qweight
+    layer.to("cpu")
+    layer.float()
+    assert layer.qweight is packed and layer.dtype == torch.float32
+    odd = WeightOnlyLinear.from_float(gaussian(27, 66), gaussian(27, 1)[:, 0], 8, dtype=torch.bfloat16)
+    odd.half()
+    assert odd.scale.dtype == torch.float16 and odd.bias.dtype == torch.float16
+    x = activations(2, 66, dtype=torch.float16)
+    check_against_reference(odd, gaussian(27, 66), gaussian(27, 1)[:, 0], x, 8)
