@@ -238,8 +238,9 @@ class ChatLoop:
         else:
             self.write(f"error: unknown command '{text}' (try /help; /set needs a name and a value)\n")
 
-    def answer(self, query: str) -> AnswerStats:
-        stop_event = threading.Event()
+    def answer(self, query: str, stop_event: Optional[threading.Event] = None) -> AnswerStats:
+        """Stream one answer to stdout; Ctrl-C (or setting `stop_event`) ends it after the current token."""
+        stop_event = stop_event or threading.Event()
         out: queue.Queue = queue.Queue()
         started = time.perf_counter()
         first: Optional[float] = None

@@ -1,0 +1,138 @@
+"""The Gradio page in a real headless Chromium: type, submit, watch the answer stream, slide, stop, clear."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+gr = pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from glmsetup.apps import web  # noqa: E402
+from tests.apps_ui.conftest import ENDLESS, RecordingModel, free_port  # noqa: E402
+
+CHROMIUM = os.environ.get("GLMSETUP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+class PacedModel(RecordingModel):
+    """The real model, its stream paced (a pause per step) so that a page can be watched while it streams."""
+
+    pause = 0.03
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.steps: list[int] = []  # pieces streamed, per call
+        self.finished = 0  # calls whose stream has ended
+
+    def stream_chat(self, tokenizer, query, history=None, **kwargs):
+        self.steps.append(0)
+        index = len(self.steps) - 1
+        try:
+            for item in super().stream_chat(tokenizer, query, history=history, **kwargs):
+                self.steps[index] += 1
+                time.sleep(self.pause)
+                yield item
+        finally:
+            self.finished += 1
+
+
+@pytest.fixture
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def served(tiny_chat):
+    tokenizer, model = tiny_chat
+    paced = PacedModel(model)
+    demo = web.build_demo(tokenizer, paced, model.profile)
+    port = free_port()
+    web.launch(demo, "127.0.0.1", port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/", paced
+    finally:
+        demo.close()
+
+
+def wait_for(predicate, timeout=30.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator('[data-testid="bot"]').all_inner_texts()
+
+
+def send(page, text: str) -> None:
+    page.fill("#user-input textarea", text)
+    page.click("#submit")
+
+
+def test_chat_stream_slider_stop_clear(served, browser):
+    url, model = served
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#user-input textarea", timeout=30000)
+
+    # Type, submit, and watch the answer grow on the page.
+    page.fill("#max-length input[type=number]", "160")
+    page.press("#max-length input[type=number]", "Enter")
+    send(page, "hello there")
+    page.wait_for_selector('[data-testid="user"]', timeout=20000)
+    assert page.input_value("#user-input textarea") == "", "the box empties on submit"
+    seen = []
+    wait_for(lambda: seen.append(len("".join(bot_texts(page)))) or len(set(x for x in seen if x)) >= 3,
+             timeout=30, interval=0.02)
+    wait_for(lambda: model.finished >= 1)
+    assert "hello there" in page.locator('[data-testid="user"]').first.inner_text()
+    first = model.calls[0]
+    assert first["max_length"] == 160 and first["temperature"] == pytest.approx(0.95)
+    assert first["history"] == [] and first["past_key_values"] is None
+
+    # Move the Temperature slider (the range input, as a drag would), then ask again: the cache is reused.
+    page.fill("#temperature input[type=range]", "0.3")
+    page.wait_for_function("document.querySelector('#temperature input[type=number]').value == '0.3'")
+    send(page, "and again")
+    wait_for(lambda: len(model.calls) == 2 and model.finished >= 2)
+    second = model.calls[1]
+    assert second["temperature"] == pytest.approx(0.3)
+    assert [q for q, _ in second["history"]] == ["hello there"] and second["past_key_values"] is not None
+    wait_for(lambda: len(bot_texts(page)) == 2)
+
+    # Stop an answer that would otherwise run to 32768 tokens, while it streams.
+    page.fill("#max-length input[type=number]", "32768")
+    page.press("#max-length input[type=number]", "Enter")
+    model.extra_kwargs = dict(ENDLESS)
+    send(page, "a long one please")
+    wait_for(lambda: len(model.calls) == 3 and model.steps[-1] >= 3)
+    assert model.finished == 2
+    page.click("#stop")
+    wait_for(lambda: model.finished >= 3, timeout=20)
+    assert model.calls[2]["max_length"] == 32768 and model.calls[2]["stop_event"].is_set()
+    model.extra_kwargs = {}
+    wait_for(lambda: len(bot_texts(page)) == 3)
+
+    # Clear History empties the page and the model's history and cache.
+    page.click("#clear")
+    wait_for(lambda: page.locator('[data-testid="user"]').count() == 0, timeout=10)
+    send(page, "fresh start")
+    wait_for(lambda: len(model.calls) == 4 and model.finished >= 4)
+    assert model.calls[3]["history"] == [] and model.calls[3]["past_key_values"] is None
+    wait_for(lambda: page.locator('[data-testid="user"]').count() == 1)

@@ -1,0 +1,64 @@
+"""The Gradio app without a browser: predict() over the tiny checkpoint and the page's layout."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from glmsetup.apps import web  # noqa: E402
+
+
+def test_predict_streams_and_keeps_the_cache(tiny_chat):
+    tokenizer, model = tiny_chat
+    updates = list(web.predict(tokenizer, model, "hello", [], 64, 0.8, 0.95, 1.0, [], None))
+    assert updates, "predict yields at least once"
+    chatbot, history, past = updates[-1]
+    assert chatbot[0] == {"role": "user", "content": "hello"}
+    assert chatbot[1]["role"] == "assistant" and chatbot[1]["content"] == history[-1][1]
+    assert history[-1][0] == "hello" and past is not None
+    lengths = [len(u[0][-1]["content"]) for u in updates]
+    assert lengths == sorted(lengths) or len(set(lengths)) > 1
+
+    # The second turn starts from the first one's cache and history; the first turn's page is kept.
+    chatbot2, history2, past2 = list(web.predict(tokenizer, model, "more", chatbot, 128, 0.8, 0.95, 1.0,
+                                                 history, past))[-1]
+    assert [m["role"] for m in chatbot2] == ["user", "assistant", "user", "assistant"]
+    assert [q for q, _ in history2] == ["hello", "more"] and past2 is not None
+
+
+def test_predict_stops_on_the_event(tiny_chat):
+    tokenizer, model = tiny_chat
+    stop = threading.Event()
+    stop.set()
+    updates = list(web.predict(tokenizer, model, "hi", None, 32768, 0.8, 0.0, 1.0, None, None, stop_event=stop))
+    assert len(updates) == 1, "a stopped answer ends after the current token"
+    chatbot, history, _ = updates[0]
+    assert chatbot[0]["content"] == "hi"
+
+
+def test_build_demo_has_the_official_controls(tiny_chat):
+    tokenizer, model = tiny_chat
+    demo = web.build_demo(tokenizer, model, model.profile)
+    assert isinstance(demo, gr.Blocks)
+    sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    got = {k: (s.minimum, s.maximum, s.value) for k, s in sliders.items()}
+    assert got == {"Maximum length": (0, 32768, 8192), "Top P": (0, 1, 0.8), "Temperature": (0, 1, 0.95),
+                   "Repetition Penalty": (0.5, 2.0, 1.0)}
+    buttons = {b.value for b in demo.blocks.values() if isinstance(b, gr.Button)}
+    assert {"Submit", "Stop", "Clear History"} <= buttons
+    (chatbot,) = [b for b in demo.blocks.values() if isinstance(b, gr.Chatbot)]
+    assert {"left": "$$", "right": "$$", "display": True} in chatbot.latex_delimiters
+    assert demo._queue.max_size == 32
+    generate = [d for d in demo.fns.values() if d.concurrency_id == "generate"]
+    assert generate and all(d.concurrency_limit == 1 for d in generate)
+
+
+def test_stop_flag_is_fresh_per_session():
+    import copy
+
+    flag = web.StopFlag()
+    flag.set()
+    clone = copy.deepcopy(flag)
+    assert flag.is_set() and not clone.is_set()
