@@ -48,7 +48,7 @@ def probe_system() -> System:
     return System(
         python=platform.python_version(), implementation=platform.python_implementation(),
         executable=sys.executable, os=platform.system(), release=platform.release(), machine=platform.machine(),
-        cpu_count=os.cpu_count(), mac_version=platform.mac_ver()[0], cpu_flags=flags,
+        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), mac_version=platform.mac_ver()[0], cpu_flags=flags,
     )
 
 

@@ -23,7 +23,8 @@ LINUX = sys.platform.startswith("linux")
 # --- This machine, for real -------------------------------------------------------------------------
 def test_system_is_this_machine():
     s = probes.probe_system()
-    assert s.cpu_count == os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert s.cpu_count == usable and s.cpu_count <= os.cpu_count()
     assert s.python == ".".join(map(str, sys.version_info[:3]))
     assert s.executable == sys.executable
 
