@@ -1,0 +1,62 @@
+"""The docs stay true: every command and profile they name exists, and the README keeps its two set-up commands."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from glmsetup import profiles
+from glmsetup.cli import main
+
+from ..conftest import ROOT
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def verbs_in(text: str) -> set[tuple[str, ...]]:
+    found = set()
+    code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.S))
+    for line in re.findall(r"(?m)^\s*(?:\$ )?glmsetup ([a-z][a-z-]*(?: [a-z][a-z-]*)?)", code):
+        found.add(tuple(line.split()))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_commands_named_in_docs_exist(doc):
+    runner = CliRunner()
+    for words in verbs_in(doc.read_text(encoding="utf-8")):
+        result = runner.invoke(main, [words[0], "--help"])
+        assert result.exit_code == 0, f"{doc.name} names `glmsetup {words[0]}`, which does not exist"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_profiles_named_in_docs_exist(doc):
+    known = set(profiles.profile_files()) | {"auto", "P", "NAME"}
+    for name in re.findall(r"--profile[ =]([A-Za-z0-9_.-]+)", doc.read_text(encoding="utf-8")):
+        if not name.endswith(".toml"):
+            assert name in known, f"{doc.name} names profile {name!r}, which does not exist"
+
+
+def test_readme_has_exactly_the_two_setup_commands():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    setup = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", setup, re.S)
+    assert [b.strip() for b in blocks] == [
+        'pip install torch==2.13.0 && pip install -e ".[all]" && glmsetup doctor',
+        "scripts/test.sh",
+    ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.rstrip().endswith("scripts/test.sh")
+
+
+def test_readme_profile_table_matches_the_estimator():
+    from glmsetup import requirements
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"(?m)^\| ([a-z0-9-]+) \| [^|]+ \| ([0-9.]+) (?:\+ [0-9.]+ )?GB", text)
+    assert len(rows) >= 8
+    for name, gb in rows:
+        total = requirements.estimate(profiles.load(name), 2048)
+        first = total.per_device[0] if total.per_device else total.total
+        assert abs(first / 1e9 - float(gb)) < 0.06, (name, gb, first / 1e9)
