@@ -42,6 +42,8 @@ def render_patch(console, data: dict) -> None:
                 console.print(f"      [yellow]note:[/] {output.escape(note)}")
         if data["dry_run"] and f["diff"]:
             render(console, f["diff"])
+    for warning in data.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {output.escape(warning)}")
     s = data["summary"]
     if data["dry_run"]:
         console.print(f"[bold]dry run:[/] {s['changed']} of {s['demos']} demo file(s) would change; nothing written")

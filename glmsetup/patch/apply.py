@@ -126,6 +126,7 @@ def patch_paths(targets: Iterable, *, model=None, profile="auto", loader: str = 
     if not dry_run:
         _write_all(plans)
     report["summary"] = _summary(reports)
+    report["warnings"] = _warnings(ctx)
     return report
 
 
@@ -148,6 +149,15 @@ def _write_all(plans) -> None:
             backup.write_atomic(plan.path, plan.original)
         raise PatchError(f"writing failed ({exc}); the files already written were restored",
                          hint="check the folder's permissions and free space") from None
+
+
+def _warnings(ctx: Context) -> list[str]:
+    found = []
+    folder = Path(ctx.model_path)
+    if not (folder / "config.json").is_file():
+        found.append(f"the demos now load {folder}, which holds no model yet: run glmsetup fetch"
+                     + ("" if folder == paths.default_model_dir() else f" --model-dir {folder}"))
+    return found
 
 
 def _summary(reports: list) -> dict:

@@ -148,6 +148,7 @@ def test_patched_gradio_demo_builds_and_answers_with_a_repetition_penalty(patche
 
     demos, profile = patched
     launched = {}
+    real_launch = gr.Blocks.launch
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
     monkeypatch.syspath_prepend(str(demos))  # its `from utils import load_model_on_gpus`
     monkeypatch.delitem(sys.modules, "utils", raising=False)
@@ -193,8 +194,43 @@ def test_patched_gradio_demo_builds_and_answers_with_a_repetition_penalty(patche
         *_, (chatbot2, history2, _pkv) = web.predict("再见", previous, 160, 0.8, 0, 1.2, history, None)
         assert [m.role for m in web.chatbot.postprocess(chatbot2).root] == ["user", "assistant"] * 2
         assert len(history2) == 2
+
+        # and through a real Gradio server, as the browser talks to it
+        from gradio_client import Client
+
+        port = free_port()
+        real_launch(web.demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            first = client.predict("你好", [], 40, 0.8, 0, 1.3, api_name="/predict")
+            second = client.predict("再见", first, 160, 0.8, 0, 1.3, api_name="/predict")
+        finally:
+            web.demo.close()
+        assert [m["role"] for m in second] == ["user", "assistant"] * 2
+        assert second[0]["content"][0]["text"] == "<p>你好</p>"  # rendered by the demo's mdtex2html override
     finally:
         gr.Chatbot.postprocess = original_postprocess
+
+
+def test_without_the_compatibility_rule_the_gradio_demo_breaks(tmp_path, tiny_model_dir, monkeypatch):
+    """What users hit: the official file on Gradio >= 4 (so the test above can fail)."""
+    import gradio as gr
+
+    demos = tmp_path / "demos"
+    demos.mkdir()
+    for name in ("web_demo.py", "utils.py"):
+        shutil.copy(FIXTURES / name, demos / name)
+    patch_paths([demos], model=tiny_model_dir, profile="cpu", only=["model-path", "loader"])
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: None)
+    monkeypatch.syspath_prepend(str(demos))
+    monkeypatch.delitem(sys.modules, "utils", raising=False)
+    original_postprocess = gr.Chatbot.postprocess
+    try:
+        with pytest.raises(AttributeError, match="style"):
+            _import(demos / "web_demo.py", "unpatched_web_demo")
+    finally:
+        gr.Chatbot.postprocess = original_postprocess
+        sys.modules.pop("utils", None)
 
 
 def test_patched_streamlit_demo_runs_under_apptest(patched, monkeypatch):

@@ -115,3 +115,27 @@ def test_official_chains_follow_the_profile():
     assert "from utils import load_model_on_gpus" in multi.new.decode()
     single = plan(multi.new, name="api.py", loader="official", profile="cuda-fp16", only=["loader"])
     assert 'AutoModel.from_pretrained("THUDM/chatglm2-6b", trust_remote_code=True).half().cuda()' in single.new.decode()
+
+
+def test_api_switched_to_several_gpus_by_hand():
+    """The official comment's three lines, uncommented: the path lives in a variable, the model in utils."""
+    text = (FIXTURES / "api.py").read_text()
+    head, tail = text.split("    tokenizer = AutoTokenizer", 1)
+    tail = tail.split("\n", 2)[2]  # drop the two single-GPU lines
+    tail = tail.replace("    # model_path", "    model_path").replace("    # tokenizer", "    tokenizer")
+    tail = tail.replace("    # model = load", "    model = load")
+    src = head.replace("import torch\n", "import torch\nfrom utils import load_model_on_gpus\n") + tail
+    p = plan(src, name="api.py", profile="multi-gpu")
+    new = p.new.decode()
+    assert f'    model_path = "{MODEL}"' in new
+    assert '    tokenizer, model = glmsetup.load_chat_model(model_path, profile="multi-gpu")' in new
+    assert "load_model_on_gpus(model_path" not in new
+
+
+def test_report_warns_when_the_model_folder_is_empty(tmp_path):
+    from glmsetup.patch import patch_paths
+
+    demo = tmp_path / "cli_demo.py"
+    demo.write_bytes((FIXTURES / "cli_demo.py").read_bytes())
+    report = patch_paths([demo], model=tmp_path / "nowhere", profile="cpu", dry_run=True)
+    assert report["warnings"] and "glmsetup fetch --model-dir" in report["warnings"][0]
