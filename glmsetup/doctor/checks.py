@@ -207,6 +207,11 @@ def check_mps(facts: Facts) -> Finding:
     s = facts.system
     if s.os != "Darwin":
         return Finding("mps", "gpu", "Apple MPS", "skipped", "not a Mac")
+    if s.rosetta:
+        return Finding("mps", "gpu", "Apple MPS", "warn",
+                       "this Python is x86_64 under Rosetta: no MPS, and torch runs emulated",
+                       ["sysctl.proc_translated = 1 on an Apple silicon Mac"],
+                       "install an arm64 Python (python.org installer or `brew install python`) and a new venv")
     if not facts.is_mac_arm:
         return Finding("mps", "gpu", "Apple MPS", "skipped", "Intel Mac: no MPS, the cpu profiles apply")
     mac = tuple(int(x) for x in (s.mac_version or "0").split(".")[:2] if x.isdigit())

@@ -21,6 +21,7 @@ class System:
     cpu_count: Optional[int] = None
     mac_version: str = ""  # "14.2" on macOS
     cpu_flags: tuple = ()  # avx2, avx512f, avx512_bf16, amx_bf16 ... (Linux only)
+    rosetta: bool = False  # an x86_64 Python translated by Rosetta on Apple silicon
 
 
 @dataclass

@@ -45,10 +45,13 @@ def probe_system() -> System:
                         break
         except OSError:
             pass
+    rosetta = False
+    if sys.platform == "darwin" and platform.machine() == "x86_64":
+        rosetta = (_run_all([["sysctl", "-n", "sysctl.proc_translated"]])[0] or "") == "1"
     return System(
         python=platform.python_version(), implementation=platform.python_implementation(),
         executable=sys.executable, os=platform.system(), release=platform.release(), machine=platform.machine(),
-        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), mac_version=platform.mac_ver()[0], cpu_flags=flags,
+        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), mac_version=platform.mac_ver()[0], cpu_flags=flags, rosetta=rosetta,
     )
 
 

@@ -123,6 +123,8 @@ def hardware_fit(p: Profile, est: requirements.Estimate, facts: Facts) -> tuple:
         return "no", need, g.total, where, f"{gb(need)} > {gb(g.total)} VRAM"
     mem = facts.memory
     if p.device == "mps":
+        if facts.system and facts.system.rosetta:
+            return "no", need, None, "unified memory", "this Python runs under Rosetta (x86_64): no MPS"
         if not facts.is_mac_arm:
             return "no", need, None, "unified memory", "MPS needs a Mac with Apple silicon"
         if mem is None:

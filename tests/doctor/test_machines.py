@@ -288,3 +288,18 @@ def test_model_dir_that_cannot_be_written_blocks():
     data, checks, _ = run(facts)
     assert checks["disk-space"]["status"] == "fail" and "not writable" in checks["disk-space"]["summary"]
     assert data["ok"] is False
+
+
+def test_mac_python_under_rosetta():
+    facts = m.m2_mac()
+    facts.system = dataclasses.replace(facts.system, machine="x86_64", rosetta=True)
+    _, checks, profiles = run(facts)
+    assert checks["mps"]["status"] == "warn" and "arm64 Python" in checks["mps"]["hint"]
+    assert profiles["mps"]["fit"] == "no" and "Rosetta" in profiles["mps"]["reason"]
+
+
+def test_32gb_mac_runs_mps():
+    facts = m.m2_mac()
+    facts.memory = dataclasses.replace(facts.memory, total=32 * m.GiB, available=24 * m.GiB)
+    data, _, profiles = run(facts)
+    assert profiles["mps"]["fit"] == "fits" and data["verdict"]["best"] == "mps"
