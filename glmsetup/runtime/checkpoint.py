@@ -170,14 +170,44 @@ def read_file(path: Path) -> dict:
 
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
+            return read_safetensors(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch and safetensors raise many types for a damaged file
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise ModelError(f"{path} cannot be read: truncated or damaged ({msg[:160]})",
                          hint=_hint_repair(path.parent)) from exc
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8",
+              "I32": "int32", "I64": "int64", "BOOL": "bool"}
+
+
+def read_safetensors(path: Path) -> dict:
+    """Tensors of a .safetensors file as views of a private memory map: nothing is copied, pages are
+    read from disk when first used (a tensor whose dtype already matches is used in place)."""
+    import mmap
+    import struct
+
+    import torch
+
+    with path.open("rb") as fh:
+        head_len = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(head_len))
+        size = path.stat().st_size
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+    base = 8 + head_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if base + end > size:
+            raise ValueError(f"tensor {name} runs past the end of the file ({size} bytes)")
+        dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+        count = (end - start) // torch.empty(0, dtype=dtype).element_size()
+        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
+        out[name] = t.view(info["shape"])
+    return out
 
 
 _LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")

@@ -89,3 +89,13 @@ def test_official_backend_refuses_new_transformers(tiny_model_dir):
         load_chat_model(tiny_model_dir, profile="official-cpu")
     assert transformers.__version__ in info.value.message and "4.41" in info.value.message
     assert "native" in info.value.hint and info.value.exit_code == 3
+
+
+def test_truncated_converted_safetensors(tiny_model_dir, tmp_path):
+    from glmsetup.runtime.convert import convert_checkpoint
+
+    dst = tmp_path / "glm"
+    convert_checkpoint(tiny_model_dir, dst, dtype="float32", use_cache=False)
+    shard = dst / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    _refused(dst, shard.name, "truncated", "glmsetup verify")

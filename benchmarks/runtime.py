@@ -1,0 +1,250 @@
+"""Runtime benchmark: load time, peak memory and decode speed on a full-width ChatGLM2-shaped model.
+
+Not a test. Builds (once) a checkpoint with the real widths (hidden 4096, 32 heads, 2 KV groups,
+ffn 13696, vocab 65024) and random weights, with fewer layers (default 8) so it fits and decoding
+is memory-bound, in the official layout (fp16 .bin shards), plus its converted bf16 safetensors.
+Each measurement runs in a fresh process (so peak RSS is that load's own). Prints one table:
+
+- load time from the .bin shards vs from the converted safetensors, peak RSS vs the model's bytes
+- decode tokens/s at batch 1 (16-token prompt, N greedy tokens) for each profile, and the weight
+  bytes read per second divided by this machine's memory read bandwidth, measured in the same run
+- the anchor: transformers' stock GlmForCausalLM.generate on the same converted folder
+
+    .venv/bin/python benchmarks/runtime.py [--layers 8] [--tokens 32] [--dir DIR] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FULL = {"hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128, "multi_query_group_num": 2,
+        "ffn_hidden_size": 13696, "padded_vocab_size": 65024}
+PROMPT = "[Round 1]\n\n问：晚上睡不着应该怎么办？Any advice?\n\n答："
+
+
+# -- building the checkpoint --------------------------------------------------------------------------
+
+def build_full_width(dest: Path, layers: int) -> Path:
+    import torch
+
+    from glmsetup.testing import tiny
+
+    if (dest / "pytorch_model.bin.index.json").is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    tiny.train_tiny_tokenizer(dest)
+    cfg = tiny.tiny_config(layers, 640)
+    cfg.update(FULL)
+    tiny._write_json(dest / "config.json", cfg)
+    tiny._write_json(dest / "tokenizer_config.json", tiny.TOKENIZER_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    h, nh, kvc, groups, ffn, vocab = (FULL[k] for k in ("hidden_size", "num_attention_heads", "kv_channels",
+                                                       "multi_query_group_num", "ffn_hidden_size", "padded_vocab_size"))
+    qkv = nh * kvc + 2 * groups * kvc
+
+    def rnd(*shape, std):
+        return (torch.randn(*shape, generator=g) * std).half()
+
+    std = 1 / h ** 0.5
+    groups_of_keys = [{"transformer.embedding.word_embeddings.weight": rnd(vocab, h, std=1.0),
+                       "transformer.rotary_pos_emb.inv_freq": (1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)).half()}]
+    for i in range(layers):
+        p = f"transformer.encoder.layers.{i}."
+        groups_of_keys.append({
+            p + "input_layernorm.weight": torch.ones(h).half(),
+            p + "self_attention.query_key_value.weight": rnd(qkv, h, std=std),
+            p + "self_attention.query_key_value.bias": rnd(qkv, std=0.02),
+            p + "self_attention.dense.weight": rnd(h, nh * kvc, std=std),
+            p + "post_attention_layernorm.weight": torch.ones(h).half(),
+            p + "mlp.dense_h_to_4h.weight": rnd(2 * ffn, h, std=std),
+            p + "mlp.dense_4h_to_h.weight": rnd(h, ffn, std=1 / ffn ** 0.5),
+        })
+    groups_of_keys.append({"transformer.encoder.final_layernorm.weight": torch.ones(h).half(),
+                           "transformer.output_layer.weight": rnd(vocab, h, std=std)})
+    # About 1.8 GB per shard at full size, like the official files: two layers per shard here.
+    shards, cur = [], {}
+    for part in groups_of_keys:
+        cur.update(part)
+        if sum(t.numel() for t in cur.values()) * 2 > 0.8e9:
+            shards.append(cur)
+            cur = {}
+    if cur:
+        shards.append(cur)
+    weight_map, total = {}, 0
+    for n, sd in enumerate(shards, start=1):
+        name = f"pytorch_model-{n:05d}-of-{len(shards):05d}.bin"
+        tiny._save(dest / name, sd)
+        weight_map.update({k: name for k in sd})
+        total += sum(t.numel() * 2 for t in sd.values())
+    tiny._write_json(dest / "pytorch_model.bin.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return dest
+
+
+# -- measurements (each in its own process) -----------------------------------------------------------
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited across fork/exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_bandwidth() -> dict:
+    import torch
+
+    x = torch.ones(512 * 1024 * 1024 // 4 * 4, dtype=torch.float32)  # 2 GiB
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return {"read_gb_s": x.numel() * 4 / best / 1e9, "threads": torch.get_num_threads()}
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes the decoder reads per token: every weight except the embedding table (one row)."""
+    from glmsetup.runtime.quantize import module_bytes
+
+    total = module_bytes(model)
+    emb = model.model.embed_tokens.weight
+    return total - emb.numel() * emb.element_size()
+
+
+def child_ours(src: str, profile: str, tokens: int) -> dict:
+    import torch
+
+    from glmsetup.runtime.load import load_chat_model
+
+    t = time.perf_counter()
+    tok, model = load_chat_model(src, profile=profile, use_cache=False)
+    load_s = time.perf_counter() - t
+    rss_load = peak_rss()
+    from glmsetup.runtime.quantize import module_bytes
+
+    ids = tok.encode(PROMPT)[:16]
+    ids += [300] * (16 - len(ids))
+
+    def run(n):
+        store = model.new_store(1, 16 + n + 1)
+        logits = model.decode_step(torch.tensor([ids]), store)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            nxt = int(logits.argmax())
+            logits = model.decode_step(torch.tensor([[nxt]]), store)
+        return time.perf_counter() - t0
+
+    run(4)  # warm up (and, for a memory-mapped folder, read the pages in)
+    dt = min(run(tokens) for _ in range(3))
+    return {"load_s": load_s, "peak_rss_load": rss_load, "model_bytes": module_bytes(model),
+            "read_bytes_per_token": weight_bytes_per_token(model), "tok_s": tokens / dt}
+
+
+def child_anchor(src: str, dtype: str, tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
+    load_s = time.perf_counter() - t
+    rss = peak_rss()
+    ids = torch.full((1, 16), 300)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        def timed(n):
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return time.perf_counter() - t0
+
+        prefill = min(timed(1) for _ in range(2))
+        dt = min(timed(tokens + 1) for _ in range(3)) - prefill
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.model.embed_tokens.weight
+    return {"load_s": load_s, "peak_rss_load": rss, "model_bytes": nbytes, "tok_s": tokens / dt,
+            "read_bytes_per_token": nbytes - emb.numel() * emb.element_size()}
+
+
+def build_and_convert(base: Path, layers: int) -> dict:
+    from glmsetup.runtime.convert import convert_checkpoint
+
+    src = build_full_width(base / f"chatglm2-shaped-{layers}l", layers)
+    conv = base / f"chatglm2-shaped-{layers}l-glm-bf16"
+    if not (conv / "model.safetensors.index.json").is_file():
+        convert_checkpoint(src, conv, dtype="bfloat16", use_cache=False)
+    return {"src": str(src), "conv": str(conv)}
+
+
+def spawn(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--dir", type=Path, default=None, help="where the checkpoints go (default: GLMSETUP_HOME/work/bench)")
+    ap.add_argument("--profiles", default="cpu,cpu-bf16,cpu-int8,cpu-int4")
+    ap.add_argument("--no-anchor", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", nargs="+")
+    a = ap.parse_args()
+    if a.child:
+        kind, *rest = a.child
+        res = {"bandwidth": child_bandwidth, "build": lambda d, n: build_and_convert(Path(d), int(n)), "ours": lambda s, p, n: child_ours(s, p, int(n)),
+               "anchor": lambda s, d, n: child_anchor(s, d, int(n))}[kind](*rest)
+        print(json.dumps(res))
+        return
+
+    from glmsetup import paths
+
+    base = a.dir or paths.work_dir() / "bench"
+    t = time.perf_counter()
+    built = spawn("build", str(base), str(a.layers))  # in a child: its memory is gone before measuring
+    if "error" in built:
+        sys.exit(f"building the checkpoint failed: {built['error']}")
+    src, conv = built["src"], built["conv"]
+    print(f"checkpoints ready in {time.perf_counter() - t:.0f} s: {src} and {conv}", file=sys.stderr)
+
+    bw = spawn("bandwidth")
+    rows = []
+    for prof in a.profiles.split(","):
+        rows.append({"what": f"ours {prof}, from .bin", **spawn("ours", str(src), prof, str(a.tokens))})
+        if prof in ("cpu-bf16", "cpu-int8", "cpu-int4"):
+            rows.append({"what": f"ours {prof}, from converted bf16", **spawn("ours", str(conv), prof, str(a.tokens))})
+    if not a.no_anchor:
+        for dtype in ("float32", "bfloat16"):
+            rows.append({"what": f"anchor: transformers generate, {dtype}", **spawn("anchor", str(conv), dtype, str(a.tokens))})
+    for r in rows:
+        if "tok_s" in r:
+            r["bandwidth_share"] = r["tok_s"] * r["read_bytes_per_token"] / (bw["read_gb_s"] * 1e9)
+            r["rss_over_model"] = r["peak_rss_load"] / r["model_bytes"]
+    result = {"layers": a.layers, "tokens": a.tokens, "bandwidth": bw, "rows": rows}
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"memory read bandwidth: {bw['read_gb_s']:.1f} GB/s ({bw['threads']} threads); "
+          f"{a.layers} full-width layers, batch 1, 16-token prompt, {a.tokens} greedy tokens")
+    print(f"{'':44} {'load s':>7} {'peak RSS':>9} {'model':>8} {'RSS/model':>9} {'tok/s':>7} {'of limit':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['what']:44} error: {r['error']}")
+            continue
+        print(f"{r['what']:44} {r['load_s']:7.2f} {r['peak_rss_load'] / 1e9:8.2f}G {r['model_bytes'] / 1e9:7.2f}G "
+              f"{r['rss_over_model']:9.2f} {r['tok_s']:7.2f} {r['bandwidth_share']:8.0%}")
+
+
+if __name__ == "__main__":
+    main()
