@@ -211,16 +211,6 @@ def innermost_call(expr: cst.BaseExpression) -> Optional[cst.Call]:
         return found
 
 
-def chain_methods(expr: cst.BaseExpression) -> list[str]:
-    """`A.from_pretrained(p).half().cuda()` -> ["half", "cuda"] (the calls after the root call)."""
-    names: list[str] = []
-    node = expr
-    while isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and isinstance(node.func.value, cst.Call):
-        names.append(node.func.attr.value)
-        node = node.func.value
-    return list(reversed(names))
-
-
 def statement(code: str) -> cst.BaseStatement:
     return cst.parse_statement(code)
 

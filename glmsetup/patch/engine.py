@@ -93,14 +93,11 @@ class FilePlan:
     original: bytes
     new: bytes
     results: list
+    encoding: str = "utf-8"
 
     @property
     def changed(self) -> bool:
         return self.new != self.original
-
-    @property
-    def encoding(self) -> str:
-        return getattr(self, "_encoding", "utf-8")
 
 
 def parse(source: bytes, path: Path) -> cst.Module:
@@ -142,11 +139,17 @@ def plan_file(path: Path, source: bytes, kind: str, rules: dict, ctx: Context,
             results.append(not_applicable(name, rules.get(f"{name}:reason", f"the {kind} demo has nothing for this rule")))
             continue
         outcome = Outcome(name)
-        module = fn(module, ctx, outcome)
+        try:
+            module = fn(module, ctx, outcome)
+        except PatchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unexpected shape of code must not leave a half-written file
+            raise PatchError(f"{path}: the {name} rule cannot handle this file ({exc.__class__.__name__}: {exc}); "
+                             "nothing was written",
+                             hint=f"skip that rule with --only (all rules but {name}), or edit the file by hand",
+                             details={"path": str(path), "rule": name}) from exc
         results.append(outcome.result())
     new = module.bytes
     if new != source:
         check_compiles(new, path)
-    plan = FilePlan(path=path, kind=kind, original=source, new=new, results=results)
-    plan._encoding = module.encoding
-    return plan
+    return FilePlan(path=path, kind=kind, original=source, new=new, results=results, encoding=module.encoding)

@@ -93,6 +93,9 @@ def openai_repetition_penalty(module: cst.Module, ctx: Context, out: Outcome) ->
     cls = requests[0]
     fields = [s for s in cls.body.body if isinstance(t.simple_statement(s), cst.AnnAssign)]
     names = [t.simple_statement(s).target.value for s in fields if isinstance(t.simple_statement(s).target, cst.Name)]
+    if not fields:
+        out.note("ChatCompletionRequest has no annotated fields")
+        return module
     if NEW in names:
         out.already(f"ChatCompletionRequest.{NEW}")
     else:

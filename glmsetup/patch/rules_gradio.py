@@ -136,7 +136,8 @@ def {WRAPPER}(self, y):
 
 def compatibility(module: cst.Module, ctx: Context, out: Outcome) -> cst.Module:
     # 1. .style(...) was removed in Gradio 4: its arguments go to the constructor
-    styles = t.calls(module, lambda c: t.last_attr(c) == "style" and isinstance(c.func.value, cst.Call))
+    styles = t.calls(module, lambda c: isinstance(c.func, cst.Attribute) and c.func.attr.value == "style"
+                     and isinstance(c.func.value, cst.Call))
     for call in reversed(styles):  # inner ones last, so nested matches never overlap
         ctor = call.func.value
         new = ctor

@@ -149,3 +149,24 @@ def test_patch_folder_is_the_api_run_official_uses(demo_dir):
 
     report = patch_folder(demo_dir, model=MODEL, profile="cpu")
     assert report["summary"]["written"] == 5 and report["loader"] == "glmsetup"
+
+
+@pytest.mark.parametrize("demo", DEMOS)
+def test_damaged_files_give_a_plan_or_a_patch_error_never_a_crash(demo):
+    """Users' files come in every shape: each one either patches into compiling code or is refused cleanly."""
+    from glmsetup.patch.recognize import kind_of
+
+    from .conftest import plan
+
+    lines = (FIXTURES / demo).read_text().splitlines(keepends=True)
+    step = max(1, len(lines) // 6)
+    for i in range(3, len(lines), step):
+        damaged = "".join(lines[:i] + lines[i + 1:])
+        if kind_of(damaged) is None:  # e.g. its gradio import was the line removed: then it is not a demo
+            continue
+        try:
+            p = plan(damaged, name=demo)
+        except PatchError as exc:
+            assert exc.exit_code == 8 and exc.hint
+            continue
+        compile(p.new, demo, "exec")
