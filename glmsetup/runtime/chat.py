@@ -5,8 +5,9 @@ past_key_values from an earlier turn (only "\\n\\n[Round n]\\n\\n问：...\\n\\n
 first token), return_past_key_values, partial texts ending in "\\ufffd" never shown, the NaN/inf
 guard, responses stripped with "[[训练时间]]" -> "2023年", and generation kwargs passed through.
 Fixed: temperature 0 means greedy; `stop_event` (a threading.Event) ends a stream from another
-thread after the current token; max_length counts every token the model sees (cached turns too), and
-a prompt that leaves no room for an answer is a clear error instead of a one-token answer.
+thread after the current token; max_length counts every token the model sees (cached turns too) and
+holds even when max_new_tokens is given (the smaller limit wins); a prompt that leaves no room for an
+answer is a clear error instead of a one-token answer.
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ class ChatMixin:
             ids = self.build_inputs(tokenizer, query, history)["input_ids"][0].tolist()
             store = None
         context = (store.length if store else 0) + len(ids)
-        if max_new is None and context >= max_length:
+        if context >= max_length:
             if store:
                 store.lock.release()
             raise UsageError(f"the prompt and history take {context} tokens, max_length is {max_length}: "
@@ -140,7 +141,9 @@ class ChatMixin:
 
     def _generate(self, store, new_ids, s, max_length, max_new, stop_event) -> Iterator[list]:
         """Feed the new ids, then sample token by token; yields the answer's ids after each token."""
-        budget = max_new if max_new is not None else max_length - store.length - len(new_ids)
+        budget = max_length - store.length - len(new_ids)
+        if max_new is not None:
+            budget = min(budget, max_new)
         store.reserve(store.length + len(new_ids) + min(budget, STORE_SLACK))
         logits = self.decode_step(torch.tensor([new_ids]), store)
         answer: list[int] = []

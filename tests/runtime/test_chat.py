@@ -111,6 +111,9 @@ def test_max_length_honoured(tiny_model, tiny_tokenizer):
                                               logits_processor=[Force([300] * 50)]):
         lengths.append(len(tiny_tokenizer.encode(response, add_special_tokens=False)))
     assert lengths[-1] == 7
+    response, _ = tiny_model.chat(tiny_tokenizer, "你好", max_length=prompt_len + 5, max_new_tokens=50,
+                                  logits_processor=[Force([300] * 50)])
+    assert len(tiny_tokenizer.encode(response, add_special_tokens=False)) == 5  # the smaller limit wins
     with pytest.raises(UsageError, match="no room for an answer"):
         tiny_model.chat(tiny_tokenizer, "你好", max_length=prompt_len)
 
