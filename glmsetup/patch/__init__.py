@@ -31,7 +31,7 @@ def patch_folder(src_dir, *, model, profile, loader: str = "glmsetup", listen: b
 
 def revert_paths(targets, **kwargs) -> dict:
     """Restore the originals of patched files byte for byte."""
-    from glmsetup.patch.apply import revert_paths as _revert
+    from glmsetup.patch.revert import revert_paths as _revert
 
     return _revert(targets, **kwargs)
 

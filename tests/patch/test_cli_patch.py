@@ -68,3 +68,22 @@ def test_revert_of_an_edited_file_needs_force(cli, demo_dir):
     assert result.exit_code == 8 and "--force" in result.stderr
     assert cli("patch", str(demo_dir / "api.py"), "--revert", "--force").exit_code == 0
     assert "# edited" not in (demo_dir / "api.py").read_text()
+
+
+def test_revert_dry_run_restores_nothing(cli, demo_dir):
+    assert cli("patch", str(demo_dir / "api.py"), "--profile", "cpu").exit_code == 0
+    patched = (demo_dir / "api.py").read_bytes()
+    doc = cli.json("patch", str(demo_dir), "--revert", "--dry-run")
+    assert [f["status"] for f in doc["data"]["files"]] == ["restored"] and doc["data"]["dry_run"]
+    assert (demo_dir / "api.py").read_bytes() == patched
+    result = cli("patch", str(demo_dir), "--revert", "--dry-run")
+    assert "would restore" in result.stdout
+
+
+def test_missing_libcst_names_the_extra(cli, demo_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "libcst", None)  # as if it were not installed
+    result = cli("patch", str(demo_dir), "--profile", "cpu", "--json")
+    assert result.exit_code == 3
+    assert 'glmsetup[patch]' in json.loads(result.stdout)["error"]["hint"]

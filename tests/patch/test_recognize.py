@@ -5,7 +5,7 @@ import pytest
 
 from glmsetup.patch.recognize import kind_of
 
-from .conftest import FIXTURES, VARIANTS
+from .conftest import FIXTURES
 
 EXPECTED = {
     "cli_demo.py": "cli", "web_demo.py": "gradio", "web_demo2.py": "streamlit", "api.py": "api",
