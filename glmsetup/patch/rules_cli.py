@@ -16,8 +16,11 @@ def _helper_code(default: float) -> str:
     return f'''def {HELPER}():
     """{FLAG} X, else ${ENV}, else {default} (1.0 is off); never below 0.5."""
     value = os.environ.get("{ENV}", "{default}")
-    if "{FLAG}" in sys.argv[1:-1]:
-        value = sys.argv[sys.argv.index("{FLAG}") + 1]
+    for i, arg in enumerate(sys.argv[1:], 1):
+        if arg.startswith("{FLAG}="):
+            value = arg.split("=", 1)[1]
+        elif arg == "{FLAG}" and i + 1 < len(sys.argv):
+            value = sys.argv[i + 1]
     return max(0.5, float(value))
 '''
 

@@ -200,6 +200,8 @@ def binding(module: cst.Module, ctx: Context, out: Outcome) -> cst.Module:
                 new = t.remove_keyword(new, key)
             new = t.add_keyword(new, key, literal)
             out.changed(f"launch({key}={value!r})")
+        if ctx.listen:
+            out.note("listening on all interfaces: anyone who can reach this machine can use the demo")
         share = t.arg(new, keyword="share")
         if share is not None and t.code_of(share.value) == "True":
             out.note("share=True publishes the demo through a public Gradio link")

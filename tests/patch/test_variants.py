@@ -139,3 +139,25 @@ def test_report_warns_when_the_model_folder_is_empty(tmp_path):
     demo.write_bytes((FIXTURES / "cli_demo.py").read_bytes())
     report = patch_paths([demo], model=tmp_path / "nowhere", profile="cpu", dry_run=True)
     assert report["warnings"] and "glmsetup fetch --model-dir" in report["warnings"][0]
+
+
+def test_cli_demo_reads_the_penalty_from_flag_or_environment(monkeypatch):
+    import libcst as cst
+
+    p = plan((FIXTURES / "cli_demo.py").read_bytes(), name="cli_demo.py")
+    module = cst.parse_module(p.new)
+    helper = next(s for s in module.body if isinstance(s, cst.FunctionDef) and s.name.value == "repetition_penalty_setting")
+    ns: dict = {}
+    exec("import os, sys\n" + module.code_for_node(helper), ns)
+    setting = ns["repetition_penalty_setting"]
+    monkeypatch.delenv("GLMSETUP_REPETITION_PENALTY", raising=False)
+    cases = [(["cli_demo.py"], None, 1.0), (["cli_demo.py", "--repetition-penalty", "1.3"], None, 1.3),
+             (["cli_demo.py", "--repetition-penalty=1.4"], "1.1", 1.4), (["cli_demo.py"], "1.7", 1.7),
+             (["cli_demo.py", "--repetition-penalty", "0.1"], None, 0.5)]
+    for argv, env, expected in cases:
+        monkeypatch.setattr("sys.argv", argv)
+        if env is None:
+            monkeypatch.delenv("GLMSETUP_REPETITION_PENALTY", raising=False)
+        else:
+            monkeypatch.setenv("GLMSETUP_REPETITION_PENALTY", env)
+        assert setting() == expected, (argv, env)
