@@ -74,14 +74,14 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
                 output.stderr().print(f"patched {summary.get('written', '?')} of {summary.get('demos', '?')} demo "
                                       f"files in the working copy {plan.official['work_dir']}", highlight=False)
         announce()
-        serve.run_child(plan, plan.command[0] if plan.engine == "vllm" else f"`run {plan.front}`")
+        serve.run_child(plan, "vLLM" if plan.engine == "vllm" else f"`run {plan.front}`", json_mode=json_mode)
         return
     tokenizer, model = loading.load_model(plan, json_mode=json_mode)
     if plan.front == "cli":
         serve.serve_cli(tokenizer, model, plan)
     elif plan.front == "web":
         announce()
-        serve.serve_web(tokenizer, model, plan)
+        serve.serve_web(tokenizer, model, plan, quiet=json_mode)
     else:
         serve.serve_api(tokenizer, model, plan, on_ready=announce)
 

@@ -56,14 +56,16 @@ def check_port_free(host: str, port: int) -> None:
                                       f"(e.g. --port {port + 1 if port < 65535 else 8001})") from exc
 
 
-def run_child(plan: RunPlan, name: str) -> int:
+def run_child(plan: RunPlan, name: str, *, json_mode: bool = False) -> int:
     """Run plan.command in the foreground until it ends; Ctrl-C and SIGTERM are passed on to it.
 
-    Stopping a server with Ctrl-C is the normal way to end it, so that is exit 0 here too.
+    Stopping a server with Ctrl-C is the normal way to end it, so that is exit 0 here too. Under
+    --json the child's stdout goes to stderr: stdout carries the one envelope.
     """
     env = {**os.environ, **plan.env}
     try:
-        proc = subprocess.Popen(plan.command, env=env, cwd=str(plan.cwd) if plan.cwd else None)
+        proc = subprocess.Popen(plan.command, env=env, cwd=str(plan.cwd) if plan.cwd else None,
+                                stdout=sys.stderr if json_mode else None)
     except OSError as exc:
         raise RuntimeFailure(f"cannot start {name}: {exc}", hint="check that it is installed in this environment")
 

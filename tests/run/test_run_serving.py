@@ -70,13 +70,17 @@ def test_run_streamlit_launches_the_app(tiny_model_dir, server_factory):
     pytest.importorskip("streamlit")
     port = free_port()
     server = server_factory("run", "streamlit", "--model", str(tiny_model_dir), "--profile", "cpu",
-                            "--port", str(port))
+                            "--port", str(port), "--json")
     health = server.wait_http(f"http://127.0.0.1:{port}/_stcore/health")
     assert health.status_code == 200 and health.text.strip() == "ok"
     page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
     assert page.status_code == 200 and "<html" in page.text.lower()
     assert server.stop() == 0
-    assert "streamlit" in server.stderr.lower() or "streamlit" in server.stdout.lower()
+    doc = json.loads(server.stdout)  # Streamlit's own messages went to stderr
+    assert doc["data"]["status"] == "serving" and doc["data"]["env"]["GLMSETUP_MODEL_DIR"] == str(tiny_model_dir)
+    assert doc["data"]["command"][1:4] == ["-m", "streamlit", "run"]
+    assert "streamlit_app.py" in doc["data"]["command"][4]
+    assert f":{port}" in server.stderr  # "You can now view your Streamlit app ... :PORT"
 
 
 def test_run_web_with_a_key_asks_for_a_login(runtime, tiny_model_dir, server_factory):
