@@ -15,6 +15,7 @@ and retried. Bytes are checked (size and sha256) before the atomic rename into p
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import threading
 import time
@@ -29,7 +30,19 @@ from glmsetup.fetch.http import Settings, backoff_delay, describe_error, host_of
 from glmsetup.fetch.manifest import FileSpec
 from glmsetup.fetch.partial import PartialFile, Segment, sniff_bytes
 
-WRITE_BLOCK = 256 << 10
+WRITE_BLOCK = 1 << 20
+SOCKET_READ = int(os.environ.get("GLMSETUP_FETCH_SOCKET_READ", 1 << 20))
+
+
+def _larger_socket_reads() -> None:
+    """httpcore reads 64 KiB per recv(); 1 MiB cuts the Python work per byte (and so CPU) several times."""
+    try:
+        from httpcore._sync.http11 import HTTP11Connection
+
+        if getattr(HTTP11Connection, "READ_NUM_BYTES", SOCKET_READ) < SOCKET_READ:
+            HTTP11Connection.READ_NUM_BYTES = SOCKET_READ
+    except (ImportError, AttributeError):  # another httpcore: its default is fine, only slower
+        pass
 
 
 @dataclass
@@ -104,8 +117,12 @@ class Downloader:
     # ---- scheduling ----------------------------------------------------------------------------
     def run(self, work: List[tuple]) -> List[FileTask]:
         """work: [(FileSpec, [Origin, ...]), ...] in the order files should finish."""
+        _larger_socket_reads()
+        # about one stream per connection: fewer, longer streams hash in-line instead of reading back
+        total = sum(spec.size or 0 for spec, _ in work)
+        segment_size = max(self.settings.segment_size, -(-total // max(1, self.settings.connections)))
         for spec, origins in work:
-            partial = PartialFile(self.model_dir, spec, self.settings.segment_size)
+            partial = PartialFile(self.model_dir, spec, segment_size)
             partial.open()
             task = FileTask(spec, partial, list(origins))
             self.tasks.append(task)
@@ -114,6 +131,8 @@ class Downloader:
             self._schedule(task)
         workers = [threading.Thread(target=self._worker, daemon=True, name=f"fetch-{i}")
                    for i in range(max(1, self.settings.connections))]
+        recorder = threading.Thread(target=self._recorder, daemon=True, name="fetch-recorder")
+        recorder.start()
         for w in workers:
             w.start()
         try:
@@ -128,6 +147,25 @@ class Downloader:
         if self.fatal is not None:
             raise self.fatal
         return self.tasks
+
+    def _recorder(self) -> None:
+        """Save progress records and hash bytes written ahead, off the streaming threads.
+
+        Metadata writes can block for many milliseconds on a disk busy with write-back; a stream never waits
+        for them."""
+        saved: Dict[int, int] = {}
+        while not self.stop.wait(self.settings.flush_seconds):
+            for task in list(self.tasks):
+                if task.status != "pending":
+                    continue
+                done = task.partial.done_bytes
+                if saved.get(id(task)) != done:
+                    try:
+                        task.partial.save_record(sync=False)
+                        task.partial.catch_up()
+                    except OSError:
+                        pass
+                    saved[id(task)] = done
 
     def _join(self, workers):
         for _ in workers:
@@ -273,7 +311,7 @@ class Downloader:
                                        f"(gave up after {attempt} attempts on {origin.name})")
                 self._sleep(backoff_delay(self.settings, attempt))
             finally:
-                self._flush(task, force=True)
+                task.partial.save_record(sync=False)
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
@@ -337,7 +375,7 @@ class Downloader:
     def _copy(self, task: FileTask, seg: Segment, response: httpx.Response, skip: int) -> None:
         partial, spec = task.partial, task.spec
         window_start, window_bytes = time.monotonic(), 0
-        buf, buffered = [], 0
+        buf, buffered, last_write = [], 0, window_start
         first = seg.done == 0 and skip == 0 and seg.start == 0
         try:
             for chunk in response.iter_raw():
@@ -359,11 +397,12 @@ class Downloader:
                     chunk = chunk[:room]
                 buf.append(chunk)
                 buffered += len(chunk)
-                if buffered >= WRITE_BLOCK or seg.offset + buffered >= seg.end:
-                    self._write(task, seg, buf)
-                    buf, buffered = [], 0
                 window_bytes += len(chunk)
                 now = time.monotonic()
+                if buffered >= WRITE_BLOCK or seg.offset + buffered >= seg.end \
+                        or now - last_write >= self.settings.flush_seconds:  # a slow stream still lands
+                    self._write(task, seg, buf)
+                    buf, buffered, last_write = [], 0, now
                 if now - window_start >= self.settings.stall_window:
                     if window_bytes < self.settings.min_speed * (now - window_start):
                         raise Retry(f"{spec.path}: stalled ({window_bytes} bytes in {now - window_start:.0f} s)")
@@ -387,17 +426,3 @@ class Downloader:
             self.bytes_received += len(data)
         if self.progress:
             self.progress.advance(task.spec.path, len(data))
-        self._flush(task)
-
-    def _flush(self, task: FileTask, force: bool = False) -> None:
-        partial = task.partial
-        now = time.monotonic()
-        last = getattr(partial, "_flushed_at", (0.0, 0))
-        done = partial.done_bytes
-        if force or now - last[0] >= self.settings.flush_seconds or done - last[1] >= self.settings.flush_bytes:
-            partial._flushed_at = (now, done)
-            if partial._fd is not None:
-                # no fsync on the way: a kill keeps the page cache, and after a power cut the final sha256
-                # check catches any byte the record claimed but the disk lost
-                partial.save_record(sync=force)
-                partial.catch_up()

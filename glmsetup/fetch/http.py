@@ -40,7 +40,6 @@ class Settings:
     read_timeout: float = 30.0  # no byte at all for this long: stalled
     stall_window: float = 30.0  # seconds over which min_speed is measured
     min_speed: float = 1024.0  # bytes per second below which a stream counts as stalled
-    flush_bytes: int = 8 << 20  # record progress on disk at least every this many bytes
     flush_seconds: float = 1.0  # ... or this often
     probe_bytes: int = 1 << 20  # bytes fetched from each source when --source auto measures speed
 

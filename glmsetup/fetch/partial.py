@@ -104,7 +104,9 @@ class PartialFile:
 
     def save_record(self, sync: bool = True) -> None:
         with self.lock:
-            if self._fd is not None and sync:
+            if self._fd is None:  # finished (record removed) or closed: nothing to describe
+                return
+            if sync:
                 os.fsync(self._fd)
             write_json_atomic(self.record, {
                 "path": self.spec.path, "size": self.spec.size, "sha256": self.spec.sha256,
