@@ -11,24 +11,29 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from rich.console import Console
+if TYPE_CHECKING:  # rich is imported only when something is printed for a person
+    from rich.console import Console
 
 SCHEMA = "glmsetup/1"
 
-_stdout: Optional[Console] = None
-_stderr: Optional[Console] = None
+_stdout: Optional["Console"] = None
+_stderr: Optional["Console"] = None
 
 
-def stdout() -> Console:
+def stdout() -> "Console":
+    from rich.console import Console
+
     global _stdout
     if _stdout is None or _stdout.file is not sys.stdout:
         _stdout = Console(file=sys.stdout, highlight=False, soft_wrap=False)
     return _stdout
 
 
-def stderr() -> Console:
+def stderr() -> "Console":
+    from rich.console import Console
+
     global _stderr
     if _stderr is None or _stderr.file is not sys.stderr:
         _stderr = Console(file=sys.stderr, highlight=False)
@@ -75,7 +80,7 @@ def print_json(doc: dict) -> None:
     sys.stdout.flush()
 
 
-def emit(command: str, data: Any, human: Callable[[Console, Any], None], *, json_mode: bool, ok: bool = True) -> None:
+def emit(command: str, data: Any, human: Callable[["Console", Any], None], *, json_mode: bool, ok: bool = True) -> None:
     """Print a command's result: the envelope under --json, else `human(console, data)`."""
     if json_mode:
         print_json(envelope(command, data, ok=ok))
