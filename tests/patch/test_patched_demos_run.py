@@ -127,6 +127,8 @@ def test_patched_openai_api_answers_the_openai_client(patched):
 
 def test_patched_cli_demo_answers_on_stdin(patched):
     demos, _ = patched
+    # as on Windows: `import readline` fails (a module beside the script shadows the real one)
+    (demos / "readline.py").write_text('raise ImportError("No module named \'readline\'")\n')
     result = subprocess.run([sys.executable, "cli_demo.py", "--repetition-penalty", "1.2"], cwd=demos,
                             input="你好\nstop\n", capture_output=True, text=True, timeout=120,
                             env={**os.environ, **CHILD_ENV})
