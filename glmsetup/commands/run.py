@@ -16,30 +16,28 @@ def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_
     if official and engine != "native":
         raise UsageError("--official runs the official scripts on the native runtime; it cannot use --engine vllm",
                          hint="drop --official to serve with vLLM, or drop --engine")
+    if engine == "vllm" and front != "api":
+        raise UsageError(f"--engine vllm serves the OpenAI API only, not `run {front}`",
+                         hint="glmsetup run api --engine vllm")
+    if engine != "vllm" and tensor_parallel_size != 1:
+        raise UsageError("--tensor-parallel-size applies to --engine vllm only",
+                         hint="native multi-GPU is a profile: --profile multi-gpu")
+    # vLLM brings its own stack; a dry run needs no extra at all
+    plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
+                               api_key=api_key, insecure=insecure, cors=cors, engine=engine,
+                               check_extras=engine == "native" and not dry_run)
     if engine == "vllm":
         from glmsetup.launch import vllm
 
-        if front != "api":
-            raise UsageError(f"--engine vllm serves the OpenAI API only, not `run {front}`",
-                             hint="glmsetup run api --engine vllm")
-        plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
-                                   api_key=api_key, insecure=insecure, cors=cors, engine=engine, check_extras=False)
         return vllm.plan_vllm(plan, tensor_parallel_size=tensor_parallel_size, dry_run=dry_run)
-    if tensor_parallel_size != 1:
-        raise UsageError("--tensor-parallel-size applies to --engine vllm only",
-                         hint="native multi-GPU is a profile: --profile multi-gpu")
     if official:
         from glmsetup.launch import official as official_demo
 
-        plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
-                                   api_key=api_key, insecure=insecure, cors=cors, check_extras=not dry_run)
         return official_demo.plan_official(plan, official)
-    plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
-                               api_key=api_key, insecure=insecure, cors=cors, check_extras=not dry_run)
     if front == "streamlit":
         from glmsetup.launch.serve import plan_streamlit
 
-        plan = plan_streamlit(plan)
+        return plan_streamlit(plan)
     return plan
 
 

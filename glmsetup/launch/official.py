@@ -10,6 +10,7 @@ one script (e.g. DIR/openai_api.py for the OpenAI protocol).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -112,7 +113,7 @@ def profile_toml(plan: RunPlan) -> str:
     prof = plan.profile
 
     def value(v) -> str:
-        return f'"{v}"' if isinstance(v, str) else str(v)
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else str(v)  # a TOML basic string
 
     server = dict(vars(prof.server))
     if plan.binding.host is not None:

@@ -89,3 +89,22 @@ def test_official_api_demo_runs_patched_in_a_copy(tiny_model_dir, glmsetup_home,
     patched = (work / "api.py").read_text(encoding="utf-8")
     assert "load_chat_model" in patched and f"port={port}" in patched and "'127.0.0.1'" in patched
     assert f"files in the working copy {work}" in server.stderr.replace("\n", "")
+
+
+def test_working_profile_carries_the_binding(cli, tiny_model_dir, tmp_path):
+    """The profile file written into the copy resolves to the same profile, served where this run binds."""
+    from glmsetup import profiles
+    from glmsetup.launch.official import profile_toml
+    from glmsetup.launch.plan import build_plan
+
+    plan = build_plan("web", profile="cpu-int8", model=str(tiny_model_dir), port=7999, listen=True, insecure=True,
+                      check_extras=False)
+    plan.profile = profiles.Profile(**{**vars(plan.profile), "description": 'has "quotes" and 中文'})
+    path = tmp_path / "glmsetup-run.toml"
+    path.write_text(profile_toml(plan), encoding="utf-8")
+    got = profiles.resolve(str(path))
+    want = plan.profile
+    assert (got.device, got.dtype, got.quantization_bits, got.backend, got.generation) == \
+        (want.device, want.dtype, want.quantization_bits, want.backend, want.generation)
+    assert got.server.host == "0.0.0.0" and got.server.web_port == 7999 and got.server.api_port == 8000
+    assert got.description == 'has "quotes" and 中文'
