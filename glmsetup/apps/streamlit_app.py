@@ -91,6 +91,17 @@ def _count_tokens(tokenizer, text: str) -> int:
 
 def _answer(st, tokenizer, model, query: str, gen_kwargs: dict) -> None:
     """Stream one answer into the page, keeping history and cache even when interrupted."""
+    from glmsetup.errors import GlmsetupError
+
+    try:
+        _stream_answer(st, tokenizer, model, query, gen_kwargs)
+    except GlmsetupError as exc:  # e.g. no room left under max_length: say so, the page goes on
+        st.error(exc.message)
+        if exc.hint:
+            st.info(exc.hint)
+
+
+def _stream_answer(st, tokenizer, model, query: str, gen_kwargs: dict) -> None:
     with st.chat_message("user"):
         st.markdown(query)
     with st.chat_message("assistant"):

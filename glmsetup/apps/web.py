@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterator, Optional
 
-from glmsetup.errors import require
+from glmsetup.errors import GlmsetupError, require
 
 TITLE = "ChatGLM2-6B"
 DEFAULTS = {"max_length": 8192, "top_p": 0.8, "temperature": 0.95, "repetition_penalty": 1.0}
@@ -111,12 +111,15 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
             yield chatbot, history, past
             return
         epoch = stop.epoch
-        for update in predict(tokenizer, model, query, chatbot, max_length, top_p, temperature,
-                              repetition_penalty, history, past, stop_event=stop.event):
-            if stop.epoch != epoch:  # Clear was pressed while this answer streamed
-                yield [], [], None
-                return
-            yield update
+        try:
+            for update in predict(tokenizer, model, query, chatbot, max_length, top_p, temperature,
+                                  repetition_penalty, history, past, stop_event=stop.event):
+                if stop.epoch != epoch:  # Clear was pressed while this answer streamed
+                    yield [], [], None
+                    return
+                yield update
+        except GlmsetupError as exc:  # e.g. no room left under Maximum length: say so on the page
+            raise gr.Error(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
 
     def stop_answer(stop: StopFlag):
         stop.set()

@@ -63,6 +63,14 @@ def test_chat_keeps_history_and_cache_then_clears(app):
     assert not app.chat_message
 
 
+def test_no_room_under_max_length_is_shown_on_the_page(app):
+    app.sidebar.slider(key="max_length").set_value(0)
+    app.chat_input[0].set_value("hello").run()
+    assert not app.exception, app.exception
+    assert "no room for an answer" in app.error[0].value and "max_length" in app.info[0].value
+    assert app.session_state.history == []
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("GLMSETUP_MODEL_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setenv("GLMSETUP_PROFILE", PROFILE)

@@ -28,12 +28,15 @@ class PacedModel(RecordingModel):
         super().__init__(model)
         self.steps: list[int] = []  # pieces streamed, per call
         self.finished = 0  # calls whose stream has ended
+        self.closed = False
 
     def stream_chat(self, tokenizer, query, history=None, **kwargs):
         self.steps.append(0)
         index = len(self.steps) - 1
         try:
             for item in super().stream_chat(tokenizer, query, history=history, **kwargs):
+                if self.closed:  # the test is over (perhaps failed): do not stream on in the background
+                    break
                 self.steps[index] += 1
                 time.sleep(self.pause)
                 yield item
@@ -63,7 +66,11 @@ def served(tiny_chat):
     try:
         yield f"http://127.0.0.1:{port}/", paced
     finally:
+        paced.closed = True
         demo.close()
+
+
+QUESTION = "hello there: $e^{i\\pi} + 1 = 0$ and\n\n```python\nprint(42)\n```"
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05):
@@ -85,25 +92,38 @@ def send(page, text: str) -> None:
     page.click("#submit")
 
 
+def set_max_length(page, value: int) -> None:
+    box = "#max-length input[type=number]"
+    page.fill(box, str(value))
+    page.press(box, "Enter")
+
+
 def test_chat_stream_slider_stop_clear(served, browser):
     url, model = served
+    model.extra_kwargs = {"max_new_tokens": 40}  # short answers: the turns below stay quick
     page = browser.new_page()
     page.goto(url)
     page.wait_for_selector("#user-input textarea", timeout=30000)
 
     # Type, submit, and watch the answer grow on the page.
-    page.fill("#max-length input[type=number]", "160")
-    page.press("#max-length input[type=number]", "Enter")
-    send(page, "hello there")
+    set_max_length(page, 1000)
+    send(page, QUESTION)
     page.wait_for_selector('[data-testid="user"]', timeout=20000)
     assert page.input_value("#user-input textarea") == "", "the box empties on submit"
     seen = []
     wait_for(lambda: seen.append(len("".join(bot_texts(page)))) or len(set(x for x in seen if x)) >= 3,
              timeout=30, interval=0.02)
     wait_for(lambda: model.finished >= 1)
-    assert "hello there" in page.locator('[data-testid="user"]').first.inner_text()
+    wait_for(lambda: len(bot_texts(page)) == 1 and bot_texts(page)[0].strip())
+
+    # Messages render as Markdown with LaTeX (KaTeX) and highlighted code blocks.
+    user = page.locator('[data-testid="user"]').first
+    assert "hello there" in user.inner_text()
+    assert user.locator(".katex").count() >= 1, user.inner_html()
+    assert "print(42)" in user.locator("pre code").inner_text()
     first = model.calls[0]
-    assert first["max_length"] == 160 and first["temperature"] == pytest.approx(0.95)
+    assert first["query"] == QUESTION
+    assert first["max_length"] == 1000 and first["temperature"] == pytest.approx(0.95)
     assert first["history"] == [] and first["past_key_values"] is None
 
     # Move the Temperature slider (the range input, as a drag would), then ask again: the cache is reused.
@@ -113,12 +133,11 @@ def test_chat_stream_slider_stop_clear(served, browser):
     wait_for(lambda: len(model.calls) == 2 and model.finished >= 2)
     second = model.calls[1]
     assert second["temperature"] == pytest.approx(0.3)
-    assert [q for q, _ in second["history"]] == ["hello there"] and second["past_key_values"] is not None
+    assert [q for q, _ in second["history"]] == [QUESTION] and second["past_key_values"] is not None
     wait_for(lambda: len(bot_texts(page)) == 2)
 
     # Stop an answer that would otherwise run to 32768 tokens, while it streams.
-    page.fill("#max-length input[type=number]", "32768")
-    page.press("#max-length input[type=number]", "Enter")
+    set_max_length(page, 32768)
     model.extra_kwargs = dict(ENDLESS)
     send(page, "a long one please")
     wait_for(lambda: len(model.calls) == 3 and model.steps[-1] >= 3)
@@ -126,8 +145,8 @@ def test_chat_stream_slider_stop_clear(served, browser):
     page.click("#stop")
     wait_for(lambda: model.finished >= 3, timeout=20)
     assert model.calls[2]["max_length"] == 32768 and model.calls[2]["stop_event"].is_set()
-    model.extra_kwargs = {}
     wait_for(lambda: len(bot_texts(page)) == 3)
+    model.extra_kwargs = {"max_new_tokens": 40}
 
     # Clear History empties the page and the model's history and cache.
     page.click("#clear")
@@ -136,3 +155,9 @@ def test_chat_stream_slider_stop_clear(served, browser):
     wait_for(lambda: len(model.calls) == 4 and model.finished >= 4)
     assert model.calls[3]["history"] == [] and model.calls[3]["past_key_values"] is None
     wait_for(lambda: page.locator('[data-testid="user"]').count() == 1)
+
+    # No room left under Maximum length: the page says so and why.
+    model.extra_kwargs = {}
+    set_max_length(page, 8)
+    send(page, "one more")
+    page.get_by_text("no room for an answer").first.wait_for(timeout=20000)
