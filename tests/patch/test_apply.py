@@ -170,3 +170,15 @@ def test_damaged_files_give_a_plan_or_a_patch_error_never_a_crash(demo):
             assert exc.exit_code == 8 and exc.hint
             continue
         compile(p.new, demo, "exec")
+
+
+def test_a_windows_clone_keeps_crlf_and_reverts_byte_for_byte(demo_dir):
+    for f in demo_dir.iterdir():
+        f.write_bytes(f.read_bytes().replace(b"\n", b"\r\n"))
+    before = snapshot(demo_dir)
+    patch_paths([demo_dir], model=MODEL, profile="cpu")
+    for name, data in snapshot(demo_dir).items():
+        assert data.count(b"\n") == data.count(b"\r\n"), name  # no bare LF crept in
+    assert patch_paths([demo_dir], model=MODEL, profile="cpu")["summary"]["changed"] == 0
+    revert_paths([demo_dir])
+    assert snapshot(demo_dir) == before
