@@ -73,7 +73,8 @@ def render_revert(console, data: dict) -> None:
 @click.option("--only", multiple=True, metavar="RULES",
               help="Apply only these rules (comma separated): model-path, loader, repetition-penalty, "
                    "compatibility, binding.")
-@click.option("--listen", is_flag=True, help="Let the API servers and the Gradio demo listen on all interfaces (0.0.0.0), not 127.0.0.1.")
+@click.option("--listen", is_flag=True,
+              help="Let the API servers and the Gradio demo listen on all interfaces (0.0.0.0), not 127.0.0.1.")
 @click.option("--dry-run", is_flag=True, help="Print the coloured diff and the rule report; write nothing.")
 @click.option("--revert", is_flag=True, help="Restore the originals byte for byte from the backups.")
 @click.option("--force", is_flag=True, help="With --revert: restore even files edited after they were patched.")
