@@ -100,6 +100,11 @@ def check_model_dir(model_dir: Optional[str], *, kinds: tuple = NATIVE_KINDS) ->
     fetch = "glmsetup fetch" if default else f"glmsetup fetch --model-dir {shlex.quote(str(folder))}"
     report = inspect_model_dir(folder)
     if not report.exists:
+        others = other_models(folder) if default else []
+        if others:
+            raise ModelError(f"no model folder at {folder}",
+                             hint=f"found {', '.join(map(str, others))}: pass it with --model, or download the "
+                                  f"default with `{fetch}`")
         raise ModelError(f"no model folder at {folder}",
                          hint=f"download it with `{fetch}` (or pass --model DIR), or try `glmsetup selftest` first")
     if report.issues:
@@ -113,6 +118,14 @@ def check_model_dir(model_dir: Optional[str], *, kinds: tuple = NATIVE_KINDS) ->
                          hint=f"point --model at a ChatGLM2-6B folder, or download one with `{fetch}`",
                          details=report.to_dict())
     return folder, report.kind
+
+
+def other_models(missing: Path) -> list:
+    """Model folders beside the missing default one (e.g. chatglm2-6b-int4 fetched instead)."""
+    parent = missing.parent
+    if not parent.is_dir():
+        return []
+    return [p for p in sorted(parent.iterdir()) if p.is_dir() and (p / "config.json").is_file()][:3]
 
 
 def missing_modules(modules) -> list:

@@ -189,3 +189,11 @@ def test_a_smaller_model_says_the_estimate_is_for_6b(cli, tiny_model_dir):
     data = dry(cli, "api", "--profile", "cpu", "--model", str(tiny_model_dir))["data"]
     assert any("smaller model (2 layers, hidden size 64)" in n for n in data["notes"])
     assert data["warnings"] == []
+
+
+def test_missing_default_points_at_a_model_fetched_elsewhere(cli, glmsetup_home, tiny_model_dir):
+    other = glmsetup_home / "models" / "chatglm2-6b-int4"
+    shutil.copytree(tiny_model_dir, other)
+    result = cli("run", "api", "--profile", "cpu")
+    assert result.exit_code == 4
+    assert f"found {other}" in result.stderr.replace("\n", "") and "--model" in result.stderr
