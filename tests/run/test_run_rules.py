@@ -197,3 +197,16 @@ def test_missing_default_points_at_a_model_fetched_elsewhere(cli, glmsetup_home,
     result = cli("run", "api", "--profile", "cpu")
     assert result.exit_code == 4
     assert f"found {other}" in result.stderr.replace("\n", "") and "--model" in result.stderr
+
+
+def test_planning_imports_no_heavy_library(tiny_model_dir):
+    """--help and --dry-run stay fast and work where torch is broken: nothing heavy is imported."""
+    import subprocess
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom glmsetup.cli import main\n"
+            f"for args in (['run', '--help'], ['selftest', '--help'], ['run', 'web', '--dry-run', '--model', "
+            f"{str(tiny_model_dir)!r}, '--profile', 'cpu']):\n"
+            "    assert CliRunner().invoke(main, args).exit_code == 0, args\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'gradio', 'fastapi', 'streamlit') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
