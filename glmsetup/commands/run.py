@@ -88,7 +88,8 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
 @click.argument("front", type=click.Choice(FRONTS))
 @click.option("--profile", "-p", default="auto", show_default=True,
               help="Profile name, .toml file, or auto (the best that fits this machine).")
-@click.option("--model", "-m", "model", metavar="DIR", help="Model folder (default: where `glmsetup fetch` puts it).")
+@click.option("--model", "--model-dir", "-m", "model", metavar="DIR",
+              help="Model folder (default: where `glmsetup fetch` puts it).")
 @click.option("--host", metavar="H", help="Address to bind (default: the profile's, 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), metavar="N",
               help="Port (default: the profile's: api 8000, web 7860, streamlit 8501).")

@@ -210,3 +210,9 @@ def test_planning_imports_no_heavy_library(tiny_model_dir):
             "print(sorted(m for m in ('torch', 'transformers', 'gradio', 'fastapi', 'streamlit') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_model_dir_is_an_alias_of_model(cli, tiny_model_dir):
+    """fetch and convert speak of --model-dir; run accepts it too."""
+    data = dry(cli, "cli", "--profile", "cpu", "--model-dir", str(tiny_model_dir))["data"]
+    assert data["model_dir"] == str(tiny_model_dir)
