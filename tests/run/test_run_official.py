@@ -108,3 +108,19 @@ def test_working_profile_carries_the_binding(cli, tiny_model_dir, tmp_path):
         (want.device, want.dtype, want.quantization_bits, want.backend, want.generation)
     assert got.server.host == "0.0.0.0" and got.server.web_port == 7999 and got.server.api_port == 8000
     assert got.description == 'has "quotes" and 中文'
+
+
+@pytest.mark.slow
+def test_official_streamlit_demo_starts_with_streamlit_run(tiny_model_dir, glmsetup_home, server_factory):
+    pytest.importorskip("glmsetup.patch", reason="glmsetup.patch not present")
+    pytest.importorskip("streamlit")
+    port = free_port()
+    server = server_factory("run", "streamlit", "--official", str(FIXTURES), "--model", str(tiny_model_dir),
+                            "--profile", "cpu", "--port", str(port))
+    health = server.wait_http(f"http://127.0.0.1:{port}/_stcore/health")
+    assert health.status_code == 200 and health.text.strip() == "ok"
+    work = next((glmsetup_home / "work" / "official").iterdir())
+    patched = (work / "web_demo2.py").read_text(encoding="utf-8")
+    assert "load_chat_model" in patched and "repetition_penalty" in patched
+    assert server.stop() == 0
+    assert (FIXTURES / "web_demo2.py").read_text(encoding="utf-8") != patched
