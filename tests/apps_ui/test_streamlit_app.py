@@ -80,14 +80,24 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, monkeypatch):
     assert not at.chat_input
 
 
-def test_streamlit_run_serves_the_app(tiny_model_dir, tmp_path):
+@pytest.mark.browser
+def test_streamlit_run_answers_in_a_browser(tiny_model_dir, tmp_path):
+    """One real `streamlit run` (as `glmsetup run streamlit` starts it): health, the page, then a chat in Chromium."""
+    from tests.apps_ui.test_web_browser import CHROMIUM, CHROMIUM_ARGS
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}")
+    # A profile file of one's own: its max_length becomes the slider's default and keeps the answer short.
+    profile = tmp_path / "short.toml"
+    profile.write_text(f'inherits = "{PROFILE}"\n[generation]\nmax_length = 96\n')
     port = free_port()
-    env = {**os.environ, "GLMSETUP_MODEL_DIR": str(tiny_model_dir), "GLMSETUP_PROFILE": PROFILE,
-           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {**os.environ, "GLMSETUP_MODEL_DIR": str(tiny_model_dir), "GLMSETUP_PROFILE": str(profile)}
     cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port), "--global.developmentMode", "false"]
-    log = (tmp_path / "streamlit.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
+    log_path = tmp_path / "streamlit.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -98,14 +108,35 @@ def test_streamlit_run_serves_the_app(tiny_model_dir, tmp_path):
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert health is not None, (tmp_path / "streamlit.log").read_text()
+        assert health is not None, log_path.read_text()
         assert health.status_code == 200 and health.text == "ok"
-        page = httpx.get(base + "/", timeout=5)
-        assert page.status_code == 200 and "<noscript>" in page.text
+        page_html = httpx.get(base + "/", timeout=5)
+        assert page_html.status_code == 200 and "<noscript>" in page_html.text
+
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(base)
+                box = page.locator('[data-testid="stChatInput"] textarea')
+                box.wait_for(timeout=90000)  # the model loads in the Streamlit process on the first view
+                slider = page.locator('[data-testid="stSlider"]').first
+                slider.wait_for(timeout=30000)
+                assert "96" in slider.inner_text(), slider.inner_text()
+                box.fill("hello from a browser")
+                box.press("Enter")
+                messages = page.locator('[data-testid="stChatMessage"]')
+                page.get_by_text("tokens/s").first.wait_for(timeout=90000)
+                assert messages.count() == 2
+                assert "hello from a browser" in messages.nth(0).inner_text()
+                assert messages.nth(1).inner_text().strip()
+            finally:
+                browser.close()
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
+            proc.wait()
+    assert "Traceback" not in log_path.read_text()
