@@ -131,8 +131,8 @@ class Downloader:
             self._schedule(task)
         workers = [threading.Thread(target=self._worker, daemon=True, name=f"fetch-{i}")
                    for i in range(max(1, self.settings.connections))]
-        recorder = threading.Thread(target=self._recorder, daemon=True, name="fetch-recorder")
-        recorder.start()
+        for target in (self._recorder, self._hasher):
+            threading.Thread(target=target, daemon=True, name=f"fetch{target.__name__}").start()
         for w in workers:
             w.start()
         try:
@@ -149,7 +149,7 @@ class Downloader:
         return self.tasks
 
     def _recorder(self) -> None:
-        """Save progress records and hash bytes written ahead, off the streaming threads.
+        """Save progress records off the streaming threads.
 
         Metadata writes can block for many milliseconds on a disk busy with write-back; a stream never waits
         for them."""
@@ -162,10 +162,19 @@ class Downloader:
                 if saved.get(id(task)) != done:
                     try:
                         task.partial.save_record(sync=False)
-                        task.partial.catch_up()
                     except OSError:
                         pass
                     saved[id(task)] = done
+
+    def _hasher(self) -> None:
+        """Hash bytes that segments wrote ahead of a file's hashed prefix, as soon as the prefix reaches them."""
+        while not self.stop.wait(0.1):
+            for task in list(self.tasks):
+                if task.status == "pending":
+                    try:
+                        task.partial.catch_up()
+                    except OSError:
+                        pass
 
     def _join(self, workers):
         for _ in workers:

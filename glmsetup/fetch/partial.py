@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from glmsetup.fetch.manifest import FileSpec, git_blob_sha1_start, state_dir, write_json_atomic
+from glmsetup.fetch.manifest import FileSpec, git_blob_sha1_start, state_dir
 
 READ_BACK = 8 << 20
 
@@ -48,7 +48,9 @@ class PartialFile:
         self.part = base.with_name(base.name + ".part")
         self.record = base.with_name(base.name + ".part.json")
         self.segment_size = segment_size
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # segments, hash state, file descriptor
+        self.record_lock = threading.Lock()  # the record file on disk
+        self.generation = 0
         self.origin: Optional[str] = None
         self.segments: List[Segment] = []
         self.resumed_bytes = 0
@@ -103,19 +105,34 @@ class PartialFile:
         return sniff_bytes(head, self.spec) is not None
 
     def save_record(self, sync: bool = True) -> None:
+        """Write the record in place (no rename: on a disk busy with write-back a rename can wait
+        for the journal for seconds). A kill cannot tear one write(); a power cut can, and a record that
+        does not parse only costs the bytes it described. The bytes are written before they are counted,
+        so the record never claims more than the disk holds."""
         with self.lock:
             if self._fd is None:  # finished (record removed) or closed: nothing to describe
                 return
             if sync:
                 os.fsync(self._fd)
-            write_json_atomic(self.record, {
+            generation = self.generation
+            data = json.dumps({
                 "path": self.spec.path, "size": self.spec.size, "sha256": self.spec.sha256,
                 "git_sha1": self.spec.git_sha1, "origin": self.origin,
-                "segments": [[s.start, s.end, s.done] for s in self.segments]})
+                "segments": [[s.start, s.end, s.done] for s in self.segments]}).encode()
+        with self.record_lock:  # streams never wait for this part
+            if generation != self.generation:
+                return
+            fd = os.open(self.record, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+            try:
+                pad = max(0, os.fstat(fd).st_size - len(data))
+                os.pwrite(fd, data + b" " * pad, 0) if hasattr(os, "pwrite") else os.write(fd, data + b" " * pad)
+            finally:
+                os.close(fd)
 
     def discard(self) -> None:
         """Forget every byte (wrong content, 416, a changed file upstream)."""
-        with self.lock:
+        with self.record_lock, self.lock:
+            self.generation += 1
             self.close()
             self._remove(self.part)
             self._remove(self.record)
@@ -213,7 +230,7 @@ class PartialFile:
     def finish(self) -> tuple:
         """All bytes are there: check size and hashes; move into place. Returns (ok, sha256, detail)."""
         self.catch_up()
-        with self.lock:
+        with self.record_lock, self.lock:
             size = self.hashed
             sha256 = self.sha256.hexdigest()
             git_sha1 = self.git_sha1.hexdigest() if self.git_sha1 is not None else None
@@ -224,6 +241,7 @@ class PartialFile:
                 got = sha256 if self.spec.sha256 else git_sha1
                 return False, sha256, f"checksum {got} instead of {want}"
             os.fsync(self._fd)
+            self.generation += 1
             self.close()
             self.target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.part, self.target)  # also replaces an LFS pointer file in one step
