@@ -59,8 +59,13 @@ def _load(st, model_dir, profile):
 
         return load_chat_model(model_dir, profile=profile)
 
+    @st.cache_resource
+    def generation_lock(model_dir, profile):
+        return threading.Lock()  # one answer at a time per model, whichever tab asks
+
     try:
-        return load_model(model_dir, profile)
+        tokenizer, model = load_model(model_dir, profile)
+        return tokenizer, model, generation_lock(model_dir, profile)
     except GlmsetupError as exc:
         st.error(exc.message)
         if exc.hint:
@@ -89,48 +94,65 @@ def _count_tokens(tokenizer, text: str) -> int:
         return 0
 
 
-def _answer(st, tokenizer, model, query: str, gen_kwargs: dict) -> None:
+def _answer(st, tokenizer, model, lock, query: str, gen_kwargs: dict) -> None:
     """Stream one answer into the page, keeping history and cache even when interrupted."""
     from glmsetup.errors import GlmsetupError
 
     try:
-        _stream_answer(st, tokenizer, model, query, gen_kwargs)
+        _stream_answer(st, tokenizer, model, lock, query, gen_kwargs)
     except GlmsetupError as exc:  # e.g. no room left under max_length: say so, the page goes on
         st.error(exc.message)
         if exc.hint:
             st.info(exc.hint)
 
 
-def _stream_answer(st, tokenizer, model, query: str, gen_kwargs: dict) -> None:
+def _wait_for_turn(lock, placeholder) -> None:
+    """Take the model's lock; while another tab's answer runs, say so (each redraw lets Stop through)."""
+    if lock.acquire(blocking=False):
+        return
+    while not lock.acquire(timeout=0.25):
+        placeholder.markdown("_waiting for another answer to finish ..._")
+
+
+def _stream_answer(st, tokenizer, model, lock, query: str, gen_kwargs: dict) -> None:
     with st.chat_message("user"):
         st.markdown(query)
     with st.chat_message("assistant"):
         placeholder = st.empty()
-        stop_event = threading.Event()
-        history = list(st.session_state.history)
-        past = st.session_state.past_key_values
-        response = ""
-        started = time.perf_counter()
-        gen = model.stream_chat(tokenizer, query, history=history, past_key_values=past,
-                                return_past_key_values=True, stop_event=stop_event, **gen_kwargs)
+        _wait_for_turn(lock, placeholder)
         try:
-            for item in gen:
-                response, history = item[0], list(item[1])
-                if len(item) > 2:
-                    past = item[2]
-                placeholder.markdown(response + " ▌")
+            _stream_into(st, tokenizer, model, query, gen_kwargs, placeholder)
         finally:
-            stop_event.set()
-            gen.close()
-            if history and history[-1][0] == query:
-                st.session_state.history = history
-                st.session_state.past_key_values = past
-        placeholder.markdown(response)
-        elapsed = time.perf_counter() - started
-        tokens = _count_tokens(tokenizer, response)
-        stats = f"{tokens} tokens, {tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s"
-        st.session_state.stats[len(st.session_state.history) - 1] = stats
-        st.caption(stats)
+            lock.release()
+
+
+def _stream_into(st, tokenizer, model, query: str, gen_kwargs: dict, placeholder) -> None:
+    """Stream the answer into `placeholder`; history and cache are saved even if the run is interrupted."""
+    stop_event = threading.Event()
+    history = list(st.session_state.history)
+    past = st.session_state.past_key_values
+    response = ""
+    started = time.perf_counter()
+    gen = model.stream_chat(tokenizer, query, history=history, past_key_values=past,
+                            return_past_key_values=True, stop_event=stop_event, **gen_kwargs)
+    try:
+        for item in gen:
+            response, history = item[0], list(item[1])
+            if len(item) > 2:
+                past = item[2]
+            placeholder.markdown(response + " ▌")
+    finally:
+        stop_event.set()
+        gen.close()
+        if history and history[-1][0] == query:
+            st.session_state.history = history
+            st.session_state.past_key_values = past
+    placeholder.markdown(response)
+    elapsed = time.perf_counter() - started
+    tokens = _count_tokens(tokenizer, response)
+    stats = f"{tokens} tokens, {tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s"
+    st.session_state.stats[len(st.session_state.history) - 1] = stats
+    st.caption(stats)
 
 
 def main() -> None:
@@ -139,7 +161,7 @@ def main() -> None:
     st.set_page_config(page_title=TITLE, page_icon=":robot:", layout="wide")
     _init_state(st)
     model_dir, profile = settings_from_env()
-    tokenizer, model = _load(st, model_dir, profile)
+    tokenizer, model, lock = _load(st, model_dir, profile)
     gen_kwargs = _sidebar(st, defaults_for(model))
     st.title(TITLE)
     for i, (query, response) in enumerate(st.session_state.history):
@@ -151,7 +173,7 @@ def main() -> None:
                 st.caption(st.session_state.stats[i])
     query = st.chat_input("Type a message")
     if query and query.strip():
-        _answer(st, tokenizer, model, query.strip(), gen_kwargs)
+        _answer(st, tokenizer, model, lock, query.strip(), gen_kwargs)
 
 
 if __name__ == "__main__":
