@@ -243,6 +243,11 @@ async def _call_watching(request: Request, queue: GenerationQueue, fn, stop: thr
 _LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
+def _event(data: str) -> bytes:
+    """One SSE event carrying `data` (a single line: _sse_json never emits a line break)."""
+    return b"data: " + data.encode("utf-8") + b"\r\n\r\n"
+
+
 def _sse_json(obj) -> str:
     """JSON for one SSE data line: UTF-8 kept, but the characters some clients split lines at escaped."""
     text = json.dumps(obj, ensure_ascii=False)
@@ -271,6 +276,7 @@ class _Completion:
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
         self.stop_event = threading.Event()
+        self._template = None
 
     def _usage(self, text: str) -> dict:
         answer = self.s.answer_tokens(text)
@@ -337,6 +343,13 @@ class _Completion:
 
         return s.queue.stream(make_iter, self.stop_event)
 
+    def _content_chunk(self, text: str) -> str:
+        """A content delta, spliced into a prepared template (this runs once per token)."""
+        if self._template is None:
+            self._template = self._chunk({"content": "@@"}).split('"@@"', 1)
+        head, tail = self._template
+        return head + _sse_json(text) + tail
+
     def _chunk(self, delta: dict, finish_reason: Optional[str] = None) -> str:
         return _sse_json({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.s.model_id,
@@ -348,27 +361,27 @@ class _Completion:
         text = ""
         stopped = False
         try:
-            yield self._chunk({"role": "assistant", "content": ""})
+            yield _event(self._chunk({"role": "assistant", "content": ""}))
             try:
                 async for text in job:
                     text, stopped = self._cut_at_stop(text)
                     ready = text if stopped else text[:len(text) - self._held_back(text)]
                     if ready.startswith(sent) and len(ready) > len(sent):
-                        yield self._chunk({"content": ready[len(sent):]})
+                        yield _event(self._content_chunk(ready[len(sent):]))
                         sent = ready
                     if stopped:
                         break
             except Exception as exc:  # the model failed mid-stream: tell the client in OpenAI's way
-                yield json.dumps(error_body(f"the model failed: {exc.__class__.__name__}: {exc}",
-                                            type="server_error", code="generation_failed"))
+                yield _event(json.dumps(error_body(f"the model failed: {exc.__class__.__name__}: {exc}",
+                                                   type="server_error", code="generation_failed")))
                 return
             if not stopped and len(text) > len(sent) and text.startswith(sent):
-                yield self._chunk({"content": text[len(sent):]})  # a held-back tail that never became a stop
-            yield self._chunk({}, self._finish_reason(text, stopped))
+                yield _event(self._content_chunk(text[len(sent):]))  # a held-back tail that never became a stop
+            yield _event(self._chunk({}, self._finish_reason(text, stopped)))
             if include_usage:
                 usage = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                     "model": self.s.model_id, "choices": [], "usage": self._usage(text)})
-                yield usage
-            yield "[DONE]"
+                yield _event(usage)
+            yield _event("[DONE]")
         finally:
             job.cancel()  # a client that went away stops its generation

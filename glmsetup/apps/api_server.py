@@ -112,7 +112,7 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "i
 class ServerThread:
     """The app served by uvicorn in a background thread: `with ServerThread(app) as server: server.url`."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning", **uvicorn_kw):
         import uvicorn
 
         self.host = host
@@ -120,7 +120,7 @@ class ServerThread:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
-        self.server = uvicorn.Server(_uvicorn_config(app, host, self.port, log_level))
+        self.server = uvicorn.Server(_uvicorn_config(app, host, self.port, log_level, **uvicorn_kw))
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self._thread = threading.Thread(target=self._run, name="glmsetup-api-server", daemon=True)
         self.error: Optional[BaseException] = None
