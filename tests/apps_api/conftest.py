@@ -80,9 +80,14 @@ class SlowModel:
             self.finished.set()
 
     def chat(self, tokenizer, query, history=None, **kwargs):
-        self.started.set()
-        self.gate.wait(30)
-        return self._model.chat(tokenizer, query, history, **kwargs)
+        if not self.delay:
+            self.started.set()
+            self.gate.wait(30)
+            return self._model.chat(tokenizer, query, history, **kwargs)
+        response, new_history = "", list(history or [])
+        for response, new_history in self.stream_chat(tokenizer, query, history, **kwargs):
+            pass
+        return response, new_history
 
 
 def wait_idle(server, timeout: float = 30.0) -> None:

@@ -93,3 +93,16 @@ def test_a_client_that_disconnects_stops_its_generation(tiny_chat, start_server)
         time.sleep(0.02)
     r = httpx.post(server.url + CHAT, json={**body, "stream": False, "max_tokens": 4}, timeout=30)
     assert r.status_code == 200
+
+
+def test_a_plain_request_abandoned_by_its_client_stops_too(tiny_chat, start_server):
+    tokenizer, model = tiny_chat
+    slow = SlowModel(model, delay=0.02)
+    server = start_server(tokenizer, slow)
+    body = {"messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 2000, "temperature": 0,
+            "max_length": 4000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CHAT, json=body, timeout=httpx.Timeout(30, read=1.0))
+    assert slow.finished.wait(10), "the generation kept running after the client left"
+    assert slow.yielded < 500
+    wait_idle(server)
