@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 
-import pytest
 
 from glmsetup.apps.cli_chat import ChatSettings, main_loop
 from tests.apps_ui.conftest import ENDLESS, HERE, PROFILE
@@ -103,3 +102,14 @@ def test_end_of_input_leaves_cleanly(tiny_chat):
     tokenizer, model = tiny_chat
     out = run_loop(tokenizer, model, "")
     assert out.startswith("Welcome") and out.rstrip().endswith("User:")
+
+
+def test_works_without_readline(tiny_chat, monkeypatch):
+    """Windows has no readline module: the chat must not need it."""
+    from glmsetup.apps import cli_chat
+
+    monkeypatch.setitem(sys.modules, "readline", None)  # `import readline` now raises ImportError
+    cli_chat._enable_line_editing()
+    tokenizer, model = tiny_chat
+    out = run_loop(tokenizer, model, "/show\nexit\n")
+    assert "turns=0" in out
