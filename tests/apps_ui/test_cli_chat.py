@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 
-
 from glmsetup.apps.cli_chat import ChatSettings, main_loop
 from tests.apps_ui.conftest import ENDLESS, HERE, PROFILE
 
