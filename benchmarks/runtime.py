@@ -99,79 +99,77 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child_bandwidth() -> dict:
+def bandwidth_gb_s() -> float:
+    """Memory read bandwidth: the best of a few sums over 2 GiB (far larger than any cache)."""
     import torch
 
-    x = torch.ones(512 * 1024 * 1024 // 4 * 4, dtype=torch.float32)  # 2 GiB
+    x = torch.ones(512 * 1024 * 1024, dtype=torch.float32)
     x.sum()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(4):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
-    return {"read_gb_s": x.numel() * 4 / best / 1e9, "threads": torch.get_num_threads()}
+    return x.numel() * 4 / best / 1e9
 
 
 def weight_bytes_per_token(model) -> int:
     """Bytes the decoder reads per token: every weight except the embedding table (one row)."""
     from glmsetup.runtime.quantize import module_bytes
 
-    total = module_bytes(model)
     emb = model.model.embed_tokens.weight
-    return total - emb.numel() * emb.element_size()
+    return module_bytes(model) - emb.numel() * emb.element_size()
 
 
-def child_ours(src: str, profile: str, tokens: int) -> dict:
+def child_measure(src: str, profile: str, tokens: int, stock: bool) -> dict:
+    """Load (timed, imports excluded), then decode with ours and with stock generate, interleaved."""
     import torch
 
+    import glmsetup.runtime.modeling  # noqa: F401  (imports torch and transformers before the clock starts)
     from glmsetup.runtime.load import load_chat_model
+    from glmsetup.runtime.quantize import module_bytes
 
+    base_rss = peak_rss()
     t = time.perf_counter()
     tok, model = load_chat_model(src, profile=profile, use_cache=False)
     load_s = time.perf_counter() - t
     rss_load = peak_rss()
-    from glmsetup.runtime.quantize import module_bytes
+    ids = (tok.encode(PROMPT) + [300] * 16)[:16]
 
-    ids = tok.encode(PROMPT)[:16]
-    ids += [300] * (16 - len(ids))
-
-    def run(n):
+    def ours(n):
         store = model.new_store(1, 16 + n + 1)
         logits = model.decode_step(torch.tensor([ids]), store)
         t0 = time.perf_counter()
         for _ in range(n):
-            nxt = int(logits.argmax())
-            logits = model.decode_step(torch.tensor([[nxt]]), store)
-        return time.perf_counter() - t0
+            logits = model.decode_step(torch.tensor([[int(logits.argmax())]]), store)
+        return (time.perf_counter() - t0) / n
 
-    run(4)  # warm up (and, for a memory-mapped folder, read the pages in)
-    dt = min(run(tokens) for _ in range(3))
-    return {"load_s": load_s, "peak_rss_load": rss_load, "model_bytes": module_bytes(model),
-            "read_bytes_per_token": weight_bytes_per_token(model), "tok_s": tokens / dt}
-
-
-def child_anchor(src: str, dtype: str, tokens: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
-    load_s = time.perf_counter() - t
-    rss = peak_rss()
-    ids = torch.full((1, 16), 300)
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        def timed(n):
+    def generate(n):
+        with torch.inference_mode():
             t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return time.perf_counter() - t0
+            out = model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False)
+            prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n + 1, do_sample=False)
+            made = out.shape[1] - len(ids)
+        return (time.perf_counter() - t0 - prefill) / max(made - 1, 1)
 
-        prefill = min(timed(1) for _ in range(2))
-        dt = min(timed(tokens + 1) for _ in range(3)) - prefill
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb = model.model.embed_tokens.weight
-    return {"load_s": load_s, "peak_rss_load": rss, "model_bytes": nbytes, "tok_s": tokens / dt,
-            "read_bytes_per_token": nbytes - emb.numel() * emb.element_size()}
+    ours(4)
+    if stock:
+        generate(4)
+    best_ours = best_stock = float("inf")
+    bw = 0.0
+    for _ in range(3):
+        bw = max(bw, bandwidth_gb_s())
+        best_ours = min(best_ours, ours(tokens))
+        if stock:
+            best_stock = min(best_stock, generate(tokens))
+    res = {"load_s": load_s, "peak_rss_load": rss_load, "rss_before_load": base_rss, "model_bytes": module_bytes(model),
+           "read_bytes_per_token": weight_bytes_per_token(model), "tok_s": 1 / best_ours, "bandwidth_gb_s": bw,
+           "threads": torch.get_num_threads()}
+    if stock:
+        res["stock_tok_s"] = 1 / best_stock
+    return res
 
 
 def build_and_convert(base: Path, layers: int) -> dict:
@@ -197,14 +195,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--dir", type=Path, default=None, help="where the checkpoints go (default: GLMSETUP_HOME/work/bench)")
     ap.add_argument("--profiles", default="cpu,cpu-bf16,cpu-int8,cpu-int4")
-    ap.add_argument("--no-anchor", action="store_true")
+    ap.add_argument("--no-stock", action="store_true", help="skip transformers' generate (the anchor)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
     if a.child:
         kind, *rest = a.child
-        res = {"bandwidth": child_bandwidth, "build": lambda d, n: build_and_convert(Path(d), int(n)), "ours": lambda s, p, n: child_ours(s, p, int(n)),
-               "anchor": lambda s, d, n: child_anchor(s, d, int(n))}[kind](*rest)
+        if kind == "build":
+            res = build_and_convert(Path(rest[0]), int(rest[1]))
+        else:
+            res = child_measure(rest[0], rest[1], int(rest[2]), rest[3] == "1")
         print(json.dumps(res))
         return
 
@@ -217,33 +217,33 @@ def main() -> None:
         sys.exit(f"building the checkpoint failed: {built['error']}")
     src, conv = built["src"], built["conv"]
     print(f"checkpoints ready in {time.perf_counter() - t:.0f} s: {src} and {conv}", file=sys.stderr)
-
-    bw = spawn("bandwidth")
     rows = []
     for prof in a.profiles.split(","):
-        rows.append({"what": f"ours {prof}, from .bin", **spawn("ours", str(src), prof, str(a.tokens))})
-        if prof in ("cpu-bf16", "cpu-int8", "cpu-int4"):
-            rows.append({"what": f"ours {prof}, from converted bf16", **spawn("ours", str(conv), prof, str(a.tokens))})
-    if not a.no_anchor:
-        for dtype in ("float32", "bfloat16"):
-            rows.append({"what": f"anchor: transformers generate, {dtype}", **spawn("anchor", str(conv), dtype, str(a.tokens))})
+        stock = "0" if a.no_stock else "1"
+        rows.append({"what": f"{prof}, from .bin", **spawn("measure", src, prof, str(a.tokens), stock)})
+        if prof != "cpu":
+            rows.append({"what": f"{prof}, from converted bf16", **spawn("measure", conv, prof, str(a.tokens), "0")})
     for r in rows:
         if "tok_s" in r:
-            r["bandwidth_share"] = r["tok_s"] * r["read_bytes_per_token"] / (bw["read_gb_s"] * 1e9)
+            limit = r["bandwidth_gb_s"] * 1e9 / r["read_bytes_per_token"]
+            r["limit_tok_s"] = limit
+            r["share"] = r["tok_s"] / limit
             r["rss_over_model"] = r["peak_rss_load"] / r["model_bytes"]
-    result = {"layers": a.layers, "tokens": a.tokens, "bandwidth": bw, "rows": rows}
+    result = {"layers": a.layers, "tokens": a.tokens, "rows": rows}
     if a.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"memory read bandwidth: {bw['read_gb_s']:.1f} GB/s ({bw['threads']} threads); "
-          f"{a.layers} full-width layers, batch 1, 16-token prompt, {a.tokens} greedy tokens")
-    print(f"{'':44} {'load s':>7} {'peak RSS':>9} {'model':>8} {'RSS/model':>9} {'tok/s':>7} {'of limit':>8}")
+    print(f"{a.layers} full-width layers, batch 1, 16-token prompt, {a.tokens} greedy tokens; best of 3; "
+          "bandwidth measured in each process")
+    print(f"{'':32} {'load s':>7} {'peak RSS':>9} {'model':>7} {'RSS/model':>9} {'tok/s':>7} {'limit':>6} "
+          f"{'share':>6} {'stock generate':>15}")
     for r in rows:
         if "error" in r:
-            print(f"{r['what']:44} error: {r['error']}")
+            print(f"{r['what']:32} error: {r['error']}")
             continue
-        print(f"{r['what']:44} {r['load_s']:7.2f} {r['peak_rss_load'] / 1e9:8.2f}G {r['model_bytes'] / 1e9:7.2f}G "
-              f"{r['rss_over_model']:9.2f} {r['tok_s']:7.2f} {r['bandwidth_share']:8.0%}")
+        stock = f"{r['stock_tok_s']:.2f} ({r['stock_tok_s'] / r['limit_tok_s']:.0%})" if "stock_tok_s" in r else "-"
+        print(f"{r['what']:32} {r['load_s']:7.2f} {r['peak_rss_load'] / 1e9:8.2f}G {r['model_bytes'] / 1e9:6.2f}G "
+              f"{r['rss_over_model']:9.2f} {r['tok_s']:7.2f} {r['limit_tok_s']:6.2f} {r['share']:6.0%} {stock:>15}")
 
 
 if __name__ == "__main__":

@@ -268,6 +268,40 @@ def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[Path, dict]]:
         del raw, mapped
 
 
+_MADVISE = None
+
+
+def release_pages(source, result=None) -> None:
+    """Drop the memory-mapped pages behind `source` once it has been copied into `result`.
+
+    The pages of a mapped shard count in the process's memory until the mapping goes away with the
+    whole shard; giving them back tensor by tensor keeps peak memory near the model's own size. The
+    data stays on disk (a private, unmodified mapping re-reads the file if touched again). Nothing
+    happens when `result` shares memory with `source`, off Linux, or for tensors not on the CPU.
+    """
+    global _MADVISE
+    import sys
+
+    if sys.platform != "linux" or source.device.type != "cpu" or source.numel() == 0:
+        return
+    if result is not None and result.device.type == "cpu" and result.untyped_storage().data_ptr() == \
+            source.untyped_storage().data_ptr():
+        return
+    if _MADVISE is None:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _MADVISE = libc.madvise
+    page = 4096
+    start = source.data_ptr()
+    end = start + source.numel() * source.element_size()
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        _MADVISE(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
 def expected_keys(config) -> set[str]:
     keys = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for i in range(config.num_hidden_layers):

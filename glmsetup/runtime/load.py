@@ -142,6 +142,7 @@ def load_model(ckpt, prof: profiles.Profile):
         dev = device_of(mod_name)
         bias = parts.get("bias")
         weight = parts["weight"]
+        sources = [t for t in parts.values() if t is not None]
         if quant_cls is not None:
             bits = prof.quantization_bits
             if src_bits == 4 and bits == 4:
@@ -157,6 +158,9 @@ def load_model(ckpt, prof: profiles.Profile):
             _set_param(model, mod_name + ".weight", w.to(device=dev, dtype=dtype))
             if bias is not None:
                 _set_param(model, mod_name + ".bias", bias.to(device=dev, dtype=dtype))
+        if quant_cls is not None or src_bits:  # the mapped source is not kept
+            for t in sources:
+                ck.release_pages(t)
 
     def linear_ready(mod_name: str, parts: dict) -> bool:
         if "weight" not in parts or (src_bits and "weight_scale" not in parts):
@@ -185,7 +189,9 @@ def load_model(ckpt, prof: profiles.Profile):
             if tuple(tensor.shape) != expected:
                 raise ModelError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, config.json says {expected}",
                                  hint="config.json and the weights come from different models; `glmsetup fetch` repairs it")
-            _set_param(model, key, tensor.to(device=device_of(key), dtype=dtype))
+            value = tensor.to(device=device_of(key), dtype=dtype)
+            _set_param(model, key, value)
+            ck.release_pages(tensor, value)
             missing.discard(key)
         del tensors
     if pending or missing:
