@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 from glmsetup.errors import GlmsetupError, require
 
 TITLE = "ChatGLM2-6B"
+CACHE_TTL_S = 1800
 DEFAULTS = {"max_length": 8192, "top_p": 0.8, "temperature": 0.95, "repetition_penalty": 1.0}
 LATEX_DELIMITERS = [
     {"left": "$$", "right": "$$", "display": True},
@@ -154,7 +155,9 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
                                                elem_id="repetition-penalty")
         query = gr.State("")
         history = gr.State([])
-        past_key_values = gr.State(None)
+        # The cache is the big part of a session: an idle tab's is dropped (its history is kept, and
+        # the next turn simply recomputes the context from it).
+        past_key_values = gr.State(None, time_to_live=CACHE_TTL_S)
         stop = gr.State(StopFlag())
 
         inputs = [query, chatbot, max_length, top_p, temperature, repetition_penalty, history,

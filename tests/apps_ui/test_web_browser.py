@@ -70,6 +70,7 @@ def served(tiny_chat):
         demo.close()
 
 
+SHORT = {**ENDLESS, "max_new_tokens": 40}
 QUESTION = "hello there: $e^{i\\pi} + 1 = 0$ and\n\n```python\nprint(42)\n```"
 
 
@@ -100,7 +101,7 @@ def set_max_length(page, value: int) -> None:
 
 def test_chat_stream_slider_stop_clear(served, browser):
     url, model = served
-    model.extra_kwargs = {"max_new_tokens": 40}  # short answers: the turns below stay quick
+    model.extra_kwargs = SHORT  # 40 tokens each: long enough to watch, short enough to be quick
     page = browser.new_page()
     page.goto(url)
     page.wait_for_selector("#user-input textarea", timeout=30000)
@@ -146,7 +147,7 @@ def test_chat_stream_slider_stop_clear(served, browser):
     wait_for(lambda: model.finished >= 3, timeout=20)
     assert model.calls[2]["max_length"] == 32768 and model.calls[2]["stop_event"].is_set()
     wait_for(lambda: len(bot_texts(page)) == 3)
-    model.extra_kwargs = {"max_new_tokens": 40}
+    model.extra_kwargs = SHORT
 
     # Clear History empties the page and the model's history and cache.
     page.click("#clear")
