@@ -13,6 +13,7 @@ Generation is serialised through the queue (one answer at a time per model by de
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Iterator, Optional
 
 from glmsetup.errors import GlmsetupError, require
@@ -90,6 +91,16 @@ def predict(tokenizer, model, query: str, chatbot: Optional[list], max_length: i
         yield chatbot, history, past_key_values
 
 
+def answer_stats(tokenizer, response: str, seconds: float, stopped: bool = False) -> str:
+    """One line under the chat: tokens, seconds and tokens/s of the last answer."""
+    try:
+        tokens = len(tokenizer.encode(response, add_special_tokens=False))
+    except Exception:  # a tokenizer without the keyword: a figure is not worth an error
+        return ""
+    rate = tokens / seconds if seconds > 0 else 0.0
+    return f"{tokens} tokens in {seconds:.2f} s, {rate:.1f} tokens/s" + (" (stopped)" if stopped else "")
+
+
 def _message_dict(message) -> dict:
     """A Gradio message object (or a [user, bot] pair of old pages) -> {"role", "content"}."""
     role = getattr(message, "role", None)
@@ -109,18 +120,23 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
 
     def respond(query, chatbot, max_length, top_p, temperature, repetition_penalty, history, past, stop):
         if not query or not query.strip():
-            yield chatbot, history, past
+            yield chatbot, history, past, ""
             return
         epoch = stop.epoch
+        started = time.perf_counter()
+        response = ""
         try:
             for update in predict(tokenizer, model, query, chatbot, max_length, top_p, temperature,
                                   repetition_penalty, history, past, stop_event=stop.event):
                 if stop.epoch != epoch:  # Clear was pressed while this answer streamed
-                    yield [], [], None
+                    yield [], [], None, ""
                     return
-                yield update
+                response = update[0][-1]["content"]
+                yield (*update, "")
         except GlmsetupError as exc:  # e.g. no room left under Maximum length: say so on the page
             raise gr.Error(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
+        yield gr.skip(), gr.skip(), gr.skip(), answer_stats(tokenizer, response, time.perf_counter() - started,
+                                                            stopped=stop.is_set())
 
     def stop_answer(stop: StopFlag):
         stop.set()
@@ -128,12 +144,13 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
     def clear_all(stop: StopFlag):
         stop.epoch += 1
         stop.set()
-        return [], [], None, ""
+        return [], [], None, "", ""
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"<h1 align='center'>{TITLE}</h1>")
         chatbot = gr.Chatbot(label="ChatGLM2-6B", latex_delimiters=LATEX_DELIMITERS, height=480,
                              elem_id="chatbot", buttons=["copy"])
+        stats = gr.Markdown("", elem_id="stats")
         with gr.Row():
             with gr.Column(scale=4):
                 user_input = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
@@ -162,15 +179,16 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
 
         inputs = [query, chatbot, max_length, top_p, temperature, repetition_penalty, history,
                   past_key_values, stop]
-        outputs = [chatbot, history, past_key_values]
+        outputs = [chatbot, history, past_key_values, stats]
         for trigger in (user_input.submit, submit_btn.click):
             trigger(submit_text, [user_input, stop], [user_input, query], queue=False).then(
                 respond, inputs, outputs, concurrency_limit=concurrency_limit, concurrency_id="generate",
                 show_progress="hidden")
         stop_btn.click(stop_answer, [stop], None, queue=False)
-        clear_btn.click(clear_all, [stop], [chatbot, history, past_key_values, user_input], queue=False)
+        cleared = [chatbot, history, past_key_values, user_input, stats]
+        clear_btn.click(clear_all, [stop], cleared, queue=False)
         # The chatbot's own trash icon forgets the model's history and cache as well.
-        chatbot.clear(clear_all, [stop], [chatbot, history, past_key_values, user_input], queue=False)
+        chatbot.clear(clear_all, [stop], cleared, queue=False)
 
     demo.queue(max_size=max_queue, default_concurrency_limit=concurrency_limit)
     return demo

@@ -116,6 +116,7 @@ def test_chat_stream_slider_stop_clear(served, browser):
              timeout=30, interval=0.02)
     wait_for(lambda: model.finished >= 1)
     wait_for(lambda: len(bot_texts(page)) == 1 and bot_texts(page)[0].strip())
+    wait_for(lambda: "tokens/s" in page.inner_text("#stats"), timeout=10)
 
     # Messages render as Markdown with LaTeX (KaTeX) and highlighted code blocks.
     user = page.locator('[data-testid="user"]').first
@@ -147,11 +148,13 @@ def test_chat_stream_slider_stop_clear(served, browser):
     wait_for(lambda: model.finished >= 3, timeout=20)
     assert model.calls[2]["max_length"] == 32768 and model.calls[2]["stop_event"].is_set()
     wait_for(lambda: len(bot_texts(page)) == 3)
+    wait_for(lambda: "(stopped)" in page.inner_text("#stats"), timeout=10)
     model.extra_kwargs = SHORT
 
     # Clear History empties the page and the model's history and cache.
     page.click("#clear")
     wait_for(lambda: page.locator('[data-testid="user"]').count() == 0, timeout=10)
+    assert "tokens/s" not in page.inner_text("#stats")
     send(page, "fresh start")
     wait_for(lambda: len(model.calls) == 4 and model.finished >= 4)
     assert model.calls[3]["history"] == [] and model.calls[3]["past_key_values"] is None
