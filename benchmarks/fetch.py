@@ -54,7 +54,8 @@ def tool_commands(server: Server, dest: Path, home: Path) -> dict:
     hub = [sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
            f"snapshot_download('{REPO}', endpoint=sys.argv[1], local_dir=sys.argv[2], token=False)",
            server.url, str(dest)]
-    return {"glmsetup fetch": (ours, env), "huggingface_hub": (hub, env), "curl (parallel)": ("curl", env)}
+    return {"glmsetup fetch": (ours, env), "glmsetup fetch --connections 4": (ours + ["--connections", "4"], env),
+            "huggingface_hub": (hub, env), "curl (parallel)": ("curl", env)}
 
 
 def run_tool(name: str, server: Server, dest: Path, home: Path, kill_at: float = 0.0) -> dict:
@@ -107,7 +108,7 @@ def main():
     total = sum(s["size"] for s in files.values())
     shards = sorted(p for p in files if p.endswith(".bin"))
     work = Path(tempfile.mkdtemp(prefix="glmsetup-bench-"))
-    tools = ["curl (parallel)", "huggingface_hub", "glmsetup fetch"]
+    tools = ["curl (parallel)", "huggingface_hub", "glmsetup fetch", "glmsetup fetch --connections 4"]
     rows = {}
     try:
         for tool in tools:  # throughput

@@ -496,7 +496,7 @@ def serve_forever(shards: int, shard_bytes: int) -> None:
     """Run an HF server with a generated model in this process; prints its URL (used by benchmarks/fetch.py)."""
     import sys
 
-    server = HFServer(FileStore(make_model_files(shards=shards, shard_bytes=shard_bytes)))
+    server = HFServer(FileStore(make_model_files(shards=shards, shard_bytes=shard_bytes)), page_size=1000)
     print(server.url, flush=True)
     try:
         sys.stdin.read()
