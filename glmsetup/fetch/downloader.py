@@ -179,8 +179,16 @@ class Downloader:
     def _join(self, workers):
         for _ in workers:
             self.jobs.put(None)
+        deadline = time.monotonic() + 2.0
         for w in workers:
-            w.join(timeout=30)
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(w.is_alive() for w in workers):  # a stream blocked in a read: closing its socket wakes it
+            try:
+                self.client.close()
+            except Exception:  # closing under a reader may complain; the reader still wakes up
+                pass
+            for w in workers:
+                w.join(timeout=10)
         for task in self.tasks:
             if task.status == "pending":
                 try:
