@@ -325,6 +325,11 @@ class HFServer(BaseServer):
         if path.startswith("/_loopback/"):  # control for benchmarks running this server in another process
             return self._control(h, path[len("/_loopback/"):], query)
         if path.startswith("/api/models/"):
+            fault = self.store.faults.take("api", ("api429", "api_html"))
+            if fault and fault.kind == "api429":
+                return h.send_simple(429, b"rate limited", {"Retry-After": str(fault.params.get("seconds", 1))})
+            if fault:
+                return h.send_simple(200, HTML_PAGE, content_type="text/html")
             rest = path[len("/api/models/"):]
             for kind in ("revision", "tree"):
                 marker = f"/{kind}/"
@@ -403,6 +408,20 @@ class HFServer(BaseServer):
             return h.send_simple(302, b"", common)
         common["ETag"] = f'"{self._entry_tree(file)["oid"]}"'
         h.send_file(file, common)
+
+
+class RedirectingMirror(BaseServer):
+    """A mirror that answers everything with an absolute 308 to another host (seen in the wild)."""
+
+    name = "mirror"
+
+    def __init__(self, store: FileStore, target: str):
+        super().__init__(store)
+        self.target = target
+
+    def route(self, h, method, path, query):
+        location = self.target + h.path
+        h.send_simple(308, b"", {"Location": location})
 
 
 class ModelScopeServer(BaseServer):

@@ -139,3 +139,28 @@ def test_human_output_names_the_folder_and_next_command(cli, hf_server, tmp_path
     result = cli("fetch", "--endpoint", hf_server.url, "--model-dir", str(tmp_path / "m"))
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "m") in result.stdout and "glmsetup run cli --model" in result.stdout
+
+
+def test_api_rate_limit_and_html_answers_are_retried(cli, hf_server, store, tmp_path):
+    store.faults.add("api429", path="api", seconds=1)
+    store.faults.add("api_html", path="api")
+    started = time.monotonic()
+    fetch(cli, hf_server, tmp_path / "m")
+    assert time.monotonic() - started >= 0.9 and all(f.times == 0 for f in store.faults.items)
+    assert same_files(tmp_path / "m", store.files)
+
+
+def test_mirror_redirecting_to_another_host_gets_no_token(cli, hf_server, store, tmp_path, monkeypatch):
+    from .servers import RedirectingMirror
+
+    mirror = RedirectingMirror(store, hf_server.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    try:
+        fetch(cli, mirror, tmp_path / "m")
+    finally:
+        mirror.close()
+    assert same_files(tmp_path / "m", store.files)
+    to_mirror = [r for r in store.requests if r["server"] == "mirror"]
+    elsewhere = [r for r in store.requests if r["server"] != "mirror"]
+    assert to_mirror and all(r["headers"].get("Authorization") for r in to_mirror)
+    assert elsewhere and not any(r["headers"].get("Authorization") for r in elsewhere)
