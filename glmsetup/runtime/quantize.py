@@ -2,34 +2,15 @@
 
 The scheme (chatglm2.md section 7): symmetric, one scale per output row,
 ``scale = max|W_row| / (2**(bits-1) - 1)`` and ``q = round(W / scale)`` stored as int8 (int4 values
-lie in -7..7). Activations stay in 16 bits. The chatglm2-6b-int4 checkpoint stores int4 rows
-packed two values per byte, the even column in the high nibble: ``byte = (q[2j] << 4) | (q[2j+1] & 0xF)``.
-
-``WeightOnlyLinear`` keeps only the form its kernel reads (no 16-bit copy of the weight):
-
-==================  =========================================================================
-backend             used when
-==================  =========================================================================
-``cpu_int8pack``    CPU, 8 bits, in_features % 16 == 0: ``aten._weight_int8pack_mm`` (bf16)
-``cpu_int4pack``    CPU, 4 bits, out_features % 16 == 0, in_features % 32 == 0:
-                    ``aten._weight_int4pack_mm_for_cpu`` (bf16, groups of up to 256 columns)
-``cuda_int8pack``   CUDA, 8 bits, batch of at most 16 rows: ``aten._weight_int8pack_mm`` (fp32)
-``cuda_int4pack``   CUDA sm80+, 4 bits, out % 8 == 0, in % 32 == 0: ``aten._weight_int4pack_mm``
-``dequant``         anything else: dequantize to the activation dtype per call, then matmul
-==================  =========================================================================
-
-The CPU kernels are only vectorized for bf16 on x86, so on CPU activations of any dtype are
-rounded to bf16 for the kernel and the result is cast back to the input dtype. The int4 kernel
-groups columns with an asymmetric scale/zero pair per group; the official per-row scale maps onto
-it exactly: every group of a row gets the row's scale, the zero point is 0, and the stored nibble
-is ``q + 8`` (the kernel computes ``(nibble - 8) * scale + zero``). Per-row scales are held in the
-kernel's dtype (bf16 on CPU), so a scale read from an fp16 checkpoint is rounded by at most 2**-9.
-The CUDA kernels are checked once against the dequantized product when a layer is built and are
-replaced by ``dequant`` if they are missing or disagree.
-
-``state_dict()`` always holds the official layout (``weight``: int8 ``[out, in]``, or packed int8
-``[out, in/2]`` for 4 bits; ``weight_scale``: ``[out]``; ``bias``), whatever the backend, so a
-quantized model can be saved and loaded on another machine or device.
+lie in -7..7); activations stay in 16 bits. ``WeightOnlyLinear`` keeps only the form its kernel
+reads (``backend``: ``cpu_int8pack``, ``cpu_int4pack``, ``cuda_int8pack``, ``cuda_int4pack``, or
+``dequant`` for shapes and devices no kernel takes); every kernel is checked once per process on a
+probe layer and replaced by ``dequant`` if it disagrees with the dequantized product. On CPU the
+kernels run in bf16 (the only vectorized dtype on x86) with per-row scales held in bf16; the int4
+kernel's groups and (scale, zero) pairs reproduce the per-row symmetric values exactly (each group
+gets the row's scale, zero 0, nibble ``q + 8``). ``state_dict()`` always holds the official layout
+(``weight``, ``weight_scale``, ``bias``), whatever the backend. docs/runtime.md has the details,
+the shape rules of each kernel, the accuracy bounds and the measured speed.
 """
 from __future__ import annotations
 
