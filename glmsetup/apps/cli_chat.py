@@ -139,9 +139,6 @@ class Conversation:
             return max(len(self.tokenizer.encode(text)) - 2, 0)
 
 
-_DONE = object()
-
-
 def _worker(conv: Conversation, query: str, stop_event: threading.Event, out: "queue.Queue") -> None:
     try:
         for response in conv.stream(query, stop_event):
@@ -149,7 +146,7 @@ def _worker(conv: Conversation, query: str, stop_event: threading.Event, out: "q
     except BaseException as exc:  # reported by the printing thread; the loop goes on
         out.put(("error", exc))
     finally:
-        out.put(("done", _DONE))
+        out.put(("done", None))
 
 
 class ChatLoop:
