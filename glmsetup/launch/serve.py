@@ -71,7 +71,10 @@ def run_child(plan: RunPlan, name: str, *, json_mode: bool = False) -> int:
 
     def forward(signum, _frame=None):
         if proc.poll() is None:
-            proc.send_signal(signum)
+            try:
+                proc.send_signal(signum)
+            except (ValueError, OSError):  # Windows: the console already sent Ctrl-C to the child
+                pass
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
