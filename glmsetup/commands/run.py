@@ -1,6 +1,8 @@
 """glmsetup run {cli,web,streamlit,api}: one command per demo, safe by default."""
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from glmsetup.cli import JSON_KEY, json_option
@@ -47,7 +49,7 @@ def render_plan(console, data: dict) -> None:
     if cmd:
         from glmsetup import output
 
-        env = " ".join(f"{k}={v}" for k, v in (data.get("env") or {}).items())
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in (data.get("env") or {}).items())
         console.print(output.escape(f"{env} {cmd}".strip()), soft_wrap=True, highlight=False)
 
 

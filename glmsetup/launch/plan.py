@@ -56,6 +56,11 @@ class RunPlan:
         return ["***" if key and part == key else part for part in self.command]
 
     @property
+    def shown_env(self) -> dict:
+        key = self.binding.api_key
+        return {k: ("***" if key and v == key else v) for k, v in self.env.items()}
+
+    @property
     def warnings(self) -> list:
         return self.binding.warnings + self.memory_warnings
 
@@ -69,7 +74,7 @@ class RunPlan:
             "binding": self.binding.to_dict(),
             "command": self.shown_command,
             "command_line": shlex.join(self.shown_command) if self.command else None,
-            "env": self.env, "cwd": str(self.cwd) if self.cwd else None,
+            "env": self.shown_env, "cwd": str(self.cwd) if self.cwd else None,
             "official": self.official, "notes": list(self.notes), "warnings": list(self.warnings),
         }
 

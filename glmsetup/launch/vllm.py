@@ -89,8 +89,6 @@ def vllm_command(folder: Path, plan: RunPlan, tensor_parallel_size: int, templat
         cmd += ["--dtype", VLLM_DTYPES[plan.profile.dtype]]
     if template is not None:
         cmd += ["--chat-template", str(template)]
-    if b.api_key:
-        cmd += ["--api-key", b.api_key]
     if b.cors:
         cmd += ["--allowed-origins", json.dumps(list(b.cors))]
     return cmd
@@ -127,6 +125,8 @@ def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = F
         plan.notes.append(f"--tensor-parallel-size {tensor_parallel_size} differs from the profile's "
                           f"num_gpus {plan.profile.num_gpus}; the flag wins")
     plan.command = vllm_command(folder, plan, tensor_parallel_size, template)
+    if plan.binding.api_key:  # vLLM reads it from there: the key stays out of the process list
+        plan.env["VLLM_API_KEY"] = plan.binding.api_key
     plan.official = None
     return plan
 
