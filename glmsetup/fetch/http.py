@@ -40,7 +40,7 @@ class Settings:
     read_timeout: float = 30.0  # no byte at all for this long: stalled
     stall_window: float = 30.0  # seconds over which min_speed is measured
     min_speed: float = 1024.0  # bytes per second below which a stream counts as stalled
-    flush_seconds: float = 0.25  # progress records are rewritten this often
+    flush_seconds: float = 0.1  # progress records are rewritten this often
     probe_bytes: int = 1 << 20  # bytes fetched from each source when --source auto measures speed
 
     @classmethod
