@@ -350,30 +350,29 @@ class Downloader:
 
     def _handle(self, task, seg, origin, response, final_url, redirected, ranged, key) -> None:
         spec, partial = task.spec, task.partial
-        if True:
-            status = response.status_code
-            if redirected:
-                self.cdn[key] = final_url
-            if status in (401, 403) and key in self.cdn:
-                self.cdn.pop(key, None)
-                raise Retry(f"{describe_error(response)}: the signed address expired, asking again", progress=True)
-            if status == 416:
-                raise Restart(f"{spec.path}: the server refused the range (416): the partial file is stale")
-            if status in (429, 500, 502, 503, 504, 408):
-                raise Retry(f"{spec.path}: {describe_error(response)}", wait=retry_after(response))
-            if status not in (200, 206):
-                raise OriginFailed(f"{spec.path}: {describe_error(response)} from {origin.name}")
-            if "text/html" in response.headers.get("content-type", "").lower() and not spec.path.endswith(".html"):
-                raise Retry(f"{spec.path}: the server answered an HTML page instead of the file")
-            skip = 0
-            if status == 206:
-                self._check_content_range(response, seg, spec)
-            elif ranged:  # 200 to a Range request: the body starts at byte 0 of the file
-                if seg.start == 0:
-                    partial.restart_segment(seg)
-                else:
-                    skip = seg.offset
-            self._copy(task, seg, response, skip)
+        status = response.status_code
+        if redirected:
+            self.cdn[key] = final_url
+        if status in (401, 403) and key in self.cdn:
+            self.cdn.pop(key, None)
+            raise Retry(f"{describe_error(response)}: the signed address expired, asking again", progress=True)
+        if status == 416:
+            raise Restart(f"{spec.path}: the server refused the range (416): the partial file is stale")
+        if status in (429, 500, 502, 503, 504, 408):
+            raise Retry(f"{spec.path}: {describe_error(response)}", wait=retry_after(response))
+        if status not in (200, 206):
+            raise OriginFailed(f"{spec.path}: {describe_error(response)} from {origin.name}")
+        if "text/html" in response.headers.get("content-type", "").lower() and not spec.path.endswith(".html"):
+            raise Retry(f"{spec.path}: the server answered an HTML page instead of the file")
+        skip = 0
+        if status == 206:
+            self._check_content_range(response, seg, spec)
+        elif ranged:  # 200 to a Range request: the body starts at byte 0 of the file
+            if seg.start == 0:
+                partial.restart_segment(seg)
+            else:
+                skip = seg.offset
+        self._copy(task, seg, response, skip)
 
     @staticmethod
     def _check_content_range(response: httpx.Response, seg: Segment, spec: FileSpec) -> None:
