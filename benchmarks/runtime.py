@@ -147,10 +147,10 @@ def child_measure(src: str, profile: str, tokens: int, stock: bool) -> dict:
     def generate(n):
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False)
+            out = model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, eos_token_id=None)
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n + 1, do_sample=False)
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n + 1, do_sample=False, eos_token_id=None)
             made = out.shape[1] - len(ids)
         return (time.perf_counter() - t0 - prefill) / max(made - 1, 1)
 

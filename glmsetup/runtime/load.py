@@ -189,7 +189,7 @@ def load_model(ckpt, prof: profiles.Profile):
             if tuple(tensor.shape) != expected:
                 raise ModelError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, config.json says {expected}",
                                  hint="config.json and the weights come from different models; `glmsetup fetch` repairs it")
-            value = tensor.to(device=device_of(key), dtype=dtype)
+            value = _copy_to(tensor, device_of(key), dtype)
             _set_param(model, key, value)
             ck.release_pages(tensor, value)
             missing.discard(key)
@@ -209,6 +209,29 @@ def load_model(ckpt, prof: profiles.Profile):
     if prof.num_gpus > 1:
         _dispatch(model, main_dev, layer_devs)
     return model
+
+
+CHUNK_BYTES = 64 << 20
+
+
+def _copy_to(tensor, device, dtype):
+    """tensor.to(device, dtype), for a large mapped tensor in row chunks whose source pages are given
+    back as they are copied (the 1 GB embedding never sits twice in memory)."""
+    import torch
+
+    from glmsetup.runtime import checkpoint as ck
+
+    same = tensor.device == torch.device(device) and tensor.dtype == dtype
+    nbytes = tensor.numel() * tensor.element_size()
+    if same or tensor.device.type != "cpu" or tensor.dim() < 2 or nbytes <= CHUNK_BYTES:
+        return tensor.to(device=device, dtype=dtype)
+    out = torch.empty(tensor.shape, dtype=dtype, device=device)
+    rows = max(1, CHUNK_BYTES // max(1, tensor[0].numel() * tensor.element_size()))
+    for start in range(0, tensor.shape[0], rows):
+        part = tensor[start:start + rows]
+        out[start:start + rows].copy_(part)
+        ck.release_pages(part)
+    return out
 
 
 def official_generation_config():
