@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ from glmsetup.apps.api_worker import GenerationQueue, QueueFull  # noqa: E402
 __all__ = ["create_app", "serve", "ServerThread", "MODEL_ID"]
 
 MODEL_ID = "chatglm2-6b"
+log = logging.getLogger("glmsetup.api")
 OFFICIAL_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}
 
 
@@ -236,6 +238,12 @@ async def _call_watching(request: Request, queue: GenerationQueue, fn, stop: thr
     watcher = asyncio.create_task(watch())
     try:
         return await queue.call(fn, stop)
+    except (QueueFull, ApiError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # the model failed: one line in the log, a 500 for the client
+        log.error("generation failed: %s: %s", exc.__class__.__name__, exc)
+        raise ApiError(500, f"the model failed: {exc.__class__.__name__}: {exc}", type="server_error",
+                       code="generation_failed") from exc
     finally:
         watcher.cancel()
 
@@ -318,6 +326,10 @@ class _Completion:
                     text, stopped = self._cut_at_stop(text)
                     if stopped:
                         break
+            except Exception as exc:
+                log.error("generation failed: %s: %s", exc.__class__.__name__, exc)
+                raise ApiError(500, f"the model failed: {exc.__class__.__name__}: {exc}", type="server_error",
+                               code="generation_failed") from exc
             finally:
                 job.cancel()
         else:
@@ -372,6 +384,7 @@ class _Completion:
                     if stopped:
                         break
             except Exception as exc:  # the model failed mid-stream: tell the client in OpenAI's way
+                log.error("generation failed: %s: %s", exc.__class__.__name__, exc)
                 yield _event(json.dumps(error_body(f"the model failed: {exc.__class__.__name__}: {exc}",
                                                    type="server_error", code="generation_failed")))
                 return

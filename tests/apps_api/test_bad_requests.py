@@ -125,3 +125,44 @@ def test_cors_is_off_unless_asked(api, tiny_chat, start_server):
     r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://other.test", "Authorization": "Bearer k"},
                   timeout=30)
     assert "access-control-allow-origin" not in r.headers
+
+
+class FailingModel:
+    """The real tiny model, made to fail after two pieces of text (a model crash mid-answer)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def stream_chat(self, tokenizer, query, history=None, **kwargs):
+        for n, item in enumerate(self._model.stream_chat(tokenizer, query, history, **kwargs)):
+            if n == 2:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            yield item
+
+    def chat(self, tokenizer, query, history=None, **kwargs):
+        *_, last = self.stream_chat(tokenizer, query, history, **kwargs)
+        return last
+
+
+def test_a_failing_model_gives_a_500_and_the_server_survives(tiny_chat, start_server):
+    tokenizer, model = tiny_chat
+    server = start_server(tokenizer, FailingModel(model))
+    body = {"messages": USER, "max_tokens": 30, "temperature": 0}
+    r = httpx.post(server.url + CHAT, json=body, timeout=30)
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error" and "illegal memory access" in r.json()["error"]["message"]
+    r = httpx.post(server.url + CHAT, json={**body, "stop": ["\n\n"]}, timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+    r = httpx.post(server.url + "/", json={"prompt": "hi", "max_length": 60}, timeout=30)
+    assert r.status_code == 500 and "error" in r.json()
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError) as info:
+        for _chunk in c.chat.completions.create(model="chatglm2-6b", messages=USER, max_tokens=30, temperature=0,
+                                                stream=True):
+            pass
+    assert "illegal memory access" in str(info.value)
+    assert httpx.get(server.url + "/health", timeout=30).json()["queue"]["running"] == 0
+    assert httpx.get(server.url + "/v1/models", timeout=30).status_code == 200
