@@ -13,7 +13,8 @@ def render_selftest(console, data: dict) -> None:
 
     table = Table(title=f"selftest ({data['seconds']:.1f} s)", title_justify="left")
     for col in ("", "check", "seconds", "detail"):
-        table.add_column(col, justify="right" if col == "seconds" else "left")
+        table.add_column(col, justify="right" if col == "seconds" else "left",
+                         overflow="fold" if col == "detail" else "ellipsis")
     for c in data["checks"]:
         detail = output.escape(c["detail"])
         if c["hint"]:
