@@ -146,3 +146,11 @@ def test_beam_search_and_errors(tiny_model, tiny_tokenizer):
         tiny_model.chat(tiny_tokenizer, "你好", typo_option=1)
     with pytest.raises(UsageError, match="past_key_values"):
         next(tiny_model.stream_chat(tiny_tokenizer, "你好", past_key_values=((1, 2),)))
+
+
+def test_return_past_without_cache_reads_the_whole_conversation(tiny_model, tiny_tokenizer):
+    history = [("你好", "你好👋")]
+    *_, (_, _, past) = tiny_model.stream_chat(tiny_tokenizer, "天气", history=history, temperature=0,
+                                              max_new_tokens=2, return_past_key_values=True)
+    prompt_ids = tiny_tokenizer.encode(tiny_tokenizer.build_prompt("天气", history))
+    assert past.tokens[:len(prompt_ids)] == prompt_ids
