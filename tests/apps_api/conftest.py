@@ -101,3 +101,16 @@ def wait_idle(server, timeout: float = 30.0) -> None:
             return
         assert time.monotonic() < deadline, f"the server stayed busy: {queue}"
         time.sleep(0.02)
+
+
+def direct_stream(server, tiny_chat, query, history=None, **kw):
+    """The last text of the model's own stream_chat (greedy). It can differ from chat() at the very end:
+    chat decodes the whole answer like the official code, while a stream never shows a text ending in an
+    incomplete character."""
+    wait_idle(server)
+    tokenizer, model = tiny_chat
+    response = ""
+    for response, _history in model.stream_chat(tokenizer, query, history or [], do_sample=False,
+                                                temperature=0.0, **kw):
+        pass
+    return response

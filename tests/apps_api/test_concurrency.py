@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.apps_api.conftest import SlowModel, wait_idle
-from tests.apps_api.test_openai_protocol import direct_stream
+from tests.apps_api.conftest import SlowModel, direct_stream, wait_idle
 
 openai = pytest.importorskip("openai")
 

@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from tests.apps_api.conftest import wait_idle
+from tests.apps_api.conftest import direct_stream, wait_idle
 
 openai = pytest.importorskip("openai")
 
@@ -24,19 +24,6 @@ def direct(server, tiny_chat, query, history=None, **kw):
     kw.setdefault("do_sample", False)
     kw.setdefault("temperature", 0.0)
     response, _ = model.chat(tokenizer, query, history or [], **kw)
-    return response
-
-
-def direct_stream(server, tiny_chat, query, history=None, **kw):
-    """The last text of the model's own stream_chat (greedy). It can differ from chat() at the very end:
-    chat decodes the whole answer like the official code, while a stream never shows a text ending in an
-    incomplete character."""
-    wait_idle(server)
-    tokenizer, model = tiny_chat
-    response = ""
-    for response, _history in model.stream_chat(tokenizer, query, history or [], do_sample=False,
-                                                temperature=0.0, **kw):
-        pass
     return response
 
 
