@@ -304,7 +304,7 @@ class Downloader:
             url = self.cdn.get(key) or origin.url_for(task.spec.path)
             before = seg.done
             try:
-                with self._slot(url):
+                with self._slot(origin.url_for(task.spec.path)):  # per source host, CDN included
                     self._stream(task, seg, origin, url, key)
             except Retry as exc:
                 if exc.progress:  # a redirected address expired: ask again at once, bytes kept

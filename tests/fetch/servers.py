@@ -99,6 +99,8 @@ class FileStore:
         self.faults = Faults()
         self.rate: Optional[float] = None
         self.lock = threading.Lock()
+        self.active: Dict[str, int] = {}  # server -> bodies being sent now
+        self.max_active: Dict[str, int] = {}  # server -> most bodies sent at once
 
     def is_lfs(self, path: str) -> bool:
         return path.endswith(LFS_SUFFIXES)
@@ -170,6 +172,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_file(self, path: str, extra_headers=None):
         """A file body with Range support and the faults that apply to it."""
+        name = self.app.name
+        with self.store.lock:
+            self.store.active[name] = self.store.active.get(name, 0) + 1
+            self.store.max_active[name] = max(self.store.max_active.get(name, 0), self.store.active[name])
+        try:
+            self._send_file(path, extra_headers)
+        finally:
+            with self.store.lock:
+                self.store.active[name] -= 1
+
+    def _send_file(self, path: str, extra_headers=None):
         store = self.store
         data = store.files[path]
         size = len(data)
@@ -239,10 +252,10 @@ class Handler(BaseHTTPRequestHandler):
         step = 64 << 10
         for i in range(0, len(body), step):
             piece = body[i:i + step]
+            if rate and i:  # throttled before each piece but the first, so the last byte ends the request
+                time.sleep(len(piece) / rate)
             self.wfile.write(piece)
             self.store.count(path, len(piece))
-            if rate:
-                time.sleep(len(piece) / rate)
 
 
 class BaseServer:

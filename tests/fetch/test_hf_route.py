@@ -164,3 +164,12 @@ def test_mirror_redirecting_to_another_host_gets_no_token(cli, hf_server, store,
     elsewhere = [r for r in store.requests if r["server"] != "mirror"]
     assert to_mirror and all(r["headers"].get("Authorization") for r in to_mirror)
     assert elsewhere and not any(r["headers"].get("Authorization") for r in elsewhere)
+
+
+@pytest.mark.parametrize("per_host,connections", [("2", "8"), ("8", "3")])
+def test_connections_are_bounded_per_host_and_in_all(cli, hf_server, store, tmp_path, monkeypatch, per_host, connections):
+    monkeypatch.setenv("GLMSETUP_FETCH_PER_HOST", per_host)
+    store.rate = 20_000_000  # slow enough for streams to overlap
+    fetch(cli, hf_server, tmp_path / "m", "--connections", connections)
+    assert same_files(tmp_path / "m", store.files)
+    assert store.max_active["cdn"] == min(int(per_host), int(connections))  # the CDN serves the shards
