@@ -74,8 +74,12 @@ def apply_repetition_penalty(scores: torch.Tensor, context: torch.Tensor, penalt
 
 
 def guard_invalid(scores: torch.Tensor) -> torch.Tensor:
-    """The official guard: NaN or inf anywhere -> all scores 0 and token 5 at 5e4."""
-    if torch.isnan(scores).any() or torch.isinf(scores).any():
+    """The official guard: NaN or +inf anywhere (or nothing left to pick) -> all scores 0, token 5 at 5e4.
+
+    Unlike the official code, -inf alone does not trip it: it is how min_new_tokens and a caller's
+    processors ban tokens, and the official guard turned every such ban into an endless run of token 5.
+    """
+    if torch.isnan(scores).any() or torch.isposinf(scores).any() or torch.isneginf(scores).all(dim=-1).any():
         scores = torch.zeros_like(scores)
         scores[..., 5] = 5e4
     return scores
@@ -104,7 +108,8 @@ def next_tokens(scores: torch.Tensor, context: torch.Tensor, s: Sampling, genera
     """Pick the next token of every row from fp32 last-position logits [batch, vocab]."""
     scores = apply_repetition_penalty(scores, context, s.repetition_penalty)
     if generated < s.min_new_tokens:
-        scores[:, list(s.eos_token_ids)] = float("-inf")
+        banned = torch.tensor(s.eos_token_ids, device=scores.device)
+        scores = scores.index_fill(1, banned, float("-inf"))
     for proc in s.processors:
         scores = proc(context, scores)
     scores = guard_invalid(scores)

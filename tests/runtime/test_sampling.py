@@ -1,0 +1,49 @@
+"""The logits pipeline: the invalid-score guard, min_new_tokens, bans by -inf, greedy at temperature 0."""
+from __future__ import annotations
+
+import torch
+
+from glmsetup.runtime import sampling
+
+
+def pick(scores, generated=0, **kw):
+    s = sampling.make_sampling(False, 0.8, 0.8, kw.pop("logits_processor", None), kw)
+    return int(sampling.next_tokens(scores, torch.zeros(1, 0, dtype=torch.long), s, generated)[0])
+
+
+def test_nan_or_positive_inf_trips_the_official_guard():
+    scores = torch.randn(1, 32)
+    scores[0, 9] = float("nan")
+    assert pick(scores) == 5
+    scores = torch.randn(1, 32)
+    scores[0, 9] = float("inf")
+    assert pick(scores) == 5
+
+
+def test_a_ban_by_minus_inf_is_not_an_invalid_score():
+    scores = torch.randn(1, 32)
+    scores[0, 7] = 100.0
+
+    def ban_seven(_ids, s):
+        return s.masked_fill(torch.arange(s.shape[-1]) == 7, float("-inf"))
+
+    chosen = pick(scores.clone(), logits_processor=[ban_seven])
+    assert chosen not in (5, 7)
+    assert chosen == int(scores[0].masked_fill(torch.arange(32) == 7, -1e9).argmax())
+
+
+def test_min_new_tokens_keeps_eos_out_until_reached_even_in_inference_mode():
+    scores = torch.zeros(1, 32)
+    scores[0, 2] = 50.0  # eos is by far the best
+    with torch.inference_mode():
+        inference_scores = scores.clone()
+    assert pick(inference_scores, generated=0, min_new_tokens=3) != 2
+    assert pick(scores.clone(), generated=3, min_new_tokens=3) == 2
+
+
+def test_min_new_tokens_through_chat(tiny_model_dir):
+    import glmsetup
+
+    tokenizer, model = glmsetup.load_chat_model(tiny_model_dir, profile="cpu")
+    response, _ = model.chat(tokenizer, "hi", temperature=0, min_new_tokens=6, max_new_tokens=6)
+    assert len(tokenizer.encode(response, add_special_tokens=False)) >= 3
