@@ -19,6 +19,11 @@ SOURCES = ("hf", "modelscope", "tsinghua", "git")
 WEIGHT_SOURCES = ("hf", "modelscope", "tsinghua")
 
 
+# Not every value below could be checked against the live servers from where this table was written: the
+# ModelScope revisions of the int4 and 32k models and the share's folder names are the ones to confirm
+# first when a route answers "revision not found" or an empty listing (`--revision` overrides the former).
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
