@@ -248,10 +248,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _write(self, path: str, body: bytes):
-        rate = self.store.rate
         step = 64 << 10
         for i in range(0, len(body), step):
             piece = body[i:i + step]
+            rate = self.store.rate  # read each time: a test may lift the throttle mid-body
             if rate and i:  # throttled before each piece but the first, so the last byte ends the request
                 time.sleep(len(piece) / rate)
             self.wfile.write(piece)
