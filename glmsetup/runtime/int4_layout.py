@@ -55,11 +55,17 @@ def scales_zeros(scale: torch.Tensor, in_features: int, group: int) -> torch.Ten
 
 def cpu_pack(q: torch.Tensor, row_chunks) -> torch.Tensor:
     """Pack int8 ``q [out, in]`` for ``_weight_int4pack_mm_for_cpu``, 64-row chunks at a time
-    (the kernel's row blocks never straddle a chunk, so chunked packing equals packing at once)."""
+    (the kernel's row blocks never straddle a chunk, so chunked packing equals packing at once).
+    Uses torch's packer, or the same arrangement written with tensor ops (several times faster: torch's
+    packer reads int32 column by column) once a probe has shown both give identical bytes."""
     rows, cols = q.shape
     out = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    fast = _fast_packer()
     for a, b in row_chunks(rows, cols, 64):
-        out[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[a:b].to(torch.int32) + 8, 1)
+        if fast is not None:
+            out[a:b] = _write((q[a:b] + 8).view(torch.uint8), *fast).view(b - a, cols // 2)
+        else:
+            out[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[a:b].to(torch.int32) + 8, 1)
     return out
 
 
@@ -98,13 +104,41 @@ def _read(nibbles: torch.Tensor, fmt: str, block: int, rows: int, cols: int) -> 
 _CANDIDATES = (("i64", 64), ("i32", 32), ("plain", 32), ("plain", 64), ("plain", 16))
 
 
+def _write(nibbles: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
+    """The inverse of :func:`_read`: unsigned nibbles ``[rows, cols]`` (uint8) to packed bytes (flat)."""
+    rows, cols = nibbles.shape
+    full = rows // block
+    parts = []
+    if full:
+        b3 = nibbles[: full * block].view(full, block, cols).transpose(1, 2)  # [full, cols, block]
+        if fmt == "i64":
+            lo, hi = b3[..., :32], b3[..., 32:]
+        elif fmt == "i32":
+            lo, hi = b3[..., :16], b3[..., 16:]
+        else:
+            lo, hi = b3[..., 0::2], b3[..., 1::2]
+        parts.append(((hi << 4) | lo).reshape(-1))
+    if rows - full * block:
+        r2 = nibbles[full * block:].T  # [cols, rest]
+        parts.append(((r2[:, 1::2] << 4) | r2[:, 0::2]).reshape(-1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+_fast: Optional[tuple] = None
+
+
+def _probe():
+    gen = torch.Generator().manual_seed(1234)
+    rows, cols = 176, 32  # 2 blocks of 64 + 48, or 5 blocks of 32 + 16: every branch of the packer
+    probe = torch.randint(0, 16, (rows, cols), generator=gen, dtype=torch.int32)
+    return probe, torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+
+
 def _detect_cpu_format() -> tuple:
     global _cpu_format
     if _cpu_format is None:
-        gen = torch.Generator().manual_seed(1234)
-        rows, cols = 176, 32  # 2 blocks of 64 + 48, or 5 blocks of 32 + 16: every branch of the packer
-        probe = torch.randint(0, 16, (rows, cols), generator=gen, dtype=torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        probe, packed = _probe()
+        rows, cols = probe.shape
         for fmt, block in _CANDIDATES:
             if torch.equal(_read(packed, fmt, block, rows, cols).to(torch.int32), probe):
                 _cpu_format = (fmt, block)
@@ -113,6 +147,20 @@ def _detect_cpu_format() -> tuple:
             raise NotImplementedError("this torch build packs int4 CPU weights in an unknown layout; "
                                       "build the layer with backend='dequant' to save or move it")
     return _cpu_format
+
+
+def _fast_packer() -> Optional[tuple]:
+    """The detected arrangement if writing it with tensor ops reproduces torch's packer byte for byte."""
+    global _fast
+    if _fast is None:
+        try:
+            fmt = _detect_cpu_format()
+            probe, packed = _probe()
+            same = torch.equal(_write(probe.to(torch.uint8), *fmt), packed.reshape(-1))
+            _fast = fmt if same else ()
+        except (NotImplementedError, RuntimeError):
+            _fast = ()
+    return _fast or None
 
 
 def cpu_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from glmsetup.runtime import int4_layout
 
 BACKENDS = ("cpu_int8pack", "cpu_int4pack", "cuda_int8pack", "cuda_int4pack", "dequant")
 CUDA_INT8_MAX_ROWS = 16  # larger batches (prefill) dequantize and use cuBLAS instead
-_ROW_CHUNK_ELEMENTS = 1 << 24  # rows are packed for the int4 kernel in chunks of about this many weights
+_ROW_CHUNK_ELEMENTS = 1 << 22  # rows are packed for the int4 kernel in chunks of about this many weights
 _QUANT_CHUNK_ELEMENTS = 1 << 20  # and quantized in chunks that stay in the CPU's cache
 
 pack_int4 = int4_layout.pack_int4

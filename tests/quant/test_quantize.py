@@ -305,3 +305,13 @@ def test_moves_within_a_device_do_not_repack():
     assert odd.scale.dtype == torch.float16 and odd.bias.dtype == torch.float16
     x = activations(2, 66, dtype=torch.float16)
     check_against_reference(odd, gaussian(27, 66), gaussian(27, 1)[:, 0], x, 8)
+
+
+@pytest.mark.parametrize("shape", [(176, 32), (208, 96), (16, 64), (4608, 64)])
+def test_tensor_op_int4_packer_matches_torchs(shape):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(-7, 8, shape, generator=gen, dtype=torch.int8)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
+    assert int4_layout._fast_packer() is not None  # this torch build's layout is a known one
+    assert torch.equal(int4_layout.cpu_pack(q, quantize._row_chunks), whole)
+    assert torch.equal(int4_layout.cpu_unpack(whole, *shape), q)
