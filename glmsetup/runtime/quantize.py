@@ -25,6 +25,7 @@ from glmsetup.runtime import int4_layout
 
 BACKENDS = ("cpu_int8pack", "cpu_int4pack", "cuda_int8pack", "cuda_int4pack", "dequant")
 CUDA_INT8_MAX_ROWS = 16  # larger batches (prefill) dequantize and use cuBLAS instead
+CPU_KERNEL_MAX_ROWS = {8: 96, 4: 160}  # past this many rows, dequantized blocks and a bf16 matmul win
 _ROW_CHUNK_ELEMENTS = 1 << 22  # rows are packed for the int4 kernel in chunks of about this many weights
 _QUANT_CHUNK_ELEMENTS = 1 << 20  # and quantized in chunks that stay in the CPU's cache
 
@@ -344,16 +345,32 @@ class WeightOnlyLinear(torch.nn.Module):
                                             self.group_size, self.scales_zeros)
         raise RuntimeError(f"no kernel for backend {self.backend}")
 
+    def _prefill_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows at once (a prompt): the CPU kernels are matrix-vector kernels, slower than a bf16
+        matrix multiply past a few hundred rows, so dequantize blocks of output rows to bf16 (a few
+        MB at a time, the layout keeps 64-row blocks contiguous) and multiply those instead."""
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16)
+        scales = self.row_scales()
+        for a, b in _row_chunks(self.out_features, self.in_features, 64, _QUANT_CHUNK_ELEMENTS * 4):
+            if self.backend == "cpu_int4pack":
+                q = int4_layout.cpu_unpack(self.qweight[a:b], b - a, self.in_features)
+            else:
+                q = self.qweight[a:b]
+            out[:, a:b] = F.linear(x2, dequantize_weight(q, scales[a:b], torch.bfloat16))
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        use_kernel = self.backend != "dequant" and x2.shape[0] > 0 and not (
-            self.backend == "cuda_int8pack" and x2.shape[0] > CUDA_INT8_MAX_ROWS)
-        if use_kernel:
-            out = self._kernel_matmul(x2).to(x.dtype)
+        rows = x2.shape[0]
+        if self.backend == "dequant" or rows == 0:
+            out = F.linear(x2, self.dequantize(x.dtype))
+        elif self.backend.startswith("cpu_") and rows > CPU_KERNEL_MAX_ROWS[self.bits]:
+            out = self._prefill_matmul(x2.to(torch.bfloat16)).to(x.dtype)
+        elif self.backend == "cuda_int8pack" and rows > CUDA_INT8_MAX_ROWS:
+            out = F.linear(x2, self.dequantize(x.dtype))
         else:
-            weight = self.dequantize(x.dtype)
-            out = F.linear(x2, weight)
+            out = self._kernel_matmul(x2).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*lead, self.out_features)

@@ -315,3 +315,25 @@ def test_tensor_op_int4_packer_matches_torchs(shape):
     assert int4_layout._fast_packer() is not None  # this torch build's layout is a known one
     assert torch.equal(int4_layout.cpu_pack(q, quantize._row_chunks), whole)
     assert torch.equal(int4_layout.cpu_unpack(whole, *shape), q)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_long_prompts_take_the_dequantized_block_path(bits, monkeypatch):
+    """Past CPU_KERNEL_MAX_ROWS rows the layer multiplies bf16-dequantized blocks of rows instead of
+    calling the matrix-vector kernel; both agree within the bf16 rounding of the weights and output."""
+    weight, bias = gaussian(208, 96), gaussian(208, 1)[:, 0]
+    layer = WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.bfloat16)
+    rows = quantize.CPU_KERNEL_MAX_ROWS[bits] + 1
+    x = activations(rows, 96)
+    calls = []
+    real = WeightOnlyLinear._kernel_matmul
+    monkeypatch.setattr(WeightOnlyLinear, "_kernel_matmul", lambda self, x2: calls.append(x2.shape[0]) or real(self, x2))
+    monkeypatch.setattr(quantize, "_QUANT_CHUNK_ELEMENTS", 64 * 96 // 4)  # several 64-row blocks
+    y = layer(x)
+    assert calls == [] and y.dtype == torch.bfloat16
+    kernel = real(layer, x).float() + layer.bias.float()
+    assert float((y.float() - kernel).abs().max()) <= 2.0 ** -6 * float(kernel.abs().max())
+    ref = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    assert ((y.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item() <= REL_BOUND[bits]
+    layer(x[:5])
+    assert calls == [5]
