@@ -123,6 +123,11 @@ def expected_files(folder: Path) -> list[str]:
     return needed
 
 
+def _is_bookkeeping(rel: Path) -> bool:
+    """git's folder and glmsetup's own (.glmsetup/: manifest, partial downloads, lock) are not model files."""
+    return any(part in (".git", ".glmsetup") or part.startswith(".glmsetup") for part in rel.parts)
+
+
 def inspect_model_dir(path, manifest: Optional[Manifest] = None, hash_files: bool = False) -> ModelDirReport:
     """Report what is wrong with a model folder; with a manifest, check sizes (and hashes if asked)."""
     folder = Path(path).expanduser()
@@ -130,8 +135,7 @@ def inspect_model_dir(path, manifest: Optional[Manifest] = None, hash_files: boo
     if not report.exists:
         return report
     report.files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                          if p.is_file() and ".git" not in p.relative_to(folder).parts
-                          and not p.name.startswith(".glmsetup"))
+                          if p.is_file() and not _is_bookkeeping(p.relative_to(folder)))
     report.kind = _kind(folder)
     wanted: Manifest = dict(manifest or {})
     for name in ["config.json", *expected_files(folder)]:

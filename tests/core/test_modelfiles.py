@@ -65,3 +65,15 @@ def test_read_pointer_and_foreign_folder(tmp_path):
     report = modelfiles.inspect_model_dir(tmp_path / "llama")
     assert report.kind == "unknown" and not report.ok
     assert not modelfiles.inspect_model_dir(tmp_path / "missing").exists
+
+
+def test_bookkeeping_folders_are_not_model_files(tmp_path):
+    folder = make_folder(tmp_path)
+    (folder / ".glmsetup" / "partial").mkdir(parents=True)
+    (folder / ".glmsetup" / "manifest.json").write_text("{}")
+    (folder / ".glmsetup" / "partial" / "x.bin.part.json").write_text("")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]")
+    report = modelfiles.inspect_model_dir(folder)
+    assert report.ok, report.issues
+    assert not any(f.startswith((".glmsetup", ".git")) for f in report.files)
