@@ -124,6 +124,15 @@ def describe_error(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}" + (f" ({code}: {msg})" if code else f" ({msg})")
 
 
+UNKNOWN_HOST_MESSAGES = ("Name or service not known", "nodename nor servname provided", "getaddrinfo failed",
+                         "No address associated with hostname")
+
+
+def unknown_host(exc: Exception) -> bool:
+    """A DNS answer that the name does not exist (not a timeout, which is worth retrying)."""
+    return isinstance(exc, httpx.ConnectError) and any(m in str(exc) for m in UNKNOWN_HOST_MESSAGES)
+
+
 def get_json(client: httpx.Client, url: str, settings: Settings, *, headers: Optional[dict] = None,
              auth_host: Optional[str] = None, what: str = "listing", hint: str = "") -> tuple:
     """GET a JSON document with retries. Returns (data, response)."""
@@ -136,6 +145,10 @@ def get_json(client: httpx.Client, url: str, settings: Settings, *, headers: Opt
         except httpx.HTTPError as exc:
             last = f"{exc.__class__.__name__}: {exc}"
             wait = None
+            if unknown_host(exc):  # retrying will not make the name resolve: say so at once
+                raise DownloadError(f"{what} failed: cannot resolve the host of {url} ({exc})",
+                                    hint="check the network or proxy (HTTPS_PROXY), or pick another source: "
+                                         "--endpoint https://hf-mirror.com, --source modelscope") from exc
         else:
             if response.status_code == 200:
                 if "html" in response.headers.get("content-type", "").lower():

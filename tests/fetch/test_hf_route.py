@@ -173,3 +173,12 @@ def test_connections_are_bounded_per_host_and_in_all(cli, hf_server, store, tmp_
     fetch(cli, hf_server, tmp_path / "m", "--connections", connections)
     assert same_files(tmp_path / "m", store.files)
     assert store.max_active["cdn"] == min(int(per_host), int(connections))  # the CDN serves the shards
+
+
+def test_a_host_that_does_not_resolve_fails_at_once_with_the_fix(cli, tmp_path):
+    out = cli.json("fetch", "--endpoint", "http://glmsetup-test.invalid", "--model-dir", str(tmp_path / "m"),
+                   exit_code=5)
+    assert out["error"]["code"] == "download"
+    assert "resolve" in out["error"]["message"] or "attempts" in out["error"]["message"]
+    assert "--source modelscope" in out["error"]["hint"] or "--source" in out["error"]["hint"]
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
