@@ -5,7 +5,8 @@ Times, in one run and interleaved round by round: the bf16 matrix-vector product
 _weight_int4pack_mm_for_cpu under it), and the raw kernels without the module around them. For each,
 the median milliseconds, the weight bytes read per second and that rate as a share of this
 machine's memory read bandwidth, measured in the same run (a sum over a 512 MiB float32 tensor,
-the physical limit for a matrix-vector product). Decoding a token reads every weight once, so
+the physical limit for a matrix-vector product). A 128 MiB read before every timed call keeps one
+case from finding another's weights in the CPU caches. Decoding a token reads every weight once, so
 these rates bound the decode speed of the whole model.
 
     .venv/bin/python benchmarks/quant_kernels.py                 # 30 rounds, torch's default threads
@@ -61,6 +62,7 @@ def main() -> int:
     int4 = WeightOnlyLinear.from_float(weight, None, 4, device="cpu", dtype=torch.bfloat16)
     aten = torch.ops.aten
     probe, probe_bytes = bandwidth_probe()
+    evict, _ = bandwidth_probe(128)
 
     cases = {
         "bf16 F.linear": (lambda: F.linear(x, weight), weight.numel() * 2),
@@ -79,6 +81,7 @@ def main() -> int:
             fn()
         for _ in range(args.rounds):
             for name, (fn, _) in cases.items():
+                evict()  # no case starts with weights another case left in the CPU caches
                 samples[name].append(timed(fn))
 
     median = {name: statistics.median(ts) for name, ts in samples.items()}
