@@ -197,15 +197,17 @@ class WeightOnlyLinear(torch.nn.Module):
             if self._forced_backend not in BACKENDS:
                 raise ValueError(f"unknown backend {self._forced_backend!r}; one of {BACKENDS}")
             return self._forced_backend
-        return choose_backend(device, self.bits, self.in_features, self.out_features)
+        backend = choose_backend(device, self.bits, self.in_features, self.out_features)
+        if backend != "dequant" and not _kernel_works(backend, device, self.bits, self.in_features):
+            backend = "dequant"
+        return backend
 
     def _set_bias(self, bias, device):
         if bias is not None:
             self.bias = torch.nn.Parameter(bias.detach().to(device=device, dtype=self.dtype).clone(),
                                            requires_grad=False)
 
-    def _install(self, q: torch.Tensor, scale: torch.Tensor, device: torch.device, backend: Optional[str] = None,
-                 check: bool = True):
+    def _install(self, q: torch.Tensor, scale: torch.Tensor, device: torch.device, backend: Optional[str] = None):
         """Store unpacked int8 ``q [out, in]`` and per-row ``scale`` in the backend's own form."""
         backend = backend or self._pick_backend(device)
         for name in ("qweight", "scale", "scales_zeros"):
@@ -235,8 +237,6 @@ class WeightOnlyLinear(torch.nn.Module):
             self.register_buffer("qweight", stored.contiguous(), persistent=False)
             self.register_buffer("scale", scale.contiguous(), persistent=False)
         self.backend = backend
-        if check and backend != "dequant" and not _kernel_works(backend, device, self.bits, self.in_features):
-            self._install(q, scale.float(), device, "dequant")
 
     # ----- the official layout, whatever the backend -----
     def quantized_rows(self) -> torch.Tensor:
@@ -406,7 +406,7 @@ def _kernel_works(backend: str, device: torch.device, bits: int, in_features: in
             scale = torch.rand(64, generator=gen) * 0.01 + 1e-3
             x = torch.randn(5, in_features, generator=gen).to(torch.bfloat16)
             probe = WeightOnlyLinear._blank(in_features, 64, bits, False, device, torch.bfloat16, backend)
-            probe._install(q.to(device), scale.to(device), device, backend, check=False)
+            probe._install(q.to(device), scale.to(device), device, backend)
             got = probe._kernel_matmul(x.to(device)).float().cpu()
             want = x.float() @ dequantize_weight(q, probe.row_scales().cpu()).T
             ok = bool(torch.isfinite(got).all()) and bool(
