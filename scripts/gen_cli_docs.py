@@ -30,7 +30,8 @@ def help_text(path: list[str]) -> str:
 
     from glmsetup.cli import main
 
-    result = CliRunner().invoke(main, path[1:] + ["--help"], terminal_width=100, catch_exceptions=False)
+    result = CliRunner().invoke(main, path[1:] + ["--help"], prog_name="glmsetup", terminal_width=100,
+                                catch_exceptions=False)
     return result.output
 
 
