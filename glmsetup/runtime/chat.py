@@ -11,7 +11,7 @@ answer is a clear error instead of a one-token answer.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 

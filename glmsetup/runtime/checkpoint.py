@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 from glmsetup.errors import ModelError
 
@@ -334,6 +334,3 @@ def describe(ckpt: Checkpoint) -> dict:
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
             "quantization_bit": ckpt.quantization_bit}
 
-
-def sniff_dtype(ckpt: Checkpoint) -> Optional[str]:
-    return ckpt.raw_config.get("torch_dtype")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
-
 from glmsetup import paths, profiles
 from glmsetup.errors import ModelError, ProfileError, ResourceError, UsageError, require
 
@@ -119,7 +117,6 @@ def build_empty_model(config):
 def load_model(ckpt, prof: profiles.Profile):
     """Fill an empty model from `ckpt` under `prof`; returns it in eval mode with `.profile` set."""
     import torch
-    from torch import nn
 
     from glmsetup.runtime import checkpoint as ck
 
