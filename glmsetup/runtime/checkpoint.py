@@ -333,4 +333,3 @@ def describe(ckpt: Checkpoint) -> dict:
     return {"path": str(ckpt.path), "kind": ckpt.kind, "files": [p.name for p in ckpt.files],
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
             "quantization_bit": ckpt.quantization_bit}
-

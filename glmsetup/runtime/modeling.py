@@ -114,6 +114,20 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
 
     profile = None
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, naming the architecture GlmForCausalLM (what other
+        software, vLLM included, looks up) instead of this subclass."""
+        import json
+        from pathlib import Path
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / "config.json"
+        if path.is_file():
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+            cfg["architectures"] = ["GlmForCausalLM"]
+            path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return result
+
     @property
     def activation_dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype
