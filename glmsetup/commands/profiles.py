@@ -43,15 +43,16 @@ def show_core(name: str) -> dict:
 
 
 def render_show(console, data: dict) -> None:
-    console.print(f"[bold]{data['name']}[/]  [dim]{data['source']}[/]")
+    esc = output.escape
+    console.print(f"[bold]{esc(data['name'])}[/]  [dim]{esc(str(data['source']))}[/]")
     if data["description"]:
-        console.print(data["description"])
+        console.print(esc(data["description"]))
     for key in ("inherits", "device", "dtype", "quantization_bits", "backend", "num_gpus"):
-        console.print(f"  {key:18} {data[key]}")
+        console.print(f"  {key:18} {esc(str(data[key]))}")
     for section in ("generation", "server"):
-        console.print(f"  [{section}]")
+        console.print(f"  {esc(f'[{section}]')}")
         for key, value in data[section].items():
-            console.print(f"    {key:18} {value}")
+            console.print(f"    {key:18} {esc(str(value))}")
 
 
 @click.group(cls=Group, invoke_without_command=True)

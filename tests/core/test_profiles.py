@@ -95,3 +95,9 @@ def test_cli_profiles_list_and_show(cli):
     assert shown["data"]["quantization_bits"] == 8
     result = cli("profiles", "show", "nope")
     assert result.exit_code == 2 and "unknown profile" in result.stderr and "hint:" in result.stderr
+
+
+def test_cli_profiles_show_prints_section_names(cli):
+    result = cli("profiles", "show", "cpu-int4")
+    assert result.exit_code == 0
+    assert "[generation]" in result.stdout and "[server]" in result.stdout
