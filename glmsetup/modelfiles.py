@@ -123,6 +123,12 @@ def expected_files(folder: Path) -> list[str]:
     return needed
 
 
+def holds_model_files(files: list[str]) -> bool:
+    """Whether a folder's file list has anything of a checkpoint: config.json, an index, a weight file."""
+    return any(Path(f).name == "config.json" or f.endswith(WEIGHT_SUFFIXES) or f.endswith(".index.json")
+               for f in files)
+
+
 def _is_bookkeeping(rel: Path) -> bool:
     """git's folder and glmsetup's own (.glmsetup/: manifest, partial downloads, lock) are not model files."""
     return any(part in (".git", ".glmsetup") or part.startswith(".glmsetup") for part in rel.parts)

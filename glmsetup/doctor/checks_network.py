@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from glmsetup.doctor.checks import Finding, gb
 from glmsetup.doctor.facts import Facts
+from glmsetup.modelfiles import holds_model_files
 
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
@@ -99,7 +100,7 @@ def check_model(facts: Facts) -> Finding:
     if r.get("ok"):
         size = f", {gb(facts.disk.existing_bytes)}" if facts.disk else ""
         return Finding("model", "model", title, "ok", f"complete ({r.get('kind')}{size})", ev)
-    if r.get("kind") == "unknown" and not issues:
+    if r.get("kind") == "unknown" and (not issues or not holds_model_files(files)):
         return Finding("model", "model", title, "fail", "not a ChatGLM2 checkpoint", ev, f"point --model-dir at a ChatGLM2 folder, or {repair}")
     kinds = sorted({i.get("problem") for i in issues})
     summary = f"{len(issues)} problem file(s): " + ", ".join(k for k in kinds if k)

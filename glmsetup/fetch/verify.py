@@ -12,7 +12,7 @@ from typing import Optional
 from glmsetup.errors import ModelError
 from glmsetup.fetch import manifest as manifest_mod
 from glmsetup.fetch.models import MODELS, get_model
-from glmsetup.modelfiles import FileIssue, inspect_model_dir
+from glmsetup.modelfiles import FileIssue, holds_model_files, inspect_model_dir
 
 
 def guess_model(folder: Path, saved: Optional[manifest_mod.Manifest]) -> str:
@@ -42,6 +42,10 @@ def verify_dir(path: Path, model: Optional[str] = None) -> dict:
             if (folder / p).exists() or p == "tokenizer.model":
                 wanted[p] = (size, sha)
     report = inspect_model_dir(folder, wanted, hash_files=True)
+    if not saved and report.files and not holds_model_files(report.files):
+        raise ModelError(f"{folder} is not a model folder (no config.json, no weight files)",
+                         hint="give the folder that holds config.json and the weights; "
+                              f"to download a model into this one: glmsetup fetch --model-dir {folder}")
     issues = list(report.issues)
     if saved:  # small files the HF API lists with a git blob id only
         bad = {i.path for i in issues}

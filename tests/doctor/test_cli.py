@@ -254,3 +254,13 @@ def test_complete_tiny_checkpoint_needs_no_fetch(cli, tiny_model_dir):
     commands = data["verdict"]["next_commands"]
     assert not any(c.startswith("glmsetup fetch") for c in commands)
     assert commands[-1] == f"glmsetup run web --profile {data['verdict']['best']} --model {tiny_model_dir}"
+
+
+def test_folder_without_model_files_is_not_a_checkpoint(cli, tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    result = cli("doctor", "--model-dir", str(folder), "--json")
+    model = next(c for c in json.loads(result.stdout)["data"]["checks"] if c["id"] == "model")
+    assert model["status"] == "fail" and model["summary"] == "not a ChatGLM2 checkpoint"
+    assert "point --model-dir at a ChatGLM2 folder" in model["hint"]

@@ -56,3 +56,11 @@ def test_verify_without_manifest_uses_official_checksums(cli, tmp_path):
 def test_verify_missing_folder_is_a_model_error(cli, tmp_path):
     out = cli.json("verify", str(tmp_path / "nope"), exit_code=4)
     assert out["error"]["code"] == "model" and "glmsetup fetch" in out["error"]["hint"]
+
+
+def test_verify_folder_without_model_files_is_not_offered_a_repair(cli, tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    out = cli.json("verify", str(folder), exit_code=4)
+    assert out["error"]["code"] == "model" and "not a model folder" in out["error"]["message"]
