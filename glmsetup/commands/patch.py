@@ -35,7 +35,8 @@ def render_patch(console, data: dict) -> None:
             if r["status"] == "applied":
                 console.print(f"  {output.status_mark('ok')} {r['rule']}: {output.escape('; '.join(r['changes']))}")
             elif r["status"] == "already_applied":
-                console.print(f"  [green]=[/] {r['rule']}: already applied")
+                why = f" [dim]({output.escape(r['reason'])})[/]" if r["reason"] else ""
+                console.print(f"  [green]=[/] {r['rule']}: nothing to change{why}")
             else:
                 console.print(f"  [dim]- {r['rule']}: not applicable ({output.escape(r['reason'])})[/]")
             for note in r["notes"]:

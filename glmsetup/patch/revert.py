@@ -40,7 +40,7 @@ def revert_paths(targets: Iterable, *, force: bool = False, dry_run: bool = Fals
         entry.update(status="restored", reason="")
         todo.append((path, original))
     if not files or not any(e["status"] in ("restored", "already_original") for e in reports):
-        raise PatchError("nothing to revert: no backup of " + ", ".join(str(t) for t in targets),
+        raise PatchError("nothing to revert: no backup of " + ", ".join(str(Path(t).resolve()) for t in targets),
                          hint=f"backups live in {backup.root()}; only files patched by glmsetup can be reverted",
                          details={"files": reports})
     if not dry_run:

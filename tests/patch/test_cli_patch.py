@@ -87,3 +87,17 @@ def test_missing_libcst_names_the_extra(cli, demo_dir, monkeypatch):
     result = cli("patch", str(demo_dir), "--profile", "cpu", "--json")
     assert result.exit_code == 3
     assert 'glmsetup[patch]' in json.loads(result.stdout)["error"]["hint"]
+
+
+def test_human_report_says_why_a_rule_has_nothing_to_change(cli, demo_dir):
+    result = cli("patch", str(demo_dir / "web_demo2.py"), "--model", MODEL, "--profile", "cpu", "--dry-run")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())  # as a person reads it, whatever the terminal's width
+    assert "compatibility: nothing to change (the model is cached with st.cache_resource)" in text
+
+
+def test_revert_with_nothing_to_revert_names_the_full_path(cli, demo_dir, monkeypatch):
+    monkeypatch.chdir(demo_dir)
+    result = cli("patch", "--revert", "--json")
+    assert result.exit_code == 8
+    assert json.loads(result.stdout)["error"]["message"] == f"nothing to revert: no backup of {demo_dir.resolve()}"
