@@ -6,6 +6,14 @@ import click
 from glmsetup.cli import JSON_KEY, json_option, run_command
 
 
+def _model_is_there() -> bool:
+    """Whether `glmsetup fetch` already put a complete model where `glmsetup run` looks by default."""
+    from glmsetup import paths
+    from glmsetup.modelfiles import inspect_model_dir
+
+    return inspect_model_dir(paths.default_model_dir()).ok
+
+
 def render_selftest(console, data: dict) -> None:
     from rich.table import Table
 
@@ -24,7 +32,8 @@ def render_selftest(console, data: dict) -> None:
     if data["ok"]:
         skipped = [c["name"] for c in data["checks"] if c["status"] == "skipped"]
         tail = f" ({len(skipped)} skipped)" if skipped else ""
-        console.print(f"[green]selftest passed[/]{tail}: next, [bold]glmsetup doctor[/] then [bold]glmsetup fetch[/]")
+        then = "glmsetup run web" if _model_is_there() else "glmsetup fetch"
+        console.print(f"[green]selftest passed[/]{tail}: next, [bold]glmsetup doctor[/] then [bold]{then}[/]")
     else:
         console.print(f"[red]selftest failed[/]: {', '.join(data['failed'])}  "
                       "[dim](GLMSETUP_DEBUG=1 and --keep help to look closer)[/]")

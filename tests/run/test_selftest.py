@@ -68,3 +68,19 @@ def test_a_failure_exits_1_and_is_shown(cli, monkeypatch):
     assert doc["ok"] is False and doc["data"]["failed"] == ["web (Gradio predict)"]
     statuses = {c["name"]: c["status"] for c in doc["data"]["checks"]}
     assert statuses == {"tiny checkpoint": "ok", "web (Gradio predict)": "fail", "streamlit (AppTest)": "skipped"}
+
+
+@pytest.mark.parametrize("fetched", [False, True])
+def test_passed_line_points_at_fetch_only_without_a_model(glmsetup_home, fetched):
+    from rich.console import Console
+
+    from glmsetup.commands.selftest import render_selftest
+    from glmsetup.testing.tiny import build_tiny_checkpoint
+
+    if fetched:
+        build_tiny_checkpoint(glmsetup_home / "models" / "chatglm2-6b")
+    console = Console(record=True, width=200)
+    render_selftest(console, {"ok": True, "failed": [], "seconds": 1.0, "model_dir": None, "kept": False,
+                              "checks": []})
+    text = console.export_text()
+    assert ("then glmsetup run web" in text) is fetched and ("then glmsetup fetch" in text) is not fetched
