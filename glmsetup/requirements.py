@@ -92,9 +92,10 @@ class Estimate:
         return {
             "profile": self.profile, "device": self.device, "precision": self.precision,
             "context": self.context,
-            "bytes": {"weights": self.weights, "kv_cache": self.kv_cache, "activations": self.activations,
-                      "workspace": self.workspace, "runtime": self.runtime, "total": self.total},
-            "per_device_total": self.per_device,
+            "bytes": {"weights": round(self.weights), "kv_cache": round(self.kv_cache),
+                      "activations": round(self.activations), "workspace": round(self.workspace),
+                      "runtime": round(self.runtime), "total": round(self.total)},
+            "per_device_total": [round(b) for b in self.per_device],
         }
 
 

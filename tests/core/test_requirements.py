@@ -45,3 +45,10 @@ def test_estimate_cli(cli):
     assert doc["data"]["official"]["measured_encode_2048_gb"] == 5.5
     out = cli("estimate", "--profile", "cpu")
     assert out.exit_code == 0 and "RAM" in out.stdout and "total" in out.stdout
+
+
+def test_estimate_json_bytes_are_whole_numbers(cli):
+    for profile in ("cpu-int4", "multi-gpu"):
+        data = cli.json("estimate", "--profile", profile)["data"]
+        assert all(type(v) is int for v in data["bytes"].values()), data["bytes"]
+        assert all(type(v) is int for v in data["per_device_total"])
