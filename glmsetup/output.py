@@ -125,3 +125,21 @@ STATUS_STYLE = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗",
 def status_mark(status: str) -> str:
     mark, style = STATUS_STYLE.get(status, ("?", "white"))
     return f"[{style}]{mark}[/]"
+
+
+def print_hanging(console, markup: str, indent: int, hang: int) -> None:
+    """Print `markup` after `indent` spaces, wrapped to the console so that continuation lines start at `hang`.
+
+    rich alone would continue a long line at column 0, under the marks of the list it belongs to.
+    """
+    from rich.text import Text
+
+    text = Text.from_markup(markup)
+    lines = list(text.wrap(console, max(20, console.width - indent)))
+    if len(lines) > 1:  # the rest wraps again, narrower
+        rest = text[len(lines[0].plain):]
+        rest = rest[len(rest.plain) - len(rest.plain.lstrip()):]
+        lines = [lines[0], *rest.wrap(console, max(20, console.width - hang))]
+    for i, line in enumerate(lines):
+        line.rstrip()
+        console.print(Text(" " * (indent if i == 0 else hang)) + line, soft_wrap=True)

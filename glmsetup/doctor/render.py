@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from glmsetup.doctor.checks import GROUPS
-from glmsetup.output import escape, human_bytes, status_mark
+from glmsetup.output import escape, human_bytes, print_hanging, status_mark
 
 def _worst(statuses: list) -> str:
     for s in ("fail", "warn"):
@@ -21,14 +21,14 @@ def render(console, data: dict, verbose: bool = False) -> None:
         console.print(f"\n[{status_mark(_worst([c['status'] for c in members]))}] [bold]{title}[/]")
         for c in members:
             if c["status"] == "skipped" and not verbose and not c["summary"].startswith("could not check"):
-                console.print(f"    {status_mark('skipped')} [dim]{escape(c['title'])}: {escape(c['summary'])}[/]")
+                print_hanging(console, f"{status_mark('skipped')} [dim]{escape(c['title'])}: {escape(c['summary'])}[/]", 4, 6)
                 continue
-            console.print(f"    {status_mark(c['status'])} {escape(c['title'])}: {escape(c['summary'])}")
+            print_hanging(console, f"{status_mark(c['status'])} {escape(c['title'])}: {escape(c['summary'])}", 4, 6)
             if verbose:
                 for line in c["evidence"]:
-                    console.print(f"        [dim]{escape(line)}[/]")
+                    print_hanging(console, f"[dim]{escape(line)}[/]", 8, 10)
             if c["hint"] and (c["status"] in ("warn", "fail") or verbose):
-                console.print(f"        [yellow]fix:[/] {escape(c['hint'])}")
+                print_hanging(console, f"[yellow]fix:[/] {escape(c['hint'])}", 8, 13)
     render_verdict(console, data, verbose)
 
 
@@ -41,10 +41,10 @@ def render_verdict(console, data: dict, verbose: bool) -> None:
             continue
         mark = "ok" if p["runnable"] and p["fit"] == "fits" else "warn" if p["fit"] != "no" else "fail"
         star = "[bold]>[/]" if p["name"] == v["recommended"] else " "
-        line = f"  {star} {status_mark(mark)} [bold]{p['name']:<18}[/] {escape(p['summary']):<24} {escape(p['reason'])}"
-        console.print(line)
+        line = f"{star} {status_mark(mark)} [bold]{p['name']:<18}[/] {escape(p['summary']):<24} {escape(p['reason'])}"
+        print_hanging(console, line, 2, 50)
         if p["blockers"] and p["fit"] != "no":
-            console.print(f"        [dim]needs first: {escape('; '.join(p['blockers']))}[/]")
+            print_hanging(console, f"[dim]needs first: {escape('; '.join(p['blockers']))}[/]", 8, 10)
         shown += 1
     hidden = sum(p["fit"] == "no" for p in v["profiles"])
     if hidden and not verbose:
@@ -54,8 +54,9 @@ def render_verdict(console, data: dict, verbose: bool) -> None:
         parts = [("weights", "weights"), ("KV cache", "kv_cache"), ("activations", "activations"),
                  ("quantization workspace", "workspace"), ("runtime", "runtime")]
         where = "VRAM" if e["device"] in ("cuda", "mps") else "RAM"
-        console.print(f"\n[bold]{e['profile']}[/] needs {human_bytes(b['total'])} of {where}: "
-                      + ", ".join(f"{label} {human_bytes(b[key])}" for label, key in parts if b[key]))
+        console.print()
+        print_hanging(console, f"[bold]{e['profile']}[/] needs {human_bytes(b['total'])} of {where}: "
+                      + ", ".join(f"{label} {human_bytes(b[key])}" for label, key in parts if b[key]), 0, 2)
         for i, total in enumerate(e.get("per_device_total") or []):
             console.print(f"    GPU {i}: {human_bytes(total)}")
     n = data["counts"]
@@ -63,6 +64,6 @@ def render_verdict(console, data: dict, verbose: bool) -> None:
     if v["next_commands"]:
         console.print("\n[bold]Next:[/]")
         for cmd in v["next_commands"]:
-            console.print(f"  [cyan]{escape(cmd)}[/]")
+            console.print(f"  [cyan]{escape(cmd)}[/]", soft_wrap=True)  # one line, to copy whole
     if data["blocking"]:
         console.print(f"\n[red]Blocking:[/] {', '.join(data['blocking'])}")

@@ -264,3 +264,22 @@ def test_folder_without_model_files_is_not_a_checkpoint(cli, tmp_path):
     model = next(c for c in json.loads(result.stdout)["data"]["checks"] if c["id"] == "model")
     assert model["status"] == "fail" and model["summary"] == "not a ChatGLM2 checkpoint"
     assert "point --model-dir at a ChatGLM2 folder" in model["hint"]
+
+
+def test_long_lines_wrap_under_their_own_text_at_80_columns(cli, tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.setenv("COLUMNS", "80")
+    folder = tmp_path / ("a-rather-long-folder-name-" * 3)
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    result = cli("doctor", "-v", "--model-dir", str(folder))
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    commands = lines[lines.index("Next:") + 1:]
+    assert f"  glmsetup fetch --model-dir {folder}" in commands  # never folded: it is copied whole
+    lines = lines[:lines.index("Next:")]
+    assert max(len(line) for line in lines) <= 80
+    headings = ("glmsetup doctor", "[", "Profiles for this machine", "Next:", "Blocking:")
+    stray = [line for line in lines if not line.startswith(" ") and not line.startswith(headings)
+             and not re.match(r"\d+ ok, |\S+ needs ", line)]
+    assert stray == []  # a wrapped line never falls back to column 0
