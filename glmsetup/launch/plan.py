@@ -98,7 +98,7 @@ def resolve_profile(spec: str) -> tuple[profiles.Profile, str]:
 
 def check_model_dir(model_dir: Optional[str], *, kinds: tuple = NATIVE_KINDS) -> tuple[Path, str]:
     """The model folder, checked; (path, kind) or a ModelError whose hint is the repairing command."""
-    from glmsetup.modelfiles import inspect_model_dir
+    from glmsetup.modelfiles import holds_model_files, inspect_model_dir
 
     default = model_dir is None
     folder = paths.default_model_dir() if default else Path(model_dir).expanduser()
@@ -112,6 +112,13 @@ def check_model_dir(model_dir: Optional[str], *, kinds: tuple = NATIVE_KINDS) ->
                                   f"default with `{fetch}`")
         raise ModelError(f"no model folder at {folder}",
                          hint=f"download it with `{fetch}` (or pass --model DIR), or try `glmsetup selftest` first")
+    if not report.files:
+        raise ModelError(f"the model folder {folder} is empty: nothing downloaded yet",
+                         hint=f"download it with `{fetch}` (or pass --model DIR), or try `glmsetup selftest` first")
+    if not holds_model_files(report.files):
+        raise ModelError(f"{folder} is not a model folder (no config.json, no weight files)",
+                         hint=f"point --model at a ChatGLM2-6B folder, or download one with `{fetch}`",
+                         details=report.to_dict())
     if report.issues:
         shown = "; ".join(f"{i.path}: {i.problem}" + (f" ({i.detail})" if i.detail else "") for i in report.issues[:4])
         more = f" and {len(report.issues) - 4} more" if len(report.issues) > 4 else ""

@@ -27,6 +27,19 @@ def test_no_model_folder_json(cli, tmp_path):
     assert f"--model-dir {tmp_path / 'nowhere'}" in doc["error"]["hint"]
 
 
+def test_empty_folder_is_not_called_damaged(cli, tmp_path):
+    doc = dry(cli, "web", "--profile", "cpu", "--model", str(tmp_path), exit_code=4)
+    assert doc["error"]["message"] == f"the model folder {tmp_path} is empty: nothing downloaded yet"
+    assert f"glmsetup fetch --model-dir {tmp_path}" in doc["error"]["hint"]
+
+
+def test_folder_without_model_files_is_not_a_model(cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    doc = dry(cli, "web", "--profile", "cpu", "--model", str(tmp_path), exit_code=4)
+    assert doc["error"]["message"].startswith(f"{tmp_path} is not a model folder")
+    assert "glmsetup verify" not in doc["error"]["hint"]
+
+
 @pytest.fixture
 def model_copy(tiny_model_dir, tmp_path):
     dest = tmp_path / "chatglm2-6b"
