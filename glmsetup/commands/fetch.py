@@ -104,7 +104,7 @@ def render_verify(console, data: dict) -> None:
     for issue in data["issues"]:
         console.print(f"  [red]{issue['problem']:9}[/] {output.escape(issue['path'])}  [dim]{output.escape(issue['detail'])}[/]")
     if data["repair"]:
-        console.print(f"repair: {data['repair']}")
+        console.print(f"repair: {output.escape(data['repair'])}", soft_wrap=True)  # one line, to copy whole
 
 
 @click.command()

@@ -64,3 +64,13 @@ def test_verify_folder_without_model_files_is_not_offered_a_repair(cli, tmp_path
     (folder / "readme.txt").write_text("hello")
     out = cli.json("verify", str(folder), exit_code=4)
     assert out["error"]["code"] == "model" and "not a model folder" in out["error"]["message"]
+
+
+def test_repair_command_stays_on_one_line(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    folder = tmp_path / ("a-long-folder-name-" * 4) / "chatglm2-6b"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "chatglm"}')
+    result = cli("verify", str(folder))
+    assert result.exit_code == 1
+    assert f"repair: glmsetup fetch --model chatglm2-6b --model-dir {folder}" in result.stdout.splitlines()
