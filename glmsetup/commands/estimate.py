@@ -27,11 +27,13 @@ def render_estimate(console, data: dict) -> None:
 
     b = data["bytes"]
     where = "VRAM" if data["device"] in ("cuda", "mps") else "RAM"
-    table = Table(title=f"{data['profile']} ({data['summary']}), {data['context']} tokens", title_justify="left")
+    console.print(f"[bold]{output.escape(data['profile'])}[/] ({output.escape(data['summary'])}), "
+                  f"{data['context']} tokens")
+    table = Table()
     table.add_column("part")
     table.add_column(where, justify="right")
     for part, label in (("weights", "weights"), ("kv_cache", "KV cache"), ("activations", "activations"),
-                        ("workspace", "quantization workspace"), ("runtime", "CUDA context / runtime")):
+                        ("workspace", "quantization workspace"), ("runtime", "CUDA context / runtime" if data["device"] == "cuda" else "runtime")):
         if b[part]:
             table.add_row(label, output.human_bytes(b[part]))
     table.add_row("[bold]total[/]", f"[bold]{output.human_bytes(b['total'])}[/]")

@@ -52,3 +52,11 @@ def test_estimate_json_bytes_are_whole_numbers(cli):
         data = cli.json("estimate", "--profile", profile)["data"]
         assert all(type(v) is int for v in data["bytes"].values()), data["bytes"]
         assert all(type(v) is int for v in data["per_device_total"])
+
+
+def test_estimate_human_names_cuda_only_for_cuda(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    cpu = cli("estimate", "--profile", "cpu-int4").stdout
+    assert "CUDA" not in cpu and "runtime" in cpu
+    assert cpu.splitlines()[0] == "cpu-int4 (cpu int4 (native)), 2048 tokens"  # the heading is one line
+    assert "CUDA context / runtime" in cli("estimate", "--profile", "cuda-fp16").stdout
