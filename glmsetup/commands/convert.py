@@ -62,7 +62,7 @@ def render_convert(console, data: dict) -> None:
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Weight dtype to store (default: the checkpoint's own, float16). bfloat16 suits CPU profiles.")
 @click.option("--no-cache", "no_cache", is_flag=True,
-              help="Neither reuse nor fill the conversion cache under GLMSETUP_HOME/converted.")
+              help="Neither reuse nor fill the conversion cache under $GLMSETUP_HOME/converted.")
 @click.option("--dry-run", is_flag=True, help="Check the source and print the plan; write nothing.")
 @json_option
 @click.pass_context

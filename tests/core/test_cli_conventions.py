@@ -32,6 +32,13 @@ def test_every_command_has_examples_and_json():
             assert "json_mode" in names, f"{' '.join(path)} has no --json"
 
 
+def test_help_names_the_state_folder_one_way():
+    for path, cmd in all_commands():
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        for text in texts:
+            assert not re.search(r"(?<![$\w])GLMSETUP_HOME", text), f"{' '.join(path)}: write $GLMSETUP_HOME in {text!r}"
+
+
 def test_cli_reference_is_generated_from_help():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_cli_docs.py"), "--check"],
                             capture_output=True, text=True)
