@@ -81,6 +81,13 @@ class Group(click.Group):
             return super().invoke(ctx)
         except GlmsetupError as exc:
             _fail(ctx, exc)
+        except click.UsageError as exc:  # a bad option or argument: under --json, still one envelope on stdout
+            if not ctx.meta.get(JSON_KEY):
+                raise
+            from glmsetup.errors import UsageError
+
+            where = " ".join(["glmsetup", command_name(exc.ctx)] if exc.ctx and exc.ctx.parent else ["glmsetup"])
+            _fail(ctx, UsageError(exc.format_message(), hint=f"{where} --help lists the options"))
         except KeyboardInterrupt:
             _fail(ctx, Interrupted("interrupted", hint="run the same command again to continue where it stopped"))
 

@@ -65,6 +65,19 @@ def test_json_envelope_contract(cli):
     assert doc["error"]["exit_code"] == 2 and doc["error"]["code"] == "profile"
 
 
+@pytest.mark.parametrize("args, command", [
+    (["estimate", "--json", "--context", "0"], "estimate"),
+    (["profiles", "show", "--json"], "profiles show"),
+    (["run", "chat", "--json"], "run"),
+])
+def test_bad_options_under_json_still_give_one_envelope(cli, args, command):
+    result = cli(*args)
+    assert result.exit_code == 2
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["command"] == command and doc["error"]["code"] == "usage"
+    assert doc["error"]["hint"] == f"glmsetup {command} --help lists the options"
+
+
 def test_version_and_module_entry_point():
     result = run_glmsetup("--version")
     assert result.returncode == 0 and "0.1.0" in result.stdout
