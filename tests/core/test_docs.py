@@ -60,3 +60,9 @@ def test_readme_profile_table_matches_the_estimator():
         total = requirements.estimate(profiles.load(name), 2048)
         first = total.per_device[0] if total.per_device else total.total
         assert abs(first / 1e9 - float(gb)) < 0.06, (name, gb, first / 1e9)
+
+
+def test_test_files_named_in_docs_exist():
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for path in re.findall(r"tests/[\w/]+\.py", doc.read_text(encoding="utf-8")):
+            assert (ROOT / path).is_file(), f"{doc.relative_to(ROOT)} names {path}, which does not exist"
