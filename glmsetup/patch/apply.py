@@ -117,7 +117,8 @@ def patch_paths(targets: Iterable, *, model=None, profile="auto", loader: str = 
         "backups_dir": str(backup.root()),
     }
     if errors:
-        raise PatchError(f"{len(errors)} file(s) cannot be patched safely; nothing was written: {errors[0].message}",
+        first = errors[0].message.removesuffix("; nothing was written")
+        raise PatchError(f"{len(errors)} file(s) cannot be patched safely; nothing was written: {first}",
                          hint=errors[0].hint, details=report)
     if not any(e["kind"] for e in reports):
         raise UsageError("no ChatGLM2 demo found in " + ", ".join(str(t) for t in targets),

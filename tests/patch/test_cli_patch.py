@@ -47,7 +47,7 @@ def test_exit_codes(cli, demo_dir, tmp_path):
     broken = cli("patch", str(demo_dir), "--profile", "cpu", "--json")
     assert broken.exit_code == 8
     doc = json.loads(broken.stdout)
-    assert doc["error"]["code"] == "patch" and "nothing was written" in doc["error"]["message"]
+    assert doc["error"]["code"] == "patch" and doc["error"]["message"].count("nothing was written") == 1
     assert not any(f["written"] for f in doc["error"]["details"]["files"])
     (demo_dir / "cli_demo_broken.py").unlink()
 
