@@ -52,8 +52,8 @@ def render_convert(console, data: dict) -> None:
     if not data.get("engine_tokenizer"):
         console.print("[yellow]![/] no tokenizer.json was written: engines other than glmsetup need the tokenizer "
                       "from the original folder")
-    console.print(f"[dim]load it: glmsetup run cli --model-dir {data['destination']}   "
-                  f"or AutoModelForCausalLM.from_pretrained(...) (docs/runtime.md)[/]")
+    console.print(f"[dim]load it: glmsetup run cli --model-dir {output.escape(data['destination'])}   "
+                  f"or AutoModelForCausalLM.from_pretrained(...) (docs/runtime.md)[/]", soft_wrap=True)
 
 
 @click.command()

@@ -62,3 +62,11 @@ def test_convert_int4_source_and_refusal(cli, tmp_path):
     assert doc["data"]["source_kind"] == "chatglm2-int4" and doc["data"]["dtype"] == "float16"
     bad = cli("convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--json")
     assert bad.exit_code == 4 and json.loads(bad.stdout)["error"]["code"] == "model"
+
+
+def test_load_hint_keeps_the_command_on_one_line(cli, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    dest = tmp_path / ("a-long-folder-name-" * 4) / "glm"
+    result = cli("convert", str(tiny_model_dir), str(dest), "--no-cache")
+    assert result.exit_code == 0, result.stderr
+    assert any(line.startswith(f"load it: glmsetup run cli --model-dir {dest} ") for line in result.stdout.splitlines())
