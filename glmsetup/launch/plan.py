@@ -159,9 +159,9 @@ def require_extra(front: str) -> None:
 
 def memory_estimate(profile: profiles.Profile, context: int) -> dict:
     est = requirements.estimate(profile, context)
-    return {"context": context, "total_bytes": est.total, "per_device_bytes": list(est.per_device),
-            "memory": "VRAM" if profile.device in ("cuda", "mps") else "RAM", "weights_bytes": est.weights,
-            "kv_cache_bytes": est.kv_cache}
+    return {"context": context, "total_bytes": round(est.total), "per_device_bytes": [round(b) for b in est.per_device],
+            "memory": "VRAM" if profile.device in ("cuda", "mps") else "RAM", "weights_bytes": round(est.weights),
+            "kv_cache_bytes": round(est.kv_cache)}
 
 
 def model_dims(folder: Path) -> Optional[tuple]:

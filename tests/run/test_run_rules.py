@@ -149,6 +149,7 @@ def test_banner_shows_profile_and_memory_first(cli, tiny_model_dir):
     assert lines[1].startswith("memory") and "GB RAM at 2048 tokens" in lines[1]
     data = dry(cli, "web", "--profile", "cpu-int4", "--model", str(tiny_model_dir))["data"]
     assert data["profile"]["name"] == "cpu-int4" and 4e9 < data["estimate"]["total_bytes"] < 7e9
+    assert all(type(v) is int for k, v in data["estimate"].items() if k.endswith("_bytes") and k != "per_device_bytes")
 
 
 def test_missing_extra_names_pip_line(cli, tiny_model_dir, monkeypatch):
