@@ -15,7 +15,7 @@ def list_core(context: int = 2048) -> list:
         est = requirements.estimate(prof, context)
         rows.append({
             "name": prof.name, "summary": prof.summary, "description": prof.description, "source": prof.source,
-            "needs_bytes": est.total, "per_device_bytes": est.per_device,
+            "needs_bytes": round(est.total), "per_device_bytes": [round(b) for b in est.per_device],
             "memory": "VRAM" if prof.device in ("cuda", "mps") else "RAM",
         })
     return rows

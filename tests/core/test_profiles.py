@@ -101,3 +101,8 @@ def test_cli_profiles_show_prints_section_names(cli):
     result = cli("profiles", "show", "cpu-int4")
     assert result.exit_code == 0
     assert "[generation]" in result.stdout and "[server]" in result.stdout
+
+
+def test_cli_profiles_json_bytes_are_whole_numbers(cli):
+    for row in cli.json("profiles")["data"]:
+        assert type(row["needs_bytes"]) is int and all(type(b) is int for b in row["per_device_bytes"])
