@@ -28,7 +28,7 @@ def guess_model(folder: Path, saved: Optional[manifest_mod.Manifest]) -> str:
 def verify_dir(path: Path, model: Optional[str] = None) -> dict:
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ModelError(f"{folder} is not a folder", hint=f"glmsetup fetch --model-dir {folder}")
+        raise ModelError(f"no model folder at {folder}", hint=f"glmsetup fetch --model-dir {folder}")
     saved = manifest_mod.load(folder)
     name = model or guess_model(folder, saved)
     entry = get_model(name)

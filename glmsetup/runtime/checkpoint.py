@@ -45,8 +45,17 @@ class Checkpoint:
         return self.kind != "glm-converted"
 
 
+def _fetch_command(folder: Path) -> str:
+    """`glmsetup fetch`, with --model-dir unless the folder is the one fetch fills by default."""
+    from glmsetup import paths
+
+    if Path(folder).expanduser().absolute() == paths.default_model_dir().expanduser().absolute():
+        return "glmsetup fetch"
+    return f"glmsetup fetch --model-dir {folder}"
+
+
 def _hint_repair(folder: Path) -> str:
-    return f"run `glmsetup verify {folder}` to see every damaged file; `glmsetup fetch` repairs it"
+    return f"run `glmsetup verify {folder}` to see every damaged file; `{_fetch_command(folder)}` repairs it"
 
 
 def open_checkpoint(path) -> Checkpoint:
@@ -55,8 +64,8 @@ def open_checkpoint(path) -> Checkpoint:
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist",
-                         hint="`glmsetup fetch` downloads ChatGLM2-6B there; or pass the folder you have")
+        raise ModelError(f"no model folder at {folder}",
+                         hint=f"`{_fetch_command(folder)}` downloads ChatGLM2-6B there; or pass the folder you have")
     report = modelfiles.inspect_model_dir(folder)
     for issue in report.issues:
         if issue.problem == "missing" and issue.path == "config.json":

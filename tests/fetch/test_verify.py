@@ -56,6 +56,7 @@ def test_verify_without_manifest_uses_official_checksums(cli, tmp_path):
 def test_verify_missing_folder_is_a_model_error(cli, tmp_path):
     out = cli.json("verify", str(tmp_path / "nope"), exit_code=4)
     assert out["error"]["code"] == "model" and "glmsetup fetch" in out["error"]["hint"]
+    assert out["error"]["message"] == f"no model folder at {tmp_path / 'nope'}"  # the words run and convert use
 
 
 def test_verify_folder_without_model_files_is_not_offered_a_repair(cli, tmp_path):

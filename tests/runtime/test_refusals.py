@@ -74,7 +74,14 @@ def test_weights_of_another_shape(copy, tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    _refused(tmp_path / "nowhere", "does not exist", "glmsetup fetch")
+    _refused(tmp_path / "nowhere", "no model folder at", f"`glmsetup fetch --model-dir {tmp_path / 'nowhere'}`")
+
+
+def test_missing_default_folder_names_plain_fetch(glmsetup_home):
+    from glmsetup import paths
+
+    error = _refused(paths.default_model_dir(), "no model folder at")
+    assert error.hint.startswith("`glmsetup fetch` downloads")
 
 
 def test_official_backend_refuses_new_transformers(tiny_model_dir):
