@@ -156,7 +156,7 @@ def _warnings(ctx: Context) -> list[str]:
     found = []
     folder = Path(ctx.model_path)
     if not (folder / "config.json").is_file():
-        found.append(f"the demos now load {folder}, which holds no model yet: run glmsetup fetch"
+        found.append(f"the patched demos load {folder}, which holds no model yet: run glmsetup fetch"
                      + ("" if folder == paths.default_model_dir() else f" --model-dir {folder}"))
     return found
 

@@ -101,3 +101,10 @@ def test_revert_with_nothing_to_revert_names_the_full_path(cli, demo_dir, monkey
     result = cli("patch", "--revert", "--json")
     assert result.exit_code == 8
     assert json.loads(result.stdout)["error"]["message"] == f"nothing to revert: no backup of {demo_dir.resolve()}"
+
+
+def test_dry_run_warns_about_a_missing_model_without_saying_it_was_done(cli, demo_dir, tmp_path):
+    doc = cli.json("patch", str(demo_dir), "--model", str(tmp_path / "nope"), "--profile", "cpu", "--dry-run")
+    (warning,) = doc["data"]["warnings"]
+    assert warning.startswith(f"the patched demos load {tmp_path / 'nope'}, which holds no model yet")
+    assert warning.endswith(f"glmsetup fetch --model-dir {tmp_path / 'nope'}")
