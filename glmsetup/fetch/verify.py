@@ -27,6 +27,8 @@ def guess_model(folder: Path, saved: Optional[manifest_mod.Manifest]) -> str:
 
 def verify_dir(path: Path, model: Optional[str] = None) -> dict:
     folder = Path(path).expanduser()
+    if model:
+        get_model(model)  # an unknown name is the error to report, not the folder named after it
     if not folder.is_dir():
         raise ModelError(f"no model folder at {folder}", hint=f"glmsetup fetch --model-dir {folder}")
     saved = manifest_mod.load(folder)

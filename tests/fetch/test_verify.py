@@ -75,3 +75,8 @@ def test_repair_command_stays_on_one_line(cli, tmp_path, monkeypatch):
     result = cli("verify", str(folder))
     assert result.exit_code == 1
     assert f"repair: glmsetup fetch --model chatglm2-6b --model-dir {folder}" in result.stdout.splitlines()
+
+
+def test_verify_unknown_model_says_so(cli):
+    out = cli.json("verify", "--model", "nosuch", exit_code=2)
+    assert out["error"]["message"] == "unknown model 'nosuch'"
