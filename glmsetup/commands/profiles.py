@@ -33,7 +33,10 @@ def render_list(console, rows: list) -> None:
             needs = " + ".join(output.human_bytes(x) for x in r["per_device_bytes"]) + " VRAM"
         table.add_row(f"[bold]{r['name']}[/]", r["summary"], needs)
     console.print(table)
-    console.print("[dim]glmsetup profiles show NAME prints one resolved; your own go in $GLMSETUP_HOME/profiles/*.toml[/]")
+    from glmsetup import paths
+
+    console.print("[dim]glmsetup profiles show NAME prints one resolved; your own go in "
+                  f"{output.escape(str(paths.user_profiles_dir()))}/*.toml[/]", soft_wrap=True)
 
 
 def show_core(name: str) -> dict:

@@ -106,3 +106,7 @@ def test_cli_profiles_show_prints_section_names(cli):
 def test_cli_profiles_json_bytes_are_whole_numbers(cli):
     for row in cli.json("profiles")["data"]:
         assert type(row["needs_bytes"]) is int and all(type(b) is int for b in row["per_device_bytes"])
+
+
+def test_cli_profiles_names_the_real_folder_for_own_profiles(cli, glmsetup_home):
+    assert f"your own go in {glmsetup_home / 'profiles'}/*.toml" in cli("profiles").stdout
