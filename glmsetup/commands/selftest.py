@@ -38,7 +38,8 @@ def render_selftest(console, data: dict) -> None:
         console.print(f"[red]selftest failed[/]: {', '.join(data['failed'])}  "
                       "[dim](GLMSETUP_DEBUG=1 and --keep help to look closer)[/]")
     if data["kept"]:
-        console.print(f"[dim]tiny model kept in {data['model_dir']}[/]")
+        console.print(f"[dim]tiny model kept in {output.escape(data['model_dir'])}; chat with it: "
+                      f"glmsetup run cli --model {output.escape(data['model_dir'])} --profile cpu[/]", soft_wrap=True)
 
 
 @click.command()

@@ -84,3 +84,14 @@ def test_passed_line_points_at_fetch_only_without_a_model(glmsetup_home, fetched
                               "checks": []})
     text = console.export_text()
     assert ("then glmsetup run web" in text) is fetched and ("then glmsetup fetch" in text) is not fetched
+
+
+def test_kept_model_line_says_how_to_use_it(glmsetup_home):
+    from rich.console import Console
+
+    from glmsetup.commands.selftest import render_selftest
+
+    console = Console(record=True, width=80)
+    kept = str(glmsetup_home / "selftest" / "chatglm2-6b-tiny")
+    render_selftest(console, {"ok": True, "failed": [], "seconds": 1.0, "model_dir": kept, "kept": True, "checks": []})
+    assert f"glmsetup run cli --model {kept} --profile cpu" in console.export_text()
