@@ -93,10 +93,10 @@ def error(command: str, exc, *, json_mode: bool) -> None:
     if json_mode:
         print_json(envelope(command, None, ok=False, error=exc.to_dict()))
         return
-    console = stderr()
-    console.print(f"[bold red]error:[/] {escape(exc.message)}")
+    console = stderr()  # not wrapped by rich: the paths and commands in them stay whole, to copy
+    console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
     if exc.hint:
-        console.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+        console.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
 
 
 def escape(text: str) -> str:

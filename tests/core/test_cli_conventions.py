@@ -78,6 +78,15 @@ def test_bad_options_under_json_still_give_one_envelope(cli, args, command):
     assert doc["error"]["hint"] == f"glmsetup {command} --help lists the options"
 
 
+def test_an_error_is_two_whole_lines_at_80_columns(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    folder = tmp_path / ("a-long-folder-name-" * 4) / "chatglm2-6b"
+    result = cli("verify", str(folder))
+    assert result.exit_code == 4
+    assert result.stderr.splitlines() == [f"error: no model folder at {folder}",
+                                          f"hint: glmsetup fetch --model-dir {folder}"]
+
+
 def test_version_and_module_entry_point():
     result = run_glmsetup("--version")
     assert result.returncode == 0 and "0.1.0" in result.stdout
