@@ -97,6 +97,16 @@ def patch(ctx, targets, model, profile, loader, only, listen, dry_run, revert, f
       glmsetup patch ChatGLM2-6B --loader official --profile cuda-int4
       glmsetup patch ChatGLM2-6B --revert
     """
+    from glmsetup.errors import UsageError
+
+    if force and not revert:
+        raise UsageError("--force only goes with --revert",
+                         hint="glmsetup patch --revert --force restores files edited after they were patched")
+    ignored = [name for name, given in (("--model", model is not None), ("--only", bool(only)), ("--listen", listen))
+               if given]
+    if revert and ignored:
+        raise UsageError(f"--revert restores the originals as they were; {', '.join(ignored)} does not apply to it",
+                         hint="glmsetup patch --revert [TARGETS]")
     if revert:
         run_command(ctx, "patch", revert_core, render_revert, targets=list(targets), force=force, dry_run=dry_run)
         return

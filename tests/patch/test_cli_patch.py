@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from .conftest import MODEL, VARIANTS
 
 
@@ -108,3 +110,15 @@ def test_dry_run_warns_about_a_missing_model_without_saying_it_was_done(cli, dem
     (warning,) = doc["data"]["warnings"]
     assert warning.startswith(f"the patched demos load {tmp_path / 'nope'}, which holds no model yet")
     assert warning.endswith(f"glmsetup fetch --model-dir {tmp_path / 'nope'}")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--force"], "--force only goes with --revert"),
+    (["--revert", "--only", "loader"], "--only does not apply"),
+    (["--revert", "--model", "/x", "--listen"], "--model, --listen does not apply"),
+])
+def test_options_that_would_be_ignored_are_refused(cli, demo_dir, args, words):
+    result = cli("patch", str(demo_dir), *args, "--json")
+    assert result.exit_code == 2
+    doc = json.loads(result.stdout)
+    assert doc["error"]["code"] == "usage" and words in doc["error"]["message"]
