@@ -99,6 +99,8 @@ def check_model(facts: Facts) -> Finding:
     repair = "glmsetup fetch" + ("" if facts.default_model_dir else f" --model-dir {m.path}")
     if r.get("ok"):
         size = f", {gb(facts.disk.existing_bytes)}" if facts.disk else ""
+        ev.append(f"every file is there and none is an LFS pointer or an error page; `glmsetup verify {m.path}` "
+                  "checks sizes and sha256")
         return Finding("model", "model", title, "ok", f"complete ({r.get('kind')}{size})", ev)
     if r.get("kind") == "unknown" and (not issues or not holds_model_files(files)):
         return Finding("model", "model", title, "fail", "not a ChatGLM2 checkpoint", ev, f"point --model-dir at a ChatGLM2 folder, or {repair}")

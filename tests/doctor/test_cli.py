@@ -283,3 +283,9 @@ def test_long_lines_wrap_under_their_own_text_at_80_columns(cli, tmp_path, monke
     stray = [line for line in lines if not line.startswith(" ") and not line.startswith(headings)
              and not re.match(r"\d+ ok, |\S+ needs ", line)]
     assert stray == []  # a wrapped line never falls back to column 0
+
+
+def test_complete_model_folder_points_at_verify_for_checksums(cli, tiny_model_dir):
+    data = cli.json("doctor", "--model-dir", str(tiny_model_dir))["data"]
+    model = next(c for c in data["checks"] if c["id"] == "model")
+    assert model["status"] == "ok" and any(f"glmsetup verify {tiny_model_dir}" in line for line in model["evidence"])
