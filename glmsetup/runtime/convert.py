@@ -78,6 +78,8 @@ def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype {dtype} is not one of float32, bfloat16, float16", hint="e.g. --dtype bfloat16")
     target = Path(dst).expanduser() if dst else cache_dir_for(ckpt, dtype)
+    if target.exists() and any(target.iterdir()) and not (target / MARK).is_file():
+        raise UsageError(f"{target} exists and is not a glmsetup conversion", hint="choose an empty or new folder")
     cached = False
     if dst is None and use_cache and (target / MARK).is_file():
         cached = True
@@ -86,9 +88,6 @@ def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] 
         cached = True
     if cached:
         return _summary(ckpt, target, dtype, cached=True, seconds=0.0)
-    if target.exists() and any(target.iterdir()):
-        if not (target / MARK).is_file():
-            raise UsageError(f"{target} exists and is not a glmsetup conversion", hint="choose an empty or new folder")
     _check_space(ckpt, target, dtype)
     t0 = time.perf_counter()
     tmp = target.with_name(target.name + f".partial-{os.getpid()}")

@@ -70,3 +70,19 @@ def test_load_hint_keeps_the_command_on_one_line(cli, tiny_model_dir, tmp_path, 
     result = cli("convert", str(tiny_model_dir), str(dest), "--no-cache")
     assert result.exit_code == 0, result.stderr
     assert any(line.startswith(f"load it: glmsetup run cli --model-dir {dest} ") for line in result.stdout.splitlines())
+
+
+def test_a_cached_conversion_is_never_copied_over_a_folder_of_other_files(cli, tiny_model_dir, tmp_path, glmsetup_home):
+    import shutil
+
+    src = tmp_path / "chatglm2-6b"
+    shutil.copytree(tiny_model_dir, src)
+    assert cli("convert", str(src)).exit_code == 0  # fills the cache
+    other = tmp_path / "demos"
+    other.mkdir()
+    (other / "web_demo.py").write_text("print('mine')\n")
+    for dst in (other, src):
+        before = sorted(p.name for p in dst.iterdir())
+        result = cli("convert", str(src), str(dst), "--json")
+        assert result.exit_code == 2 and "is not a glmsetup conversion" in json.loads(result.stdout)["error"]["message"]
+        assert sorted(p.name for p in dst.iterdir()) == before
