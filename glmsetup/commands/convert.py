@@ -25,6 +25,10 @@ def convert_core(src: Optional[Path], dst: Optional[Path], dtype: Optional[str],
         ckpt = open_checkpoint(source)
         chosen = dtype or conv._default_dtype(ckpt)
         target = dst if dst is not None else conv.cache_dir_for(ckpt, chosen)
+        if target.exists() and any(target.iterdir()) and not (target / conv.MARK).is_file():
+            from glmsetup.errors import UsageError
+
+            raise UsageError(f"{target} exists and is not a glmsetup conversion", hint="choose an empty or new folder")
         weights = sum(f.stat().st_size for f in ckpt.files)
         return {"dry_run": True, "source": str(ckpt.path), "source_kind": ckpt.kind, "destination": str(target),
                 "dtype": chosen, "checkpoint": describe(ckpt),

@@ -86,3 +86,9 @@ def test_a_cached_conversion_is_never_copied_over_a_folder_of_other_files(cli, t
         result = cli("convert", str(src), str(dst), "--json")
         assert result.exit_code == 2 and "is not a glmsetup conversion" in json.loads(result.stdout)["error"]["message"]
         assert sorted(p.name for p in dst.iterdir()) == before
+
+
+def test_dry_run_refuses_the_same_destinations(cli, tiny_model_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = cli("convert", str(tiny_model_dir), str(tmp_path), "--dry-run", "--json")
+    assert result.exit_code == 2 and "is not a glmsetup conversion" in json.loads(result.stdout)["error"]["message"]
