@@ -69,6 +69,18 @@ def read_lfs_pointer(path: Path) -> Optional[tuple[str, int]]:
     return None
 
 
+HTML_PREFIXES = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")
+
+
+def sniff_head(head: bytes) -> Optional[str]:
+    """'pointer' or 'html' when the first bytes of a file or body are an LFS pointer or an error page."""
+    if head.startswith(POINTER_PREFIX):
+        return "pointer"
+    if head.lstrip()[:32].lower().startswith(HTML_PREFIXES):
+        return "html"
+    return None
+
+
 def sniff(path: Path) -> Optional[str]:
     """'pointer', 'html' or 'empty' when a file is obviously not the data it stands for, else None."""
     path = Path(path)
@@ -78,14 +90,7 @@ def sniff(path: Path) -> Optional[str]:
             head = fh.read(512)
     except OSError:
         return None
-    if size == 0:
-        return "empty"
-    if head.startswith(POINTER_PREFIX):
-        return "pointer"
-    lowered = head.lstrip().lower()
-    if lowered.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
-        return "html"
-    return None
+    return "empty" if size == 0 else sniff_head(head)
 
 
 def sha256_file(path: Path) -> str:

@@ -7,6 +7,14 @@ from pathlib import Path
 DEFAULT_MODEL = "chatglm2-6b"
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists: where disk space and the disk's kind can be read."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def home() -> Path:
     """The state folder: $GLMSETUP_HOME, else ~/.glmsetup."""
     env = os.environ.get("GLMSETUP_HOME")

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
+from glmsetup import paths
 from glmsetup.doctor import storage
 from glmsetup.doctor.facts import Disk, Facts, Git, Gpu, Memory, ModelFolder, Network, Nvidia, System, Torch
 
@@ -295,9 +296,7 @@ def folder_bytes(path: Path) -> int:
 
 def probe_disk(model_dir: Path) -> Disk:
     model_dir = Path(model_dir).expanduser().absolute()
-    probed = model_dir
-    while not probed.exists() and probed.parent != probed:
-        probed = probed.parent
+    probed = paths.nearest_existing(model_dir)
     usage = shutil.disk_usage(probed)
     kind, device, evidence = storage.disk_kind(probed)
     existing = folder_bytes(model_dir) if model_dir.is_dir() else 0

@@ -19,6 +19,7 @@ from packaging.version import InvalidVersion, Version
 
 from glmsetup import paths, requirements
 from glmsetup.doctor import torch_wheels
+from glmsetup.doctor.checks import gb
 from glmsetup.doctor.facts import Facts
 from glmsetup.profiles import Profile
 
@@ -89,7 +90,6 @@ def rank_key(p: Profile) -> tuple:
 
 def hardware_fit(p: Profile, est: requirements.Estimate, facts: Facts) -> tuple:
     """(fit, need, budget, where, reason)."""
-    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     need = est.total
     if p.device == "cuda":
         gpus = sorted(facts.gpus, key=lambda g: g.free, reverse=True)

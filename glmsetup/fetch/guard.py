@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from glmsetup import paths
 from glmsetup.errors import LockedError, ResourceError
 from glmsetup.output import human_bytes
 
@@ -57,10 +58,7 @@ class FolderLock:
 
 def free_space(path: Path) -> int:
     """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
-    path = Path(path).resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
+    return shutil.disk_usage(paths.nearest_existing(path)).free
 
 
 def check_space(path: Path, needed: int, free: Optional[int] = None) -> dict:

@@ -10,10 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from glmsetup.requirements import FP16_CHECKPOINT_BYTES, INT4_CHECKPOINT_BYTES
+
 HF_ENDPOINT = "https://huggingface.co"
 MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"
 TSINGHUA_ENDPOINT = "https://cloud.tsinghua.edu.cn"
 TSINGHUA_SHARE = "674208019e314311ab5c"
+
+# (size, sha256) of tokenizer.model, the same file in every ChatGLM2-6B repo (an LFS file too)
+TOKENIZER_MODEL = (1_018_370, "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2")
+SMALL_FILES = 100_000  # config, code and index files, roughly
 
 SOURCES = ("hf", "modelscope", "tsinghua", "git")
 WEIGHT_SOURCES = ("hf", "modelscope", "tsinghua")
@@ -45,12 +51,11 @@ MODELS: Dict[str, ModelEntry] = {
         modelscope_id="ZhipuAI/chatglm2-6b",
         modelscope_revision="v1.0.12",
         tsinghua_folder="chatglm2-6b",
-        total_bytes=12_487_241_401 + 1_018_370 + 100_000,
+        total_bytes=FP16_CHECKPOINT_BYTES + TOKENIZER_MODEL[0] + SMALL_FILES,
         official={
             "pytorch_model-00001-of-00007.bin": (
                 1_827_780_615, "cdf1bf57d519abe11043e9121314e76bc0934993e649a9e438a4b0894f4e6ee8"),
-            "tokenizer.model": (
-                1_018_370, "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2"),
+            "tokenizer.model": TOKENIZER_MODEL,
         },
     ),
     "chatglm2-6b-int4": ModelEntry(
@@ -60,12 +65,11 @@ MODELS: Dict[str, ModelEntry] = {
         modelscope_id="ZhipuAI/chatglm2-6b-int4",
         modelscope_revision="v1.0.3",
         tsinghua_folder="chatglm2-6b-int4",
-        total_bytes=3_923_712_365 + 1_018_370 + 100_000,
+        total_bytes=INT4_CHECKPOINT_BYTES + TOKENIZER_MODEL[0] + SMALL_FILES,
         official={
             "pytorch_model.bin": (
-                3_923_712_365, "783e9eac82c278f1e57ba93344a96580fd6f2cd222c8703f25998bb16926688e"),
-            "tokenizer.model": (
-                1_018_370, "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2"),
+                INT4_CHECKPOINT_BYTES, "783e9eac82c278f1e57ba93344a96580fd6f2cd222c8703f25998bb16926688e"),
+            "tokenizer.model": TOKENIZER_MODEL,
         },
     ),
     "chatglm2-6b-32k": ModelEntry(
@@ -75,10 +79,9 @@ MODELS: Dict[str, ModelEntry] = {
         modelscope_id="ZhipuAI/chatglm2-6b-32k",
         modelscope_revision="v1.0.2",
         tsinghua_folder=None,
-        total_bytes=12_487_241_401 + 1_018_370 + 100_000,
+        total_bytes=FP16_CHECKPOINT_BYTES + TOKENIZER_MODEL[0] + SMALL_FILES,
         official={
-            "tokenizer.model": (
-                1_018_370, "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2"),
+            "tokenizer.model": TOKENIZER_MODEL,
         },
     ),
 }

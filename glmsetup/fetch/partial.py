@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from glmsetup.fetch.manifest import FileSpec, git_blob_sha1_start, state_dir
+from glmsetup.modelfiles import sniff_head
 
 READ_BACK = 8 << 20
 
@@ -251,11 +252,9 @@ class PartialFile:
 
 def sniff_bytes(head: bytes, spec: FileSpec) -> Optional[str]:
     """'html' or 'pointer' when the first bytes of a body are an error page or an LFS pointer."""
-    name = spec.path.lower()
-    lead = head.lstrip()[:32].lower()
-    if not name.endswith((".html", ".htm", ".md")) and (lead.startswith(b"<!doctype html") or lead.startswith(b"<html")
-                                                        or lead.startswith(b"<head") or lead.startswith(b"<body")):
-        return "html"
-    if lead.startswith(b"version https://git-lfs.github.com/spec/") and (spec.size or 0) > 1024:
-        return "pointer"
-    return None
+    problem = sniff_head(head)
+    if problem == "html" and spec.path.lower().endswith((".html", ".htm", ".md", ".xml")):
+        return None
+    if problem == "pointer" and (spec.size or 0) <= 1024:
+        return None  # a small file that really is a pointer-sized text
+    return problem

@@ -153,9 +153,7 @@ def _check_space(ckpt, target: Path, dtype: str) -> None:
     need = sum(f.stat().st_size for f in ckpt.files)
     if dtype == "float32":
         need *= 2
-    probe = target.parent
-    while not probe.exists():
-        probe = probe.parent
+    probe = paths.nearest_existing(target.parent)
     free = shutil.disk_usage(probe).free
     if free < need * 1.05:
         raise ResourceError(f"converting needs about {need / 1e9:.1f} GB in {probe}, {free / 1e9:.1f} GB are free",
