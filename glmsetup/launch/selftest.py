@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +120,9 @@ class Selftest:
         """Start `glmsetup run cli` early: its imports overlap with the in-process checks."""
         if not self.model_dir.is_dir():
             return
-        cmd = [sys.executable, "-m", "glmsetup", "run", "cli", "--model", str(self.model_dir),
+        from glmsetup.launch.serve import python_module_command
+
+        cmd = [*python_module_command("glmsetup"), "run", "cli", "--model", str(self.model_dir),
                "--profile", str(self.profile_path)]
         env = {**os.environ, "GLMSETUP_NO_PROGRESS": "1", "PYTHONIOENCODING": "utf-8"}
         self._cli_started = time.perf_counter()

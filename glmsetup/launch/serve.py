@@ -18,6 +18,20 @@ from glmsetup.launch.binding import WEB_USER
 from glmsetup.launch.plan import RunPlan
 
 STREAMLIT_APP = "glmsetup.apps.streamlit_app"
+# Python < 3.11 has no -P: drop the current folder from sys.path by hand, then run the module as -m would.
+_SAFE_PATH_BOOT = ("import runpy, sys; del sys.path[0]; sys.argv.pop(0); "
+                   "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+
+def python_module_command(module: str) -> list:
+    """`python -m MODULE` that imports the installed packages whatever the current folder holds.
+
+    Plain `-m` puts the current folder first on sys.path, so a clone of glmsetup in it (run from
+    the folder above the clone, say) would shadow the installed package in the child.
+    """
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", module]
+    return [sys.executable, "-c", _SAFE_PATH_BOOT, module]
 
 
 def streamlit_app_path() -> Path:
@@ -29,7 +43,7 @@ def streamlit_app_path() -> Path:
 
 def streamlit_command(script: Path, host: str, port: int) -> list:
     """`streamlit run SCRIPT` with the server flags (headless: no browser, no usage statistics)."""
-    return [sys.executable, "-m", "streamlit", "run", str(script),
+    return [*python_module_command("streamlit"), "run", str(script),
             "--server.address", host, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false"]
 

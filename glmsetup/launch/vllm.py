@@ -14,7 +14,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -79,7 +78,9 @@ def chat_template(folder: Path, dry_run: bool) -> tuple[Optional[Path], str]:
 
 def vllm_command(folder: Path, plan: RunPlan, tensor_parallel_size: int, template: Optional[Path]) -> list:
     exe = shutil.which("vllm")
-    head = [exe, "serve", str(folder)] if exe else [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+    from glmsetup.launch.serve import python_module_command
+
+    head = [exe, "serve", str(folder)] if exe else [*python_module_command("vllm.entrypoints.openai.api_server"),
                                                     "--model", str(folder)]
     b = plan.binding
     cmd = head + ["--host", b.host, "--port", str(b.port), "--served-model-name", SERVED_NAME,

@@ -12,6 +12,10 @@ import pytest
 from ..conftest import ROOT
 from .conftest import free_port
 
+from glmsetup.launch.serve import python_module_command
+
+STREAMLIT_RUN = [*python_module_command("streamlit"), "run"]
+
 FIXTURES = ROOT / "tests" / "patch" / "fixtures"
 pytestmark = pytest.mark.skipif(not (FIXTURES / "cli_demo.py").is_file(), reason="patch fixtures not present")
 
@@ -36,9 +40,9 @@ def test_dry_run_picks_the_matching_script(cli, tiny_model_dir, glmsetup_home, f
     assert off["script"] == script and off["launcher"] == launcher and off["source"] == str(FIXTURES)
     work = Path(off["work_dir"])
     assert work.parent == glmsetup_home / "work" / "official"
-    assert data["cwd"] == str(work) and data["command"][-1 if launcher == "python" else 4] == str(work / script)
+    assert data["cwd"] == str(work) and data["command"][-1 if launcher == "python" else len(STREAMLIT_RUN)] == str(work / script)
     if launcher == "streamlit run":
-        assert data["command"][1:4] == ["-m", "streamlit", "run"] and "--server.port" in data["command"]
+        assert data["command"][:len(STREAMLIT_RUN)] == STREAMLIT_RUN and "--server.port" in data["command"]
     else:
         assert data["command"] == [sys.executable, str(work / script)]
     assert not work.exists()  # a dry run writes nothing

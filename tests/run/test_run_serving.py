@@ -11,6 +11,10 @@ import pytest
 from ..conftest import run_glmsetup
 from .conftest import free_port
 
+from glmsetup.launch.serve import python_module_command
+
+STREAMLIT_RUN = [*python_module_command("streamlit"), "run"]
+
 pytestmark = pytest.mark.slow
 
 
@@ -78,7 +82,7 @@ def test_run_streamlit_launches_the_app(tiny_model_dir, server_factory):
     assert server.stop() == 0
     doc = json.loads(server.stdout)  # Streamlit's own messages went to stderr
     assert doc["data"]["status"] == "serving" and doc["data"]["env"]["GLMSETUP_MODEL_DIR"] == str(tiny_model_dir)
-    assert doc["data"]["command"][1:4] == ["-m", "streamlit", "run"]
+    assert doc["data"]["command"][:len(STREAMLIT_RUN)] == STREAMLIT_RUN
     assert "streamlit_app.py" in doc["data"]["command"][4]
     assert f":{port}" in server.stderr  # "You can now view your Streamlit app ... :PORT"
 

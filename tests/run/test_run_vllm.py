@@ -6,6 +6,8 @@ import shlex
 
 import pytest
 
+from glmsetup.launch.serve import python_module_command
+
 
 @pytest.fixture
 def converted(tmp_path):
@@ -31,8 +33,8 @@ def test_command_on_converted_folder(cli, converted):
                "--listen", "--api-key", "sk-secret", "--cors", "https://app.example")["data"]
     cmd = data["command"]
     assert data["engine"] == "vllm" and data["model_kind"] == "glm-converted"
-    assert cmd[:3] == [cmd[0], "serve", str(converted)] or cmd[1:5] == ["-m", "vllm.entrypoints.openai.api_server",
-                                                                       "--model", str(converted)]
+    module = python_module_command("vllm.entrypoints.openai.api_server")
+    assert cmd[:3] == [cmd[0], "serve", str(converted)] or cmd[:len(module) + 2] == [*module, "--model", str(converted)]
     line = data["command_line"]
     for part in ("--host 0.0.0.0", "--port 8000", "--served-model-name chatglm2-6b", "--tensor-parallel-size 2",
                  "--dtype bfloat16", "--max-model-len 8192", f"--chat-template {converted / 'chat_template.jinja'}"):
