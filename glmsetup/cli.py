@@ -81,15 +81,28 @@ class Group(click.Group):
             return super().invoke(ctx)
         except GlmsetupError as exc:
             _fail(ctx, exc)
-        except click.UsageError as exc:  # a bad option or argument: under --json, still one envelope on stdout
-            if not ctx.meta.get(JSON_KEY):
-                raise
-            from glmsetup.errors import UsageError
-
-            where = " ".join(["glmsetup", command_name(exc.ctx)] if exc.ctx and exc.ctx.parent else ["glmsetup"])
-            _fail(ctx, UsageError(exc.format_message(), hint=f"{where} --help lists the options"))
+        except click.UsageError as exc:  # a bad option or argument: error and hint lines (an envelope under --json)
+            _fail(ctx, _usage_error(exc))
         except KeyboardInterrupt:
             _fail(ctx, Interrupted("interrupted", hint="run the same command again to continue where it stopped"))
+
+
+    def parse_args(self, ctx, args):
+        if not args and self is main:  # bare `glmsetup`: the help, and success
+            click.echo(ctx.get_help(), color=ctx.color)
+            ctx.exit(0)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:  # `glmsetup --bogus`: raised before invoke
+            _fail(ctx, _usage_error(exc))
+
+
+def _usage_error(exc: click.UsageError) -> GlmsetupError:
+    """Click's usage error in the error/hint format; the hint names the verb's --help."""
+    from glmsetup.errors import UsageError
+
+    where = " ".join(["glmsetup", command_name(exc.ctx)] if exc.ctx and exc.ctx.parent else ["glmsetup"])
+    return UsageError(exc.format_message(), hint=f"{where} --help lists the options")
 
 
 def _fail(ctx: click.Context, exc: GlmsetupError):

@@ -27,8 +27,20 @@ def stdout() -> "Console":
 
     global _stdout
     if _stdout is None or _stdout.file is not sys.stdout:
-        _stdout = Console(file=sys.stdout, highlight=False, soft_wrap=False)
+        _stdout = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=_pipe_width(sys.stdout))
     return _stdout
+
+
+PIPE_WIDTH = 400  # lines written to a pipe or a file are not wrapped at 80 columns (paths stay whole)
+
+
+def _pipe_width(stream) -> Optional[int]:
+    """None (rich decides) for a terminal or when COLUMNS is set; else wide enough not to wrap."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return None if tty or os.environ.get("COLUMNS") else PIPE_WIDTH
 
 
 def stderr() -> "Console":

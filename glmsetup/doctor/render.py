@@ -60,7 +60,8 @@ def render_verdict(console, data: dict, verbose: bool) -> None:
         for i, total in enumerate(e.get("per_device_total") or []):
             console.print(f"    GPU {i}: {human_bytes(total)}")
     n = data["counts"]
-    console.print(f"\n{n['ok']} ok, {n['warn']} warnings, {n['fail']} blocking, {n['skipped']} skipped")
+    warnings = "1 warning" if n["warn"] == 1 else f"{n['warn']} warnings"
+    console.print(f"\n{n['ok']} ok, {warnings}, {n['fail']} blocking, {n['skipped']} skipped")
     if v["next_commands"]:
         console.print("\n[bold]Next:[/]")
         for cmd in v["next_commands"]:

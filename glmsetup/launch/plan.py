@@ -144,16 +144,23 @@ def missing_modules(modules) -> list:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
+def not_installed(names: list) -> str:
+    """"a, which is not installed" / "a and b, which are not installed"."""
+    if len(names) == 1:
+        return f"{names[0]}, which is not installed"
+    return f"{', '.join(names[:-1])} and {names[-1]}, which are not installed"
+
+
 def require_extra(front: str) -> None:
     """MissingDependency (exit 3) naming the pip line when the front end's extra is not installed."""
     modules, extra = FRONT_EXTRAS[front]
     gone = missing_modules(modules)
     if gone:
-        raise MissingDependency(f"`run {front}` needs {', '.join(gone)}, which is not installed",
+        raise MissingDependency(f"`run {front}` needs {not_installed(gone)}",
                                 hint=EXTRAS_HINT.get(extra, f'pip install "glmsetup[{extra}]"'))
     gone = missing_modules(RUNTIME_MODULES)
     if gone:
-        raise MissingDependency(f"the model runtime needs {', '.join(gone)}, which is not installed",
+        raise MissingDependency(f"the model runtime needs {not_installed(gone)}",
                                 hint=EXTRAS_HINT["runtime"])
 
 

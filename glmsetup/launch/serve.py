@@ -42,10 +42,11 @@ def streamlit_app_path() -> Path:
 
 
 def streamlit_command(script: Path, host: str, port: int) -> list:
-    """`streamlit run SCRIPT` with the server flags (headless: no browser, no usage statistics)."""
+    """`streamlit run SCRIPT` with the server flags (headless: no browser, no usage statistics, and a
+    minimal toolbar: no Deploy button for a chat running on this machine)."""
     return [*python_module_command("streamlit"), "run", str(script),
             "--server.address", host, "--server.port", str(port),
-            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
 
 
 def plan_streamlit(plan: RunPlan) -> RunPlan:
@@ -120,14 +121,38 @@ def serve_cli(tokenizer, model, plan: RunPlan, stdin=None, stdout=None) -> None:
 
 
 def serve_web(tokenizer, model, plan: RunPlan, *, quiet: bool = False) -> None:
-    """Gradio's launch; quiet under --json, where stdout carries only the envelope."""
+    """Gradio's launch with its own messages off (they suggest share=True); one line with the address
+    on stderr instead, none under --json. Ctrl-C closes the page's server and returns."""
     from glmsetup.errors import require
 
     web = require("glmsetup.apps.web", "web")
     demo = web.build_demo(tokenizer, model, plan.profile)
     auth = (WEB_USER, plan.binding.api_key) if plan.binding.api_key else None
     demo.launch(server_name=plan.binding.host, server_port=plan.binding.port, share=False, inbrowser=False,
-                auth=auth, show_error=True, quiet=quiet)
+                auth=auth, auth_message=LOGIN_MESSAGE if auth else None, show_error=True, quiet=True,
+                prevent_thread_lock=True)
+    _serve_until_stopped(demo, "" if quiet else f"web page ready: {plan.binding.url}"
+                         + (f", log in as '{WEB_USER}' with the API key" if auth else "") + " (Ctrl-C stops it)")
+
+
+LOGIN_MESSAGE = f"User name: <b>{WEB_USER}</b>. Password: the API key given to <code>glmsetup run web --api-key</code>."
+
+
+def _serve_until_stopped(demo, ready_line: str) -> None:
+    """Say where the page is (unless `ready_line` is empty), then wait for Ctrl-C and close it."""
+    import time
+
+    from glmsetup import output
+
+    try:
+        if ready_line:
+            output.stderr().print(ready_line, highlight=False, soft_wrap=True)
+        while demo.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # the normal way to stop a server
+        pass
+    finally:
+        demo.close()
 
 
 def make_api(tokenizer, model, plan: RunPlan):

@@ -94,6 +94,8 @@ def test_run_web_with_a_key_asks_for_a_login(runtime, tiny_model_dir, server_fac
                             "--api-key", "web-key")
     base = f"http://127.0.0.1:{port}"
     assert server.wait_http(f"{base}/").status_code == 200
+    check = httpx.get(f"{base}/gradio_api/login_check", timeout=10)  # what the login page shows above its form
+    assert check.status_code == 401 and "User name: <b>glmsetup</b>" in check.json()["detail"]["auth_message"]
     assert httpx.get(f"{base}/config", timeout=10).status_code == 401  # nothing without the login
     bad = httpx.post(f"{base}/login", data={"username": "glmsetup", "password": "nope"}, timeout=10)
     assert bad.status_code >= 400
@@ -103,3 +105,4 @@ def test_run_web_with_a_key_asks_for_a_login(runtime, tiny_model_dir, server_fac
         assert browser.get("/config").status_code == 200
     assert server.stop() == 0
     assert "the web page asks for a login" in server.stderr.replace("\n", " ")
+    assert f"web page ready: {base}," in server.stderr and "share=True" not in server.stderr + server.stdout
