@@ -2,12 +2,17 @@
 
 Built-in profiles live in profiles/ at the project root (shipped inside the package as
 glmsetup/profiles); a user's own go in $GLMSETUP_HOME/profiles and may inherit from built-ins or
-override them. Every file is validated: an unknown key, a wrong type or an impossible combination is
-a ProfileError naming the file, the key and what is allowed.
+override them. Every file is validated: an unknown key, a wrong type, a value out of its range
+(RANGES), an over-long text or an impossible combination is a ProfileError naming the file, the key and
+what is allowed. Files are untrusted: they are size-capped, inheritance is at most MAX_DEPTH files deep,
+and one broken file of a user's never stops the others from being listed (load_all skips it with a
+warning; only the profile asked for by name raises).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +96,44 @@ SECTIONS: dict[str, dict[str, type]] = {
 }
 _TYPES = {"int": int, "float": float, "str": str}
 
+# Numbers: key -> (lowest, highest, lowest excluded, hint). NaN and infinity are refused everywhere.
+# The generation bounds are the ones the chat front ends allow (the web sliders, the API, the terminal).
+RANGES: dict[str, tuple] = {
+    "num_gpus": (1, 16, False, "num_gpus = 1 for one card, 2 or more to split layers"),
+    "generation.max_length": (1, 32768, False, "8192 is the official default"),
+    "generation.top_p": (0, 1, True, "top_p = 0.8 is the official default"),
+    "generation.temperature": (0, 2, False, "0 means greedy; 0.8 is the official default"),
+    "generation.repetition_penalty": (0.5, 2, False, "1.0 means off; 1.1-1.3 discourages repetition "
+                                                     "(values below 0.5 cause runaway repetition)"),
+    "server.api_port": (1, 65535, False, "e.g. 8000"),
+    "server.web_port": (1, 65535, False, "e.g. 7860"),
+    "server.streamlit_port": (1, 65535, False, "e.g. 8501"),
+}
+# Texts: key -> most characters. Control characters (newlines included) are refused in all of them.
+TEXT_LIMITS = {"description": 300, "inherits": 64, "server.host": 253}
+MAX_NAME = 64  # a profile's name: its file name without .toml
+MAX_FILE_BYTES = 64 * 1024  # the built-in files are a few hundred bytes
+MAX_DEPTH = 8  # files in one inheritance chain (the built-ins use at most 4)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """repr(value), shortened: a hostile file's value never floods the one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _show_key(key: str) -> str:
+    return key if len(key) <= 40 and key.isprintable() else _show(key)
+
+
+def name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be a profile name, or None: at most 64 printable characters, no spaces or slashes."""
+    if not name or len(name) > MAX_NAME:
+        return f"a profile name has 1 to {MAX_NAME} characters"
+    if not name.isprintable() or any(c.isspace() or c in "/\\" for c in name):
+        return "a profile name has no spaces, slashes or control characters"
+    return None
+
 
 def _type_ok(value: Any, expected) -> bool:
     expected = _TYPES.get(expected, expected) if isinstance(expected, str) else expected
@@ -105,8 +148,33 @@ def _type_name(expected) -> str:
     return expected if isinstance(expected, str) else expected.__name__
 
 
+def _check_value(key: str, value: Any, source: str) -> None:
+    """Range of a number, length and characters of a text (the type is already checked)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProfileError(f"{source}: '{key}' must be a finite number, not {value!r}",
+                           hint=RANGES[key][3] if key in RANGES else None)
+    if key in RANGES:
+        low, high, open_low, hint = RANGES[key]
+        if value < low or value > high or (open_low and value == low):
+            span = f"({low}, {high}]" if open_low else f"{low}..{high}"
+            raise ProfileError(f"{source}: '{key}' must be within {span}, not {_show(value)}", hint=hint)
+    if key in TEXT_LIMITS:
+        limit = TEXT_LIMITS[key]
+        if len(value) > limit:
+            raise ProfileError(f"{source}: '{key}' is {len(value)} characters long; at most {limit} are allowed",
+                               hint="shorten it")
+        if not value.isprintable():
+            raise ProfileError(f"{source}: '{key}' holds control characters (newlines, tabs, escapes): {_show(value)}",
+                               hint="write it as one line of plain text")
+    if key == "inherits" and name_problem(value):
+        raise ProfileError(f"{source}: 'inherits' = {_show(value)} is not a profile name", hint=name_problem(value))
+    if key == "server.host" and (not value or any(c.isspace() for c in value)):
+        raise ProfileError(f"{source}: 'server.host' = {_show(value)} is not a host name or address",
+                           hint='e.g. host = "127.0.0.1" (this machine only) or "0.0.0.0" (every interface)')
+
+
 def validate_raw(raw: dict, source: str) -> None:
-    """Check keys and types of one file's table (before inheritance)."""
+    """Check keys, types and ranges of one file's table (before inheritance)."""
     for key, value in raw.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
@@ -114,27 +182,29 @@ def validate_raw(raw: dict, source: str) -> None:
             for sub, subval in value.items():
                 if sub not in SECTIONS[key]:
                     raise ProfileError(
-                        f"{source}: unknown key '{key}.{sub}'",
+                        f"{source}: unknown key '{key}.{_show_key(sub)}'",
                         hint=f"allowed keys in [{key}]: {', '.join(SECTIONS[key])}",
                     )
                 if not _type_ok(subval, SECTIONS[key][sub]):
                     raise ProfileError(
-                        f"{source}: '{key}.{sub}' must be {_type_name(SECTIONS[key][sub])}, not {subval!r}",
+                        f"{source}: '{key}.{sub}' must be {_type_name(SECTIONS[key][sub])}, not {_show(subval)}",
                         hint=f"e.g. {sub} = {getattr(Generation() if key == 'generation' else Server(), sub)!r}",
                     )
+                _check_value(f"{key}.{sub}", subval, source)
             continue
         if key not in TOP_KEYS:
             raise ProfileError(
-                f"{source}: unknown key '{key}'",
+                f"{source}: unknown key '{_show_key(key)}'",
                 hint=f"allowed keys: {', '.join(list(TOP_KEYS) + list(SECTIONS))}",
             )
         typ, allowed = TOP_KEYS[key]
         if not _type_ok(value, typ):
-            raise ProfileError(f"{source}: '{key}' must be {typ.__name__}, not {value!r}",
+            raise ProfileError(f"{source}: '{key}' must be {typ.__name__}, not {_show(value)}",
                                hint=f"allowed: {', '.join(map(str, allowed))}" if allowed else None)
         if allowed is not None and value not in allowed:
-            raise ProfileError(f"{source}: '{key}' = {value!r} is not allowed",
+            raise ProfileError(f"{source}: '{key}' = {_show(value)} is not allowed",
                                hint=f"allowed: {', '.join(map(repr, allowed))}")
+        _check_value(key, value, source)
 
 
 def check_combination(p: Profile) -> None:
@@ -156,39 +226,49 @@ def check_combination(p: Profile) -> None:
     if p.backend == "official" and p.dtype == "bfloat16":
         bad("dtype", "the official path knows float32 (.float()) and float16 (.half()) only",
             "use backend = \"native\" for bfloat16")
-    if p.num_gpus < 1:
-        bad("num_gpus", f"must be at least 1, not {p.num_gpus}", "num_gpus = 1 for one card, 2 or more to split layers")
     if p.num_gpus > 1 and p.device != "cuda":
         bad("num_gpus", f"several GPUs need device = \"cuda\", not {p.device!r}", "set device = \"cuda\"")
     if p.num_gpus > 1 and p.quantization_bits:
         bad("num_gpus", "splitting a quantized model across GPUs is not supported",
             "int4/int8 fit on one card: use num_gpus = 1")
-    g = p.generation
-    if not 0 < g.top_p <= 1:
-        bad("generation.top_p", f"must be in (0, 1], not {g.top_p}", "top_p = 0.8 is the official default")
-    if g.temperature < 0:
-        bad("generation.temperature", f"must be >= 0, not {g.temperature}", "0 means greedy; 0.8 is the official default")
-    if g.repetition_penalty < 0.5:
-        bad("generation.repetition_penalty", f"values below 0.5 cause runaway repetition ({g.repetition_penalty})",
-            "1.0 means off; 1.1-1.3 discourages repetition")
-    if not 1 <= g.max_length <= 32768:
-        bad("generation.max_length", f"must be within 1..32768, not {g.max_length}", "8192 is the official default")
-    for key in ("api_port", "web_port", "streamlit_port"):
-        port = getattr(p.server, key)
-        if not 0 < port < 65536:
-            bad(f"server.{key}", f"must be within 1..65535, not {port}", "e.g. 8000")
 
 
 def _read(path: Path) -> dict:
+    """One file's table, checked; a ProfileError names the file (never a traceback, never a hang)."""
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a fifo would block, a device never ends
+            raise ProfileError(f"{path}: not a regular file", hint="a profile is a small .toml file")
         with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: not valid TOML ({exc})", hint="see docs/reference/profiles.md for the format")
+            data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ProfileError(f"{path}: cannot be read ({exc.strerror})", hint="check the file's permissions")
+    if len(data) > MAX_FILE_BYTES:
+        raise ProfileError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB, not a profile",
+                           hint="a profile is a few lines of TOML; see docs/reference/profiles.md")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not valid TOML (not UTF-8 text)", hint="save the file as UTF-8")
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML ({exc})", hint="see docs/reference/profiles.md for the format")
+    except RecursionError:
+        raise ProfileError(f"{path}: not valid TOML (nested too deeply)", hint="see docs/reference/profiles.md for the format")
     validate_raw(raw, str(path))
     return raw
+
+
+_warned: set = set()
+
+
+def warn(message: str) -> None:
+    """One line on stderr (once per message): a skipped file never hides the others."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    from glmsetup import output
+
+    output.stderr().print(f"[yellow]warning:[/] {output.escape(message)}", soft_wrap=True)
 
 
 def profile_files() -> dict[str, Path]:
@@ -197,6 +277,10 @@ def profile_files() -> dict[str, Path]:
     for folder in (BUILTIN_DIR, paths.user_profiles_dir()):
         if folder.is_dir():
             for f in sorted(folder.glob("*.toml")):
+                problem = name_problem(f.stem)
+                if problem:
+                    warn(f"skipped {_show(str(f), 200)}: its name is not a profile name ({problem})")
+                    continue
                 found[f.stem] = f
     return dict(sorted(found.items()))
 
@@ -211,31 +295,58 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _resolve_raw(name: str, files: dict[str, Path], seen: tuple = ()) -> tuple[dict, Path]:
-    if name in seen:
-        raise ProfileError(f"profile inheritance loops: {' -> '.join(seen + (name,))}",
-                           hint="remove one 'inherits' so the chain ends")
-    path = files.get(name)
-    if path is None:
-        raise ProfileError(f"unknown profile '{name}'",
-                           hint=f"known profiles: {', '.join(sorted(files)) or 'none'} (glmsetup profiles)")
-    raw = _read(path)
+def _builtin(name: str) -> Optional[Path]:
+    path = BUILTIN_DIR / f"{name}.toml"
+    return path if path.is_file() else None
+
+
+def _resolve_file(name: str, path: Path, files: dict[str, Path], chain: tuple = ()) -> dict:
+    """The table of `path` (the profile `name`) with its inheritance applied.
+
+    A broken user file further up the chain that overrides a built-in is skipped with a warning
+    (the built-in is used); the first file of the chain, the one asked for, always raises.
+    """
+    chain = chain + ((name, path),)
+    try:
+        raw = _read(path)
+    except ProfileError as exc:
+        builtin = _builtin(name)
+        if len(chain) == 1 or builtin is None or path == builtin:
+            raise
+        warn(f"skipped {exc.message} (using the built-in '{name}')")
+        path, raw = builtin, _read(builtin)
+        chain = chain[:-1] + ((name, path),)
     parent = raw.get("inherits")
-    if parent:
-        if parent == name and path.parent != BUILTIN_DIR and (BUILTIN_DIR / f"{name}.toml").exists():
-            # A user profile that refines the built-in one of the same name.
-            base = _read(BUILTIN_DIR / f"{name}.toml")
-        else:
-            base, _ = _resolve_raw(parent, files, seen + (name,))
-        raw = _merge(base, raw)
-    return raw, path
+    if not parent:
+        return raw
+    if parent == name and files.get(name) == path and path.parent != BUILTIN_DIR and _builtin(name):
+        parent_path = _builtin(name)  # a user profile that refines the built-in one of the same name
+    else:
+        parent_path = files.get(parent)
+    names = " -> ".join([n for n, _ in chain] + [parent])
+    if parent_path is None:
+        raise ProfileError(f"{path}: inherits unknown profile '{parent}'",
+                           hint=f"known profiles: {', '.join(sorted(files)) or 'none'} (glmsetup profiles)")
+    if any(p == parent_path for _, p in chain):
+        raise ProfileError(f"profile inheritance loops: {names} ({path})", hint="remove one 'inherits' so the chain ends")
+    if len(chain) >= MAX_DEPTH:
+        raise ProfileError(f"{path}: inheritance is more than {MAX_DEPTH} profiles deep: {names}",
+                           hint=f"inherit from a built-in directly; at most {MAX_DEPTH} files may form a chain")
+    return _merge(_resolve_file(parent, parent_path, files, chain), raw)
+
+
+def _unknown(name: str, files: dict[str, Path]) -> ProfileError:
+    return ProfileError(f"unknown profile '{_show_key(name)}'",
+                        hint=f"known profiles: {', '.join(sorted(files)) or 'none'} (glmsetup profiles)")
 
 
 def load(name: str) -> Profile:
     """Resolve a profile by name (inheritance applied, validated)."""
     files = profile_files()
-    raw, path = _resolve_raw(name, files)
-    return build(name, raw, str(path))
+    path = files.get(name)
+    if path is None:
+        raise _unknown(name, files)
+    return build(name, _resolve_file(name, path, files), str(path))
 
 
 def build(name: str, raw: dict, source: str = "") -> Profile:
@@ -253,7 +364,25 @@ def build(name: str, raw: dict, source: str = "") -> Profile:
 
 
 def load_all() -> list[Profile]:
-    return [load(name) for name in profile_files()]
+    """Every profile; a broken one is skipped with a warning naming its file (a user's file that
+    overrides a built-in falls back to the built-in), so one bad file never hides the others."""
+    files = profile_files()
+    out = []
+    for name, path in files.items():
+        try:
+            out.append(build(name, _resolve_file(name, path, files), str(path)))
+            continue
+        except ProfileError as exc:
+            builtin = _builtin(name)
+            if builtin is None or builtin == path:
+                warn(f"skipped profile '{name}': {exc.message}")
+                continue
+            warn(f"skipped {exc.message} (using the built-in '{name}')")
+        try:
+            out.append(build(name, _resolve_file(name, builtin, files), str(builtin)))
+        except ProfileError as exc:
+            warn(f"skipped profile '{name}': {exc.message}")
+    return out
 
 
 def resolve(profile) -> Profile:
@@ -264,9 +393,6 @@ def resolve(profile) -> Profile:
         path = Path(profile)
         if not path.is_file():
             raise ProfileError(f"profile file {path} does not exist", hint="give a profile name or an existing .toml file")
-        raw = _read(path)
-        if raw.get("inherits"):
-            base, _ = _resolve_raw(raw["inherits"], profile_files())
-            raw = _merge(base, raw)
-        return build(path.stem, raw, str(path))
+        files = profile_files()
+        return build(path.stem, _resolve_file(path.stem, path, files), str(path))
     return load(str(profile))

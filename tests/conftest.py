@@ -58,3 +58,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from glmsetup.testing.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-chatglm2") / "chatglm2-6b")
+
+
+class DecodeSteps:
+    """Counts the model's decode steps through a forward hook on its embedding (one call per step).
+
+    Each step yields one generated id (the prompt's step the first), so `count` is the number of ids an
+    answer was generated as, observed without asking the code under test.
+    """
+
+    def __init__(self, model):
+        self.count = 0
+        inner = getattr(model, "_model", model)  # the tests' recording wrappers keep the model here
+        self._handle = inner.model.embed_tokens.register_forward_hook(self._seen)
+
+    def _seen(self, _module, _inputs, _output):
+        self.count += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()

@@ -39,6 +39,7 @@ from glmsetup.apps.api_schemas import (  # noqa: E402
 )
 from glmsetup.apps.api_server import BearerAuthMiddleware, BodyLimitMiddleware, ServerThread, serve  # noqa: E402
 from glmsetup.apps.api_worker import GenerationQueue, QueueFull  # noqa: E402
+from glmsetup.apps.generation import token_counter  # noqa: E402
 
 __all__ = ["create_app", "serve", "ServerThread", "MODEL_ID"]
 
@@ -285,16 +286,20 @@ class _Completion:
         self.created = int(time.time())
         self.stop_event = threading.Event()
         self._template = None
+        self.counter = token_counter(s.model, self.kwargs)  # usage counts the generated ids
+
+    def _answer_tokens(self, text: str) -> int:
+        return self.counter.value if self.counter is not None else self.s.answer_tokens(text)
 
     def _usage(self, text: str) -> dict:
-        answer = self.s.answer_tokens(text)
+        answer = self._answer_tokens(text)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": answer,
                 "total_tokens": self.prompt_tokens + answer}
 
     def _finish_reason(self, text: str, stopped: bool) -> str:
         if stopped:
             return "stop"
-        answer = self.s.answer_tokens(text)
+        answer = self._answer_tokens(text)
         if self.new_tokens is not None and answer >= self.new_tokens:
             return "length"
         if self.prompt_tokens + answer >= self.kwargs["max_length"]:

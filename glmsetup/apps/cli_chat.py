@@ -26,13 +26,8 @@ BOT_PREFIX = "\nChatGLM: "
 CLEAR_WORDS = {"clear", "/clear"}
 EXIT_WORDS = {"stop", "exit", "quit", "/stop", "/exit", "/quit"}
 
-# name -> (type, low, high, what it does); the bounds are the ones the official demos' sliders allow.
-SETTINGS: dict[str, tuple[type, float, float, str]] = {
-    "max_length": (int, 1, 32768, "the most tokens of prompt, history and answer together"),
-    "top_p": (float, 0.0, 1.0, "nucleus sampling: keep the smallest set of tokens with this much probability"),
-    "temperature": (float, 0.0, 2.0, "randomness; 0 means greedy (always the likeliest token)"),
-    "repetition_penalty": (float, 0.5, 2.0, "above 1.0 discourages repeating tokens; 1.0 is off"),
-}
+from glmsetup.apps.generation import SETTINGS, answer_tokens, defaults, token_counter
+
 ALIASES = {
     "temp": "temperature", "t": "temperature", "topp": "top_p", "p": "top_p",
     "maxlen": "max_length", "max_len": "max_length", "length": "max_length",
@@ -51,11 +46,7 @@ class ChatSettings:
 
     @classmethod
     def from_profile(cls, profile) -> "ChatSettings":
-        gen = getattr(profile, "generation", None)
-        if gen is None:
-            return cls()
-        return cls(max_length=int(gen.max_length), top_p=float(gen.top_p),
-                   temperature=float(gen.temperature), repetition_penalty=float(gen.repetition_penalty))
+        return cls(**defaults(profile))
 
     def update(self, name: str, raw: str) -> str:
         """Set one setting from text; returns the canonical name. ValueError with a readable message."""
@@ -109,6 +100,7 @@ class Conversation:
         self.settings = settings
         self.history: list = []
         self.past_key_values: Any = None
+        self.counter = None  # the last answer's generated ids, when the model counts them
 
     def clear(self) -> None:
         self.history = []
@@ -117,9 +109,11 @@ class Conversation:
     def stream(self, query: str, stop_event: threading.Event):
         """Yield the growing answer; the history and cache are updated as it streams (a stop keeps both)."""
         history = list(self.history)
+        kwargs = self.settings.as_kwargs()
+        self.counter = token_counter(self.model, kwargs)
         gen = self.model.stream_chat(
             self.tokenizer, query, history=history, past_key_values=self.past_key_values,
-            return_past_key_values=True, stop_event=stop_event, **self.settings.as_kwargs())
+            return_past_key_values=True, stop_event=stop_event, **kwargs)
         try:
             for item in gen:
                 response, new_history = item[0], item[1]
@@ -133,10 +127,11 @@ class Conversation:
             gen.close()
 
     def count_tokens(self, text: str) -> int:
-        try:
-            return len(self.tokenizer.encode(text, add_special_tokens=False))
-        except Exception:  # a tokenizer without the keyword: count with the prefix, minus it
-            return max(len(self.tokenizer.encode(text)) - 2, 0)
+        """The last answer's generated ids (re-encoding `text` only for a model that does not count)."""
+        counted = answer_tokens(self.counter, self.tokenizer, text)
+        if counted is not None:
+            return counted
+        return max(len(self.tokenizer.encode(text)) - 2, 0)  # a tokenizer without the keyword
 
 
 def _worker(conv: Conversation, query: str, stop_event: threading.Event, out: "queue.Queue") -> None:
@@ -272,7 +267,7 @@ class ChatLoop:
                 stop_event.set()
         worker.join()
         elapsed = time.perf_counter() - started
-        stats = AnswerStats(tokens=self.conv.count_tokens(last) if last else 0, seconds=elapsed,
+        stats = AnswerStats(tokens=self.conv.count_tokens(last), seconds=elapsed,
                             first_token_seconds=first, stopped=stop_event.is_set())
         if error is not None:
             self.write(f"\nerror: {_describe_error(error)}\n")

@@ -5,9 +5,10 @@ The model folder and the profile come from the environment: GLMSETUP_MODEL_DIR (
 The model is loaded once per server process (st.cache_resource) and shared by every browser tab;
 each tab keeps its own history and KV cache in st.session_state.
 
-The sidebar has the official Streamlit demo's sliders and defaults (max_length 8192, top_p 0.8,
-temperature 0.8) plus a repetition penalty. Answers stream into the page; if the script is
-interrupted mid-answer (Streamlit's Stop, or a new message), what was said so far is kept.
+The sidebar has the official Streamlit demo's sliders plus a repetition penalty, with the bounds of
+glmsetup.apps.generation.SETTINGS and the loaded profile's [generation] values as defaults (as every
+front end). Answers stream into the page; if the script is interrupted mid-answer (Streamlit's Stop,
+or a new message), what was said so far is kept.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import time
 ENV_MODEL_DIR = "GLMSETUP_MODEL_DIR"
 ENV_PROFILE = "GLMSETUP_PROFILE"
 TITLE = "ChatGLM2-6B"
-DEFAULTS = {"max_length": 8192, "top_p": 0.8, "temperature": 0.8, "repetition_penalty": 1.0}
 
 
 def settings_from_env() -> tuple:
@@ -29,13 +29,10 @@ def settings_from_env() -> tuple:
 
 
 def defaults_for(model) -> dict:
-    """The official demo's defaults, refined by the loaded profile's generation settings."""
-    out = dict(DEFAULTS)
-    gen = getattr(getattr(model, "profile", None), "generation", None)
-    if gen is not None:
-        out.update(max_length=min(int(gen.max_length), 32768), top_p=float(gen.top_p),
-                   temperature=min(float(gen.temperature), 1.0), repetition_penalty=float(gen.repetition_penalty))
-    return out
+    """The loaded profile's generation settings (glmsetup.apps.generation.defaults)."""
+    from glmsetup.apps.generation import defaults
+
+    return defaults(getattr(model, "profile", None))
 
 
 def _init_state(st) -> None:
@@ -76,22 +73,20 @@ def _load(st, model_dir, profile):
 def _sidebar(st, defaults: dict) -> dict:
     with st.sidebar:
         st.header("Settings")
-        max_length = st.slider("max_length", 0, 32768, defaults["max_length"], step=1, key="max_length")
-        top_p = st.slider("top_p", 0.0, 1.0, defaults["top_p"], step=0.01, key="top_p")
-        temperature = st.slider("temperature", 0.0, 1.0, defaults["temperature"], step=0.01, key="temperature")
-        repetition_penalty = st.slider("repetition_penalty", 0.5, 2.0, defaults["repetition_penalty"], step=0.01,
-                                       key="repetition_penalty")
+        from glmsetup.apps.generation import SETTINGS
+
+        values = {}
+        for name, (typ, low, high, _doc) in SETTINGS.items():
+            values[name] = st.slider(name, typ(low), typ(high), defaults[name], step=1 if typ is int else 0.01,
+                                     key=name)
+        max_length, top_p = values["max_length"], values["top_p"]
+        temperature, repetition_penalty = values["temperature"], values["repetition_penalty"]
         if st.button("Clear history", key="clear"):
             _clear(st)
     return dict(max_length=max(int(max_length), 1), top_p=float(top_p), temperature=float(temperature),
                 repetition_penalty=float(repetition_penalty))
 
 
-def _count_tokens(tokenizer, text: str) -> int:
-    try:
-        return len(tokenizer.encode(text, add_special_tokens=False))
-    except Exception:
-        return 0
 
 
 def _answer(st, tokenizer, model, lock, query: str, gen_kwargs: dict) -> None:
@@ -133,8 +128,12 @@ def _stream_into(st, tokenizer, model, query: str, gen_kwargs: dict, placeholder
     past = st.session_state.past_key_values
     response = ""
     started = time.perf_counter()
+    from glmsetup.apps.generation import answer_tokens, token_counter
+
+    kwargs = dict(gen_kwargs)
+    counter = token_counter(model, kwargs)
     gen = model.stream_chat(tokenizer, query, history=history, past_key_values=past,
-                            return_past_key_values=True, stop_event=stop_event, **gen_kwargs)
+                            return_past_key_values=True, stop_event=stop_event, **kwargs)
     try:
         for item in gen:
             response, history = item[0], list(item[1])
@@ -149,7 +148,7 @@ def _stream_into(st, tokenizer, model, query: str, gen_kwargs: dict, placeholder
             st.session_state.past_key_values = past
     placeholder.markdown(response)
     elapsed = time.perf_counter() - started
-    tokens = _count_tokens(tokenizer, response)
+    tokens = answer_tokens(counter, tokenizer, response) or 0
     stats = f"{tokens} tokens, {tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s"
     st.session_state.stats[len(st.session_state.history) - 1] = stats
     st.caption(stats)

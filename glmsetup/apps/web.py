@@ -5,10 +5,12 @@
 without a browser (the selftest drives it): it yields (chatbot messages, history, past_key_values)
 after each new piece of the answer.
 
-Sliders and defaults follow the official web_demo.py (Maximum length 0-32768 at 8192, Top P 0-1 at
-0.8, Temperature 0-1 at 0.95) plus Repetition Penalty (0.5-2.0 at 1.0). Each browser session keeps
-its own history and KV cache in gr.State, so a new turn feeds only the new query to the model.
-Generation is serialised through the queue (one answer at a time per model by default).
+The sliders are the official web_demo.py's (Maximum length, Top P, Temperature) plus Repetition
+Penalty, with the bounds of glmsetup.apps.generation.SETTINGS (Temperature 0-2, as `/set` in the
+terminal) and the profile's [generation] values as defaults (what the banner of `glmsetup run`
+prints). Enter sends the message, Shift+Enter starts a new line. Each browser session keeps its own
+history and KV cache in gr.State, so a new turn feeds only the new query to the model. Generation is
+serialised through the queue (one answer at a time per model by default).
 """
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
+from glmsetup.apps.generation import SETTINGS, answer_tokens, defaults, token_counter
 from glmsetup.errors import GlmsetupError, require
 
 TITLE = "ChatGLM2-6B"
 CACHE_TTL_S = 1800
-DEFAULTS = {"max_length": 8192, "top_p": 0.8, "temperature": 0.95, "repetition_penalty": 1.0}
 LATEX_DELIMITERS = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "\\[", "right": "\\]", "display": True},
@@ -49,29 +51,30 @@ class StopFlag:
         return self.event.is_set()
 
 
-def predict(tokenizer, model, query: str, chatbot: Optional[list], max_length: int = DEFAULTS["max_length"],
-            top_p: float = DEFAULTS["top_p"], temperature: float = DEFAULTS["temperature"],
-            repetition_penalty: float = DEFAULTS["repetition_penalty"], history: Optional[list] = None,
-            past_key_values: Any = None, stop_event: Optional[threading.Event] = None,
+def predict(tokenizer, model, query: str, chatbot: Optional[list], max_length: Optional[int] = None,
+            top_p: Optional[float] = None, temperature: Optional[float] = None,
+            repetition_penalty: Optional[float] = None, history: Optional[list] = None,
+            past_key_values: Any = None, stop_event: Optional[threading.Event] = None, token_count=None,
             ) -> Iterator[tuple[list, list, Any]]:
     """Stream one answer: yields (chatbot, history, past_key_values) as the answer grows.
 
     `chatbot` is the page's list of {"role", "content"} messages; `history` the model's list of
     (query, response) pairs; `past_key_values` the cache returned with the previous answer (None to
     start fresh). Setting `stop_event` ends the answer after the current token; what was said so far
-    stays in the history and the cache.
+    stays in the history and the cache. Settings left as None are the model's profile's.
     """
     chatbot = [dict(m) if isinstance(m, dict) else _message_dict(m) for m in (chatbot or [])]
     history = list(history or [])
     chatbot.append({"role": "user", "content": query})
     chatbot.append({"role": "assistant", "content": ""})
-    max_length = int(max_length)
-    if max_length < 1:
-        max_length = 1
-    kwargs = dict(max_length=max_length, top_p=float(top_p), temperature=float(temperature),
-                  repetition_penalty=float(repetition_penalty))
+    given = {"max_length": max_length, "top_p": top_p, "temperature": temperature,
+             "repetition_penalty": repetition_penalty}
+    kwargs = {name: SETTINGS[name][0](value) for name, value in given.items() if value is not None}
+    kwargs = {**defaults(getattr(model, "profile", None)), **kwargs}  # a value out of range is the runtime's to refuse
     if stop_event is not None:
         kwargs["stop_event"] = stop_event
+    if token_count is not None:
+        kwargs["token_count"] = token_count
     gen = model.stream_chat(tokenizer, query, history=history, past_key_values=past_key_values,
                             return_past_key_values=True, **kwargs)
     yielded = False
@@ -91,11 +94,10 @@ def predict(tokenizer, model, query: str, chatbot: Optional[list], max_length: i
         yield chatbot, history, past_key_values
 
 
-def answer_stats(tokenizer, response: str, seconds: float, stopped: bool = False) -> str:
-    """One line under the chat: tokens, seconds and tokens/s of the last answer."""
-    try:
-        tokens = len(tokenizer.encode(response, add_special_tokens=False))
-    except Exception:  # a tokenizer without the keyword: a figure is not worth an error
+def answer_stats(tokenizer, response: str, seconds: float, stopped: bool = False, counter=None) -> str:
+    """One line under the chat: tokens (the generated ids when counted), seconds and tokens/s."""
+    tokens = answer_tokens(counter, tokenizer, response)
+    if tokens is None:
         return ""
     rate = tokens / seconds if seconds > 0 else 0.0
     return f"{tokens} tokens in {seconds:.2f} s, {rate:.1f} tokens/s" + (" (stopped)" if stopped else "")
@@ -112,7 +114,7 @@ def _message_dict(message) -> dict:
 def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, max_queue: int = 32):
     """The chat page as gr.Blocks (not launched). `concurrency_limit` answers run at once."""
     gr = require("gradio", "web")
-    defaults = _defaults(profile)
+    start = defaults(profile if profile is not None else getattr(model, "profile", None))
 
     def submit_text(text: str, stop: StopFlag):
         stop.clear()
@@ -120,23 +122,28 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
 
     def respond(query, chatbot, max_length, top_p, temperature, repetition_penalty, history, past, stop):
         if not query or not query.strip():
-            yield chatbot, history, past, ""
+            yield chatbot, history, past, "", gr.skip()
             return
         epoch = stop.epoch
         started = time.perf_counter()
         response = ""
+        counted: dict = {}
+        counter = token_counter(model, counted)
         try:
             for update in predict(tokenizer, model, query, chatbot, max_length, top_p, temperature,
-                                  repetition_penalty, history, past, stop_event=stop.event):
+                                  repetition_penalty, history, past, stop_event=stop.event, **counted):
                 if stop.epoch != epoch:  # Clear was pressed while this answer streamed
-                    yield [], [], None, ""
+                    yield [], [], None, "", gr.skip()
                     return
                 response = update[0][-1]["content"]
-                yield (*update, "")
-        except GlmsetupError as exc:  # e.g. no room left under Maximum length: say so on the page
-            raise gr.Error(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
-        yield gr.skip(), gr.skip(), gr.skip(), answer_stats(tokenizer, response, time.perf_counter() - started,
-                                                            stopped=stop.is_set())
+                yield (*update, "", gr.skip())
+        except GlmsetupError as exc:  # e.g. no room left under Maximum length: say so, give the text back
+            message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+            yield gr.skip(), gr.skip(), gr.skip(), f"**error:** {message}", query
+            raise _page_error(gr, message) from None
+        yield (gr.skip(), gr.skip(), gr.skip(),
+               answer_stats(tokenizer, response, time.perf_counter() - started, stopped=stop.is_set(),
+                            counter=counter), gr.skip())
 
     def stop_answer(stop: StopFlag):
         stop.set()
@@ -153,23 +160,21 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
         stats = gr.Markdown("", elem_id="stats")
         with gr.Row():
             with gr.Column(scale=4):
-                user_input = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
-                                        lines=3, max_lines=10, container=False, elem_id="user-input",
-                                        submit_btn=False)
+                # lines=1: Enter sends (Gradio sends on Shift+Enter in a box of several lines); the box
+                # still grows to max_lines, and Shift+Enter starts a new line.
+                user_input = gr.Textbox(show_label=False, placeholder="Type a message; Enter sends, Shift+Enter "
+                                        "starts a new line", lines=1, max_lines=10, container=False,
+                                        elem_id="user-input", submit_btn=False)
                 with gr.Row():
                     submit_btn = gr.Button("Submit", variant="primary", elem_id="submit")
                     stop_btn = gr.Button("Stop", elem_id="stop")
             with gr.Column(scale=1):
                 clear_btn = gr.Button("Clear History", elem_id="clear")
-                max_length = gr.Slider(0, 32768, value=defaults["max_length"], step=1, label="Maximum length",
-                                       interactive=True, elem_id="max-length")
-                top_p = gr.Slider(0, 1, value=defaults["top_p"], step=0.01, label="Top P", interactive=True,
-                                  elem_id="top-p")
-                temperature = gr.Slider(0, 1, value=defaults["temperature"], step=0.01, label="Temperature",
-                                        interactive=True, elem_id="temperature")
-                repetition_penalty = gr.Slider(0.5, 2.0, value=defaults["repetition_penalty"], step=0.01,
-                                               label="Repetition Penalty", interactive=True,
-                                               elem_id="repetition-penalty")
+                max_length = _slider(gr, "max_length", start, 1, "Maximum length", "max-length")
+                top_p = _slider(gr, "top_p", start, 0.01, "Top P", "top-p")
+                temperature = _slider(gr, "temperature", start, 0.01, "Temperature", "temperature")
+                repetition_penalty = _slider(gr, "repetition_penalty", start, 0.01, "Repetition Penalty",
+                                             "repetition-penalty")
         query = gr.State("")
         history = gr.State([])
         # The cache is the big part of a session: an idle tab's is dropped (its history is kept, and
@@ -179,7 +184,7 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
 
         inputs = [query, chatbot, max_length, top_p, temperature, repetition_penalty, history,
                   past_key_values, stop]
-        outputs = [chatbot, history, past_key_values, stats]
+        outputs = [chatbot, history, past_key_values, stats, user_input]
         for trigger in (user_input.submit, submit_btn.click):
             trigger(submit_text, [user_input, stop], [user_input, query], queue=False).then(
                 respond, inputs, outputs, concurrency_limit=concurrency_limit, concurrency_id="generate",
@@ -194,14 +199,18 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
     return demo
 
 
-def _defaults(profile) -> dict:
-    """The official web demo's slider defaults; a profile's max_length/repetition penalty refine them."""
-    out = dict(DEFAULTS)
-    gen = getattr(profile, "generation", None)
-    if gen is not None:
-        out["max_length"] = min(int(gen.max_length), 32768)
-        out["repetition_penalty"] = float(gen.repetition_penalty)
-    return out
+def _slider(gr, name: str, start: dict, step: float, label: str, elem_id: str):
+    """A slider over SETTINGS' bounds for `name`, at the profile's value."""
+    _typ, low, high, _doc = SETTINGS[name]
+    return gr.Slider(low, high, value=start[name], step=step, label=label, interactive=True, elem_id=elem_id)
+
+
+def _page_error(gr, message: str):
+    """gr.Error shown on the page, without a traceback in the terminal (print_exception: Gradio 5+)."""
+    try:
+        return gr.Error(message, print_exception=False)
+    except TypeError:
+        return gr.Error(message)
 
 
 def launch(demo, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, inbrowser: bool = False):

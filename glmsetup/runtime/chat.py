@@ -8,6 +8,8 @@ Fixed: temperature 0 means greedy; `stop_event` (a threading.Event) ends a strea
 thread after the current token; max_length counts every token the model sees (cached turns too) and
 holds even when max_new_tokens is given (the smaller limit wins); a prompt that leaves no room for an
 answer is a clear error instead of a one-token answer.
+Added: `token_count=TokenCount()` counts the ids the answer was generated as (usage figures count
+those, not a re-encoding of the decoded text, which can differ).
 """
 from __future__ import annotations
 
@@ -26,8 +28,19 @@ def process_response(response: str) -> str:
     return response.strip().replace("[[训练时间]]", "2023年")
 
 
+class TokenCount:
+    """Pass one as `token_count=` to chat()/stream_chat(): `value` is how many ids have been generated."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
+
+
 class ChatMixin:
     """Mixed into ChatGLM2ForCausalLM (needs decode_step, new_store and device)."""
+
+    counts_tokens = True  # chat()/stream_chat() take token_count= (the official remote code does not)
 
     # -- inputs (the official builders) -------------------------------------------------------------
     def build_inputs(self, tokenizer, query: str, history=None):
@@ -51,9 +64,10 @@ class ChatMixin:
              **kwargs):
         """One answer: returns (response, history + [(query, response)])."""
         history = _history(history)
+        counter = kwargs.pop("token_count", None)
         if num_beams and num_beams > 1:
             response = self._beam_chat(tokenizer, query, history, max_length, num_beams, do_sample, top_p,
-                                       temperature, logits_processor, kwargs)
+                                       temperature, logits_processor, kwargs, counter)
             return response, history + [(query, response)]
         stop_event = kwargs.pop("stop_event", None)
         max_new = kwargs.get("max_new_tokens")
@@ -61,7 +75,7 @@ class ChatMixin:
         store, new_ids = self._prepare(tokenizer, query, history, None, max_length, max_new)
         ids: list = []
         try:
-            for ids in self._generate(store, new_ids, s, max_length, max_new, stop_event):
+            for ids in self._generate(store, new_ids, s, max_length, max_new, stop_event, counter):
                 pass
         finally:
             store.lock.release()
@@ -74,13 +88,14 @@ class ChatMixin:
         """Yield (response, history) (or with past_key_values) as the answer grows."""
         history = _history(history)
         stop_event = kwargs.pop("stop_event", None)
+        counter = kwargs.pop("token_count", None)
         max_new = kwargs.get("max_new_tokens")
         if kwargs.get("num_beams", 1) not in (None, 1):
             raise UsageError("stream_chat generates one beam", hint="use chat(..., num_beams=n) for beam search")
         s = sampling.make_sampling(do_sample, temperature, top_p, logits_processor, kwargs)
         store, new_ids = self._prepare(tokenizer, query, history, past_key_values, max_length, max_new)
         try:
-            for ids in self._generate(store, new_ids, s, max_length, max_new, stop_event):
+            for ids in self._generate(store, new_ids, s, max_length, max_new, stop_event, counter):
                 response = tokenizer.decode(ids)
                 if response and response[-1] != REPLACEMENT_CHAR:
                     response = process_response(response)
@@ -139,7 +154,7 @@ class ChatMixin:
             self.decode_step(torch.tensor([past.tokens[common:past.length]]), store)
         return store
 
-    def _generate(self, store, new_ids, s, max_length, max_new, stop_event) -> Iterator[list]:
+    def _generate(self, store, new_ids, s, max_length, max_new, stop_event, counter=None) -> Iterator[list]:
         """Feed the new ids, then sample token by token; yields the answer's ids after each token."""
         budget = max_length - store.length - len(new_ids)
         if max_new is not None:
@@ -152,13 +167,15 @@ class ChatMixin:
             token = int(sampling.next_tokens(logits, context, s, len(answer))[0])
             answer.append(token)
             budget -= 1
+            if counter is not None:
+                counter.value = len(answer)
             yield answer
             if token in s.eos_token_ids or budget <= 0 or (stop_event is not None and stop_event.is_set()):
                 break
             logits = self.decode_step(torch.tensor([[token]]), store)
 
     def _beam_chat(self, tokenizer, query, history, max_length, num_beams, do_sample, top_p, temperature,
-                   logits_processor, kwargs) -> str:
+                   logits_processor, kwargs, counter=None) -> str:
         from transformers import LogitsProcessorList
 
         kwargs.pop("stop_event", None)
@@ -172,7 +189,10 @@ class ChatMixin:
             gen.update(top_p=top_p, temperature=temperature)
         with torch.inference_mode():
             out = self.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **gen)
-        return process_response(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:]))
+        answer = out[0, inputs["input_ids"].shape[1]:]
+        if counter is not None:
+            counter.value = int((answer != 0).sum())  # pad id 0 fills the shorter beams
+        return process_response(tokenizer.decode(answer))
 
 
 class _InvalidScoreProcessor:

@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from tests.apps_api.conftest import direct_stream, wait_idle
+from tests.conftest import DecodeSteps
 
 openai = pytest.importorskip("openai")
 
@@ -36,15 +37,17 @@ def test_models_lists_chatglm2(api):
 
 
 def test_plain_completion_matches_direct_chat_and_counts_usage(api, tiny_chat):
-    tokenizer, _model = tiny_chat
-    out = client(api).chat.completions.create(
-        model="chatglm2-6b", messages=[{"role": "user", "content": "你好"}], max_tokens=24, **GREEDY)
+    tokenizer, model = tiny_chat
+    wait_idle(api)
+    with DecodeSteps(model) as steps:
+        out = client(api).chat.completions.create(
+            model="chatglm2-6b", messages=[{"role": "user", "content": "你好"}], max_tokens=24, **GREEDY)
     answer = out.choices[0].message.content
     assert out.choices[0].message.role == "assistant"
     assert out.model == "chatglm2-6b" and out.object == "chat.completion"
     assert answer == direct(api, tiny_chat, "你好", max_new_tokens=24, max_length=8192)
     assert out.usage.prompt_tokens == len(tokenizer.encode(tokenizer.build_prompt("你好", [])))
-    assert out.usage.completion_tokens == len(tokenizer.encode(answer, add_special_tokens=False))
+    assert out.usage.completion_tokens == steps.count  # the generated ids, not the answer re-encoded
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
     assert out.choices[0].finish_reason in ("stop", "length")
 
@@ -82,10 +85,12 @@ def test_repetition_penalty_and_max_tokens_are_honoured(api, tiny_chat):
 
 
 def test_streaming_with_the_openai_client(api, tiny_chat):
-    stream = client(api).chat.completions.create(
-        model="chatglm2-6b", messages=[{"role": "user", "content": "Hello world"}], max_tokens=24, stream=True,
-        stream_options={"include_usage": True}, **GREEDY)
-    chunks = list(stream)
+    wait_idle(api)
+    with DecodeSteps(tiny_chat[1]) as steps:
+        stream = client(api).chat.completions.create(
+            model="chatglm2-6b", messages=[{"role": "user", "content": "Hello world"}], max_tokens=24, stream=True,
+            stream_options={"include_usage": True}, **GREEDY)
+        chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -93,8 +98,22 @@ def test_streaming_with_the_openai_client(api, tiny_chat):
     assert content == direct_stream(api, tiny_chat, "Hello world", max_new_tokens=24, max_length=8192)
     assert len({c.id for c in chunks}) == 1
     usage = chunks[-1].usage
-    tokenizer, _ = tiny_chat
-    assert usage.completion_tokens == len(tokenizer.encode(content, add_special_tokens=False))
+    assert usage.completion_tokens == steps.count
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_caps_the_counted_tokens(api, tiny_chat, stream):
+    """max_tokens=5: completion_tokens is at most 5 and is the number of ids generated (re-encoding the
+    decoded answer can give more, e.g. 8)."""
+    wait_idle(api)
+    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    with DecodeSteps(tiny_chat[1]) as steps:
+        out = client(api).chat.completions.create(
+            model="chatglm2-6b", messages=[{"role": "user", "content": "emoji test 😀🎉🚀"}], max_tokens=5,
+            **GREEDY, **extra)  # this answer re-encodes to 8 tokens: its bytes decode to U+FFFD
+        usage = list(out)[-1].usage if stream else out.usage
+    assert 1 <= usage.completion_tokens <= 5
+    assert usage.completion_tokens == steps.count
 
 
 def test_sse_wire_format(api):

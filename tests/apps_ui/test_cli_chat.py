@@ -34,6 +34,21 @@ def test_conversation_reuses_the_cache_and_clear_forgets(recording_model):
     assert all(c["return_past_key_values"] for c in model.calls)
 
 
+def test_token_figure_counts_generated_ids_within_max_length(tiny_chat):
+    """The CLI showed 105 tokens under max_length 96: it re-encoded the decoded answer."""
+    import re
+
+    from tests.conftest import DecodeSteps
+
+    tokenizer, model = tiny_chat
+    prompt = len(tokenizer.encode(tokenizer.build_prompt("emoji test 😀🎉🚀", [])))
+    with DecodeSteps(model) as steps:
+        out = run_loop(tokenizer, model, f"/set max_length {prompt + 6}\n/set temperature 0\nemoji test 😀🎉🚀\nexit\n",
+                       profile=model.profile)
+    shown = int(re.search(r"\[(\d+) tokens in", out).group(1))
+    assert shown == steps.count and 1 <= shown <= 6, out
+
+
 def test_set_and_show_change_the_settings_in_place(recording_model, tiny_chat):
     tokenizer, model = recording_model
     script = ("/set temperature 0.3\n/set top-p 0.5\n/set max_length 64\n/set rep 1.2\n/set top_p 0\n"

@@ -34,10 +34,13 @@ def messages(at) -> list[tuple[str, str]]:
     return [(m.name, m.markdown[0].value if len(m.markdown) else "") for m in at.chat_message]
 
 
-def test_sidebar_has_the_official_defaults(app):
+def test_sidebar_has_the_profile_defaults(app):
+    from glmsetup import profiles
+
+    gen = profiles.load(PROFILE).generation
     got = {s.label: (s.min, s.max, s.value) for s in app.sidebar.slider}
-    assert got == {"max_length": (0, 32768, 8192), "top_p": (0.0, 1.0, 0.8), "temperature": (0.0, 1.0, 0.8),
-                   "repetition_penalty": (0.5, 2.0, 1.0)}
+    assert got == {"max_length": (1, 32768, gen.max_length), "top_p": (0.0, 1.0, gen.top_p),
+                   "temperature": (0.0, 2.0, gen.temperature), "repetition_penalty": (0.5, 2.0, gen.repetition_penalty)}
     assert app.title[0].value == "ChatGLM2-6B"
     assert len(app.chat_input) == 1 and not app.chat_message
 
@@ -64,10 +67,10 @@ def test_chat_keeps_history_and_cache_then_clears(app):
 
 
 def test_no_room_under_max_length_is_shown_on_the_page(app):
-    app.sidebar.slider(key="max_length").set_value(0)
+    app.sidebar.slider(key="max_length").set_value(1)
     app.chat_input[0].set_value("hello").run()
     assert not app.exception, app.exception
-    assert "no room for an answer" in app.error[0].value and "max_length" in app.info[0].value
+    assert "max_length is 1: no room for an answer" in app.error[0].value and "max_length" in app.info[0].value
     assert app.session_state.history == []
 
 

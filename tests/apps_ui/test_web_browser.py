@@ -88,9 +88,13 @@ def bot_texts(page) -> list[str]:
     return page.locator('[data-testid="bot"]').all_inner_texts()
 
 
-def send(page, text: str) -> None:
+def send(page, text: str, *, key: bool = False) -> None:
+    """Type `text` and send it: with the Submit button, or (key=True) with Enter as a person would."""
     page.fill("#user-input textarea", text)
-    page.click("#submit")
+    if key:
+        page.press("#user-input textarea", "Enter")
+    else:
+        page.click("#submit")
 
 
 def set_max_length(page, value: int) -> None:
@@ -99,7 +103,7 @@ def set_max_length(page, value: int) -> None:
     page.press(box, "Enter")
 
 
-def test_chat_stream_slider_stop_clear(served, browser):
+def test_chat_stream_slider_stop_clear(served, browser, capfd):
     url, model = served
     model.extra_kwargs = SHORT  # 40 tokens each: long enough to watch, short enough to be quick
     page = browser.new_page()
@@ -125,13 +129,15 @@ def test_chat_stream_slider_stop_clear(served, browser):
     assert "print(42)" in user.locator("pre code").inner_text()
     first = model.calls[0]
     assert first["query"] == QUESTION
-    assert first["max_length"] == 1000 and first["temperature"] == pytest.approx(0.95)
+    # The page starts at the profile's [generation] values, the ones the banner of `glmsetup run` prints.
+    assert first["max_length"] == 1000 and first["temperature"] == pytest.approx(model.profile.generation.temperature)
+    assert first["top_p"] == pytest.approx(model.profile.generation.top_p)
     assert first["history"] == [] and first["past_key_values"] is None
 
     # Move the Temperature slider (the range input, as a drag would), then ask again: the cache is reused.
     page.fill("#temperature input[type=range]", "0.3")
     page.wait_for_function("document.querySelector('#temperature input[type=number]').value == '0.3'")
-    send(page, "and again")
+    send(page, "and again", key=True)  # Enter sends
     wait_for(lambda: len(model.calls) == 2 and model.finished >= 2)
     second = model.calls[1]
     assert second["temperature"] == pytest.approx(0.3)
@@ -160,8 +166,23 @@ def test_chat_stream_slider_stop_clear(served, browser):
     assert model.calls[3]["history"] == [] and model.calls[3]["past_key_values"] is None
     wait_for(lambda: page.locator('[data-testid="user"]').count() == 1)
 
-    # No room left under Maximum length: the page says so and why.
+    # Shift+Enter starts a new line; Enter then sends both lines.
+    box = "#user-input textarea"
+    page.fill(box, "")
+    page.type(box, "line one")
+    page.press(box, "Shift+Enter")
+    page.type(box, "line two")
+    assert len(model.calls) == 4, "Shift+Enter does not send"
+    page.press(box, "Enter")
+    wait_for(lambda: len(model.calls) == 5 and model.finished >= 5)
+    assert model.calls[4]["query"] == "line one\nline two"
+
+    # No room left under Maximum length: the page says so and why, with the slider's own value, and
+    # the typed message is back in the box; the terminal gets no traceback.
     model.extra_kwargs = {}
     set_max_length(page, 8)
-    send(page, "one more")
-    page.get_by_text("no room for an answer").first.wait_for(timeout=20000)
+    send(page, "one more", key=True)
+    page.get_by_text("max_length is 8: no room for an answer").first.wait_for(timeout=20000)
+    wait_for(lambda: page.input_value(box) == "one more", timeout=10)
+    assert "no room for an answer" in page.inner_text("#stats")
+    assert "Traceback" not in capfd.readouterr().err

@@ -39,13 +39,20 @@ def test_predict_stops_on_the_event(tiny_chat):
 
 
 def test_build_demo_has_the_official_controls(tiny_chat):
+    from glmsetup.profiles import Generation, Profile
+
     tokenizer, model = tiny_chat
-    demo = web.build_demo(tokenizer, model, model.profile)
+    own = Profile(name="own", generation=Generation(max_length=4096, top_p=0.7, temperature=1.3,
+                                                    repetition_penalty=1.1))
+    demo = web.build_demo(tokenizer, model, own)
     assert isinstance(demo, gr.Blocks)
     sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
     got = {k: (s.minimum, s.maximum, s.value) for k, s in sliders.items()}
-    assert got == {"Maximum length": (0, 32768, 8192), "Top P": (0, 1, 0.8), "Temperature": (0, 1, 0.95),
-                   "Repetition Penalty": (0.5, 2.0, 1.0)}
+    # The profile's [generation] values (what the banner prints), within the bounds `/set` allows.
+    assert got == {"Maximum length": (1, 32768, 4096), "Top P": (0, 1, 0.7), "Temperature": (0, 2, 1.3),
+                   "Repetition Penalty": (0.5, 2.0, 1.1)}
+    (box,) = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.elem_id == "user-input"]
+    assert box.lines == 1 and box.max_lines > 1, "Gradio sends on Enter only in a box of one line"
     buttons = {b.value for b in demo.blocks.values() if isinstance(b, gr.Button)}
     assert {"Submit", "Stop", "Clear History"} <= buttons
     (chatbot,) = [b for b in demo.blocks.values() if isinstance(b, gr.Chatbot)]
@@ -53,6 +60,15 @@ def test_build_demo_has_the_official_controls(tiny_chat):
     assert demo._queue.max_size == 32
     generate = [d for d in demo.fns.values() if d.concurrency_id == "generate"]
     assert generate and all(d.concurrency_limit == 1 for d in generate)
+
+
+def test_predict_defaults_are_the_profile_ones(recording_model):
+    tokenizer, model = recording_model
+    list(web.predict(tokenizer, model, "hi", None))
+    gen = model.profile.generation
+    call = model.calls[-1]
+    assert (call["max_length"], call["top_p"], call["temperature"], call["repetition_penalty"]) == (
+        gen.max_length, gen.top_p, gen.temperature, gen.repetition_penalty)
 
 
 def test_stop_flag_is_fresh_per_session():

@@ -154,3 +154,22 @@ def test_return_past_without_cache_reads_the_whole_conversation(tiny_model, tiny
                                               max_new_tokens=2, return_past_key_values=True)
     prompt_ids = tiny_tokenizer.encode(tiny_tokenizer.build_prompt("天气", history))
     assert past.tokens[:len(prompt_ids)] == prompt_ids
+
+
+def test_token_count_is_the_generated_ids(tiny_model, tiny_tokenizer):
+    """token_count= counts the ids generated, as a hook on the embedding sees the decode steps; the
+    decoded answer re-encodes to more tokens here (its bytes decode to U+FFFD)."""
+    from glmsetup.runtime.chat import TokenCount
+    from tests.conftest import DecodeSteps
+
+    query = "emoji test 😀🎉🚀"
+    with DecodeSteps(tiny_model) as steps:
+        count = TokenCount()
+        response, _ = tiny_model.chat(tiny_tokenizer, query, temperature=0, max_new_tokens=5, token_count=count)
+    assert count.value == steps.count == 5
+    assert len(tiny_tokenizer.encode(response, add_special_tokens=False)) != count.value
+    with DecodeSteps(tiny_model) as steps:
+        count = TokenCount()
+        for _ in tiny_model.stream_chat(tiny_tokenizer, query, temperature=0, max_new_tokens=7, token_count=count):
+            pass
+    assert count.value == steps.count == 7
