@@ -77,8 +77,12 @@ def render_revert(console, data: dict) -> None:
 @click.option("--listen", is_flag=True,
               help="Let the API servers and the Gradio demo listen on all interfaces (0.0.0.0), not 127.0.0.1.")
 @click.option("--dry-run", is_flag=True, help="Print the coloured diff and the rule report; write nothing.")
-@click.option("--revert", is_flag=True, help="Restore the originals byte for byte from the backups.")
-@click.option("--force", is_flag=True, help="With --revert: restore even files edited after they were patched.")
+@click.option("--revert", is_flag=True,
+              help="Undo the last patch run on each file, byte for byte, from its backup; files edited since "
+                   "are refused.")
+@click.option("--force", is_flag=True,
+              help="With --revert: restore even files edited or deleted after they were patched (those changes "
+                   "are lost).")
 @json_option
 @click.pass_context
 def patch(ctx, targets, model, profile, loader, only, listen, dry_run, revert, force, json_mode):

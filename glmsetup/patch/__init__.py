@@ -30,7 +30,7 @@ def patch_folder(src_dir, *, model, profile, loader: str = "glmsetup", listen: b
 
 
 def revert_paths(targets, **kwargs) -> dict:
-    """Restore the originals of patched files byte for byte."""
+    """Undo the last patch run on each backed-up file among `targets`, byte for byte (see revert.py)."""
     from glmsetup.patch.revert import revert_paths as _revert
 
     return _revert(targets, **kwargs)

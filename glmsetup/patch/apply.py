@@ -2,17 +2,18 @@
 
 `patch_paths` recognises each file, runs its rule set, compiles every result, and only then backs up
 and writes the changed files (temporary name + rename). Any error before the writes leaves every file
-untouched; an error during them restores the files already written.
+untouched; an error during them restores the files and backup records already written.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Iterable, Optional
 
 from glmsetup import paths
 from glmsetup.errors import PatchError, UsageError
-from glmsetup.patch import backup, diff, recognize
+from glmsetup.patch import backup, diff, recognize, safeio
 from glmsetup.patch.engine import LOADERS, RULES, Context, plan_file
 
 
@@ -111,6 +112,8 @@ def patch_paths(targets: Iterable, *, model=None, profile="auto", loader: str = 
         if plan.changed:
             entry["diff"] = diff.unified(path.name, plan.original, plan.new, plan.encoding)
             plans.append((plan, entry))
+    if plans:
+        plans = _records(plans, errors)
     report = {
         "model_path": ctx.model_path, "profile": ctx.profile_arg, "loader": loader, "listen": listen,
         "dry_run": dry_run, "only": sorted(only_set) if only_set else None, "files": reports,
@@ -131,25 +134,66 @@ def patch_paths(targets: Iterable, *, model=None, profile="auto", loader: str = 
     return report
 
 
-def _write_all(plans) -> None:
-    written = []
+def _records(plans: list, errors: list) -> list:
+    """Each changed file's checked backup record (a damaged one is an error: it is never overwritten)."""
     try:
-        for plan, entry in plans:
-            current = plan.path.read_bytes()
+        backup.check_root()
+    except PatchError as exc:
+        errors.append(exc)
+        return []
+    with_records = []
+    for plan, entry in plans:
+        try:
+            record = backup.load(plan.path) or backup.Record(plan.path, created=True)
+        except PatchError as exc:
+            entry["error"] = exc.message
+            errors.append(exc)
+            continue
+        with_records.append((plan, entry, record))
+    return with_records
+
+
+def _write_all(plans) -> None:
+    """Back up and write each file; on any failure put back every file and record already touched."""
+    done = []
+    try:
+        for plan, entry, record in plans:
+            try:
+                current = safeio.read_regular(plan.path)
+            except safeio.Unfit:
+                current = None
             if current != plan.original:
-                raise PatchError(f"{plan.path} changed while it was being patched; nothing more was written",
+                raise PatchError(f"{plan.path} changed while it was being patched; nothing was written",
                                  hint="run glmsetup patch again")
-            folder = backup.save(plan.path, plan.original, plan.new)
-            mode = os.stat(plan.path).st_mode & 0o7777
-            backup.write_atomic(plan.path, plan.new, mode)
-            written.append(plan)
+            done.append((plan, entry, record, copy.deepcopy(record.steps)))
+            record.add_run(plan.original, plan.new)
+            safeio.write_atomic(plan.path, plan.new, safeio.mode_of(plan.path))
             entry["written"] = True
-            entry["backup"] = str(folder)
-    except OSError as exc:
-        for plan in written:  # put back what was already written
-            backup.write_atomic(plan.path, plan.original)
-        raise PatchError(f"writing failed ({exc}); the files already written were restored",
+            entry["backup"] = str(record.folder)
+    except (OSError, PatchError) as exc:
+        left = _roll_back(done)
+        if isinstance(exc, PatchError) and not left:
+            raise
+        what = exc.message if isinstance(exc, PatchError) else f"writing failed ({exc})"
+        if left:
+            raise PatchError(f"{what}; could not put back {', '.join(left)}",
+                             hint="restore those files with glmsetup patch --revert --force") from None
+        raise PatchError(f"{what}; the files already written were restored, nothing was left changed",
                          hint="check the folder's permissions and free space") from None
+
+
+def _roll_back(done: list) -> list[str]:
+    """Undo the writes of _write_all; returns the files that could not be put back."""
+    failed = []
+    for plan, entry, record, steps in reversed(done):
+        try:
+            if entry["written"]:
+                safeio.write_atomic(plan.path, plan.original, safeio.mode_of(plan.path))
+                entry["written"], entry["backup"] = False, None
+            record.rewrite(steps)
+        except OSError:
+            failed.append(str(plan.path))
+    return failed
 
 
 def _warnings(ctx: Context) -> list[str]:

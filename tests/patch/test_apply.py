@@ -1,6 +1,8 @@
 """Whole-folder behaviour: idempotence, backups and byte-identical revert, dry runs, refusing unsafe results."""
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 
 import pytest
@@ -53,9 +55,12 @@ def test_backup_layout(demo_dir):
     folder = backup.folder_for(demo_dir / "api.py")
     assert folder.parent == backup.root() and folder.name.endswith("-api.py")
     assert (folder / "original").read_bytes() == (FIXTURES / "api.py").read_bytes()
-    meta = backup.read_meta(demo_dir / "api.py")
-    assert meta["path"] == str((demo_dir / "api.py").resolve())
-    assert meta["patched_sha256"] == backup.sha256((demo_dir / "api.py").read_bytes())
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["version"] == 2 and meta["path"] == str((demo_dir / "api.py").resolve())
+    (step,) = meta["steps"]
+    assert step["file"] == "original"
+    assert step["before_sha256"] == hashlib.sha256((FIXTURES / "api.py").read_bytes()).hexdigest()
+    assert step["after_sha256"] == hashlib.sha256((demo_dir / "api.py").read_bytes()).hexdigest()
 
 
 def test_revert_refuses_a_file_edited_after_patching(demo_dir):
