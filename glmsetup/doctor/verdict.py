@@ -240,6 +240,10 @@ def next_commands(profile: str, fixes: list, facts: Facts, model_dir: Optional[P
     if not model_complete(facts):
         source = fastest_source(facts)
         commands.append(f"glmsetup fetch{where}" + (f" {source}" if source else ""))
+    if facts.packages and not facts.version("gradio"):  # probed, and `run web` would stop with exit 3
+        from glmsetup.errors import EXTRAS_HINT
+
+        commands.append(EXTRAS_HINT["web"])
     commands.append(f"glmsetup run web --profile {profile}" + (f" --model {model_dir}" if custom else ""))
     return commands
 
