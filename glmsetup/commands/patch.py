@@ -27,8 +27,11 @@ def render_patch(console, data: dict) -> None:
 
     for f in data["files"]:
         if not f["kind"]:
-            if "not a ChatGLM2 demo" in f.get("skipped", "") and "left alone" not in f.get("skipped", ""):
+            skipped = f.get("skipped", "")
+            if skipped == "not a ChatGLM2 demo":  # named on the command line
                 console.print(f"[yellow]{output.escape(f['path'])}[/]: not a ChatGLM2 demo, left alone")
+            elif skipped and not skipped.startswith("not a ChatGLM2 demo"):  # a link, a FIFO, a large or binary file
+                console.print(f"[yellow]{output.escape(f['path'])}[/]: {output.escape(skipped)}")
             continue
         console.print(f"[bold]{output.escape(f['path'])}[/]  [dim]{f['recognized_as']}[/]")
         for r in f["rules"]:
@@ -91,7 +94,8 @@ def patch(ctx, targets, model, profile, loader, only, listen, dry_run, revert, f
     TARGETS are the folder of the official repository (default: the current folder) or some of its
     files; each file is recognised by its content, so renamed copies are patched too. Every result is
     compiled before anything is written, the originals are kept (see docs/patch.md) and --revert
-    restores them. Running it twice changes nothing the second time.
+    restores them. Running it twice changes nothing the second time. Links, FIFOs, binary files and
+    files over 256 KiB are never patched.
 
     \b
     Examples:

@@ -1,8 +1,9 @@
 """Patch and revert whole sets of files: plan everything first, write only when every file is sound.
 
-`patch_paths` recognises each file, runs its rule set, compiles every result, and only then backs up
-and writes the changed files (temporary name + rename). Any error before the writes leaves every file
-untouched; an error during them restores the files and backup records already written.
+`patch_paths` reads each file through safeio (regular files only, no links, bounded size, decodable),
+recognises it, runs its rule set, compiles every result, checks each changed file's backup record,
+and only then backs up and writes the changed files (temporary name + rename). Any error before the
+writes leaves every file untouched; an error during them restores the files and records already written.
 """
 from __future__ import annotations
 
@@ -41,23 +42,47 @@ def resolve_profile(profile):
 
 
 def collect(targets: Iterable) -> list[tuple[Path, bool]]:
-    """(file, named explicitly) for each target: a file, or the *.py files directly in a folder."""
+    """(file, named explicitly) for each target: a file, or the *.py entries directly in a folder.
+
+    Folder entries are listed whatever they are (links, FIFOs ...) so the report can say why one is
+    left alone; a link to a file that is itself listed is dropped as a duplicate.
+    """
     found: list[tuple[Path, bool]] = []
     for target in targets:
         p = Path(target).expanduser()
         if p.is_dir():
-            found += [(f, False) for f in sorted(p.glob("*.py")) if f.is_file()]
-        elif p.is_file():
+            found += [(f, False) for f in sorted(p.glob("*.py")) if safeio.kind(f) not in (None, "directory")]
+        elif safeio.kind(p) is not None:
             found.append((p, True))
         else:
             raise UsageError(f"{p} does not exist", hint="give the folder of the official demos or some of its files")
+    regular = {f.resolve() for f, _ in found if safeio.kind(f) != "link"}
     seen, unique = set(), []
     for f, explicit in found:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append((f, explicit))
+        is_link = safeio.kind(f) == "link"
+        key = backup.key_path(f) if is_link else f.resolve()
+        if key in seen or (is_link and not explicit and f.resolve() in regular):
+            continue
+        seen.add(key)
+        unique.append((f, explicit))
     return unique
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of a regular file; Unfit (with .demo set for a link to a demo) when it must not be patched."""
+    if safeio.kind(path) == "link":
+        exc = safeio.link(path)
+        try:
+            target = safeio.read_regular(os.path.realpath(path))
+            exc.demo = recognize.kind_of(target.decode("utf-8", errors="replace")) is not None
+        except safeio.Unfit:
+            exc.demo = False
+        raise exc
+    source = safeio.read_regular(path)
+    problem = safeio.binary_problem(path, source)
+    if problem:
+        raise problem
+    return source
 
 
 def parse_only(only) -> Optional[set]:
@@ -92,16 +117,26 @@ def patch_paths(targets: Iterable, *, model=None, profile="auto", loader: str = 
     files = collect(targets)
     reports, plans, errors = [], [], []
     for path, explicit in files:
-        source = path.read_bytes()
-        kind = recognize.kind_of(source.decode("utf-8", errors="replace"))
-        entry = {"path": str(path), "kind": kind, "recognized_as": recognize.describe(kind), "changed": False,
+        entry = {"path": str(path), "kind": None, "recognized_as": recognize.describe(None), "changed": False,
                  "written": False, "backup": None, "rules": [], "diff": "", "error": None}
         reports.append(entry)
+        try:
+            source = _read(path)
+        except safeio.Unfit as exc:
+            if explicit or getattr(exc, "demo", False):
+                entry["error"] = exc.message
+                errors.append(exc)
+            else:
+                entry["skipped"] = f"{exc.reason} (left alone)"
+            continue
+        kind = recognize.kind_of(source.decode("utf-8", errors="replace"))
+        entry.update(kind=kind, recognized_as=recognize.describe(kind))
         if kind is None:
             entry["skipped"] = "not a ChatGLM2 demo" + ("" if explicit else " (left alone)")
             continue
         ctx.has_utils = (path.parent / "utils.py").is_file()
         try:
+            safeio.check_text(path, source)
             plan = plan_file(path, source, kind, RULE_SETS[kind], ctx, only_set)
         except PatchError as exc:
             entry["error"] = exc.message

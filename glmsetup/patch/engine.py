@@ -6,6 +6,7 @@ endings of the original are kept; untouched code is reproduced byte for byte.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -107,7 +108,7 @@ def parse(source: bytes, path: Path) -> cst.Module:
         raise PatchError(f"{path}: not valid Python (line {exc.raw_line}: {exc.message})",
                          hint="fix the syntax error (or restore the original file) and run glmsetup patch again",
                          details={"path": str(path)}) from None
-    except (UnicodeDecodeError, LookupError) as exc:
+    except (UnicodeDecodeError, LookupError, SyntaxError) as exc:  # SyntaxError: a bad coding line
         raise PatchError(f"{path}: cannot be decoded ({exc})",
                          hint="save the file as UTF-8 or declare its encoding in a '# coding: ...' line",
                          details={"path": str(path)}) from None
@@ -116,7 +117,9 @@ def parse(source: bytes, path: Path) -> cst.Module:
 def check_compiles(new: bytes, path: Path) -> None:
     """The gate every result passes before it may be written."""
     try:
-        compile(new, str(path), "exec", dont_inherit=True)
+        with warnings.catch_warnings():  # the demos' own warnings (invalid escapes ...) are not ours to print
+            warnings.simplefilter("ignore")
+            compile(new, str(path), "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as exc:
         line = getattr(exc, "lineno", None)
         raise PatchError(f"{path}: the patched file would not compile (line {line}: {getattr(exc, 'msg', exc)}); "

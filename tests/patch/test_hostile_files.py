@@ -1,4 +1,4 @@
-"""`glmsetup patch` never loses the user's work: edits between runs, damaged or linked backups.
+"""`glmsetup patch` never loses the user's work: edits between runs, links, damaged backups, odd files.
 
 The demo files are the official ones verbatim (copied into a temporary folder); every refusal is one
 line with a hint, exit code 8, and a valid --json envelope.
@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_glmsetup
 
 OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "upstream" / "ChatGLM2-6B-repo"
 pytestmark = pytest.mark.skipif(not (OFFICIAL / "web_demo.py").is_file(),
@@ -175,3 +179,98 @@ def test_a_backup_folder_that_is_a_file_is_refused(cli, repo, glmsetup_home):
     error = refused(cli, str(repo), "--profile", "cpu")
     assert "is not a folder" in error["message"]
     assert all((repo / n).read_bytes() == (OFFICIAL / n).read_bytes() for n in NAMES)
+
+
+# -- links -------------------------------------------------------------------------------------------
+
+def test_a_demo_that_is_a_symlink_is_refused_and_stays_a_link(cli, repo, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (repo / "web_demo.py").rename(shared / "web_demo.py")
+    (repo / "web_demo.py").symlink_to(shared / "web_demo.py")
+
+    error = refused(cli, str(repo), "--profile", "cpu")
+    assert "symbolic link" in error["message"] and f"glmsetup patch {shared / 'web_demo.py'}" in error["hint"]
+    assert (repo / "web_demo.py").is_symlink()
+    assert (shared / "web_demo.py").read_bytes() == (OFFICIAL / "web_demo.py").read_bytes()
+    assert (repo / "api.py").read_bytes() == (OFFICIAL / "api.py").read_bytes()  # nothing was written
+    assert "symbolic link" in refused(cli, str(repo / "web_demo.py"), "--profile", "cpu")["message"]
+
+    # the file it points to can be patched and reverted by its own name
+    assert cli("patch", str(shared / "web_demo.py"), "--profile", "cpu").exit_code == 0
+    assert (repo / "web_demo.py").is_symlink()
+    error = refused(cli, str(repo / "web_demo.py"), "--revert")
+    assert "symbolic link" in error["message"] and f"--revert {shared / 'web_demo.py'}" in error["hint"]
+    assert cli("patch", str(shared / "web_demo.py"), "--revert").exit_code == 0
+    assert (shared / "web_demo.py").read_bytes() == (OFFICIAL / "web_demo.py").read_bytes()
+
+
+def test_links_beside_the_demos_are_left_alone(cli, repo, tmp_path):
+    (repo / "old_web_demo.py").symlink_to("web_demo.py")  # a second name for a file patched anyway
+    (tmp_path / "notes.py").write_text("print('not a demo')\n")
+    (repo / "notes.py").symlink_to(tmp_path / "notes.py")
+    doc = cli.json("patch", str(repo), "--profile", "cpu")
+    assert doc["data"]["summary"]["written"] == 5
+    assert (repo / "old_web_demo.py").is_symlink() and (repo / "notes.py").is_symlink()
+    assert os.readlink(repo / "old_web_demo.py") == "web_demo.py"
+
+
+# -- files that are not demo scripts ---------------------------------------------------------------
+
+def test_gbk_without_a_coding_line_is_refused_cleanly(cli, repo):
+    cli_demo = repo / "cli_demo.py"
+    cli_demo.write_bytes((OFFICIAL / "cli_demo.py").read_text(encoding="utf-8").encode("gbk"))
+    before = cli_demo.read_bytes()
+    error = refused(cli, str(repo), "--profile", "cpu")
+    assert "declares no encoding (it reads as GBK)" in error["message"]
+    assert "# -*- coding: gbk -*-" in error["hint"]
+    assert cli_demo.read_bytes() == before
+
+    cli_demo.write_bytes(b"# -*- coding: gbk -*-\n" + before)  # what the hint says: then it patches, still GBK
+    assert cli("patch", str(cli_demo), "--profile", "cpu").exit_code == 0
+    text = cli_demo.read_bytes().decode("gbk")
+    assert "glmsetup.load_chat_model(" in text and "欢迎使用 ChatGLM2-6B 模型" in text
+
+
+def test_binary_files(cli, repo):
+    (repo / "web_demo.py").write_bytes(b"\x7fELF\x02\x01\x01\x00" + (OFFICIAL / "web_demo.py").read_bytes())
+    assert "binary" in refused(cli, str(repo / "web_demo.py"), "--profile", "cpu")["message"]
+    doc = cli.json("patch", str(repo), "--profile", "cpu")  # in a folder it is left alone
+    entry = next(f for f in doc["data"]["files"] if f["path"].endswith("web_demo.py"))
+    assert not entry["written"] and "binary" in entry["skipped"]
+    assert doc["data"]["summary"]["written"] == 4
+
+
+def test_a_file_far_larger_than_any_demo_is_refused_before_parsing(cli, repo):
+    big = repo / "web_demo.py"
+    filler = b"".join(b"def f%d(x):\n    return x + %d\n\n" % (i, i) for i in range(20000))  # about 600 KB
+    big.write_bytes((OFFICIAL / "web_demo.py").read_bytes() + filler)
+    start = time.monotonic()
+    error = refused(cli, str(big), "--profile", "cpu")
+    assert "larger than any demo script" in error["message"]
+    result = cli("patch", str(repo), "--profile", "cpu")  # in a folder: left alone, the others patched
+    assert result.exit_code == 0 and "larger than any demo script" in result.stdout
+    assert time.monotonic() - start < 20  # parsing it would take a minute or more
+    assert big.read_bytes().endswith(filler)
+
+
+def test_a_fifo_named_like_a_demo_does_not_hang_patch_or_revert(repo, tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    env = {"GLMSETUP_HOME": str(tmp_path / "home")}
+    assert run_glmsetup("patch", str(repo), "--profile", "cpu", env=env, timeout=120).returncode == 0
+    (repo / "web_demo.py").unlink()
+    os.mkfifo(repo / "web_demo.py")
+
+    explicit = run_glmsetup("patch", str(repo / "web_demo.py"), "--profile", "cpu", "--json", env=env, timeout=60)
+    assert explicit.returncode == 8
+    assert "not a regular file but a FIFO" in json.loads(explicit.stdout)["error"]["message"]
+
+    folder = run_glmsetup("patch", str(repo), "--profile", "cpu", "--json", env=env, timeout=60)
+    assert folder.returncode == 0, folder.stderr
+    entry = next(f for f in json.loads(folder.stdout)["data"]["files"] if f["path"].endswith("web_demo.py"))
+    assert entry["skipped"].startswith("not a regular file but a FIFO")
+
+    revert = run_glmsetup("patch", str(repo), "--revert", "--force", "--json", env=env, timeout=60)
+    assert revert.returncode == 8 and "not a regular file" in json.loads(revert.stdout)["error"]["message"]
+    assert (repo / "api.py").read_bytes() != (OFFICIAL / "api.py").read_bytes()  # nothing was restored
