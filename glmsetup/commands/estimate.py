@@ -10,7 +10,12 @@ from glmsetup.cli import json_option, run_command
 def estimate_core(profile: str, context: int) -> dict:
     from glmsetup import profiles, requirements
 
-    prof = profiles.resolve(profile)
+    if profile == "auto":  # what doctor recommends on this machine, as `run` and `patch` take it
+        from glmsetup.doctor import auto_profile
+
+        prof = auto_profile(context=context)
+    else:
+        prof = profiles.resolve(profile)
     est = requirements.estimate(prof, context)
     ref = next((r for r in requirements.REQUIREMENTS if r.precision == prof.precision and r.device == "cuda"), None)
     data = est.to_dict()
@@ -47,7 +52,8 @@ def render_estimate(console, data: dict) -> None:
 
 
 @click.command()
-@click.option("--profile", "-p", default="cuda-fp16", show_default=True, help="Profile name or .toml file.")
+@click.option("--profile", "-p", default="auto", show_default=True,
+              help="Profile name, .toml file, or auto (what doctor recommends on this machine).")
 @click.option("--context", "-c", default=2048, show_default=True, type=click.IntRange(1, 32768),
               help="Tokens of prompt plus answer.")
 @json_option
@@ -57,6 +63,7 @@ def estimate(ctx, profile, context, json_mode):
 
     \b
     Examples:
+      glmsetup estimate                    the profile doctor recommends here
       glmsetup estimate --profile cuda-int4
       glmsetup estimate --profile cpu --context 8192
       glmsetup estimate --profile multi-gpu --json

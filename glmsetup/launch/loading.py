@@ -60,6 +60,7 @@ def load_model(plan: RunPlan, *, json_mode: bool = False, quiet: bool = False):
     """glmsetup.load_chat_model with a progress display; runtime failures become GlmsetupErrors."""
     import glmsetup
 
+    check_backend(plan)
     console = output.stderr()
     what = f"loading {plan.model_dir.name} with profile {plan.profile.name}"
     start = time.perf_counter()
@@ -75,8 +76,9 @@ def load_model(plan: RunPlan, *, json_mode: bool = False, quiet: bool = False):
     except GlmsetupError:
         raise
     except ImportError as exc:
+        extra = "official" if plan.profile.backend == "official" else "runtime"
         raise MissingDependency(f"the model runtime does not import ({exc})",
-                                hint='pip install "glmsetup[runtime]"') from exc
+                                hint=f'pip install "glmsetup[{extra}]"') from exc
     except MemoryError as exc:
         from glmsetup.errors import ResourceError
 
@@ -89,6 +91,22 @@ def load_model(plan: RunPlan, *, json_mode: bool = False, quiet: bool = False):
     if not (json_mode or quiet):
         console.print(f"[green]loaded[/] in {seconds:.1f} s", highlight=False)
     return result
+
+
+def check_backend(plan: RunPlan) -> None:
+    """Refuse, before anything loads, a backend that the installed transformers cannot run.
+
+    The official remote code runs on transformers 4.30-4.41, the native runtime needs 4.46 or
+    newer: one environment holds one of them (docs/runtime.md, "The official backend").
+    """
+    if plan.profile.backend == "official":
+        from glmsetup.runtime.official import check_transformers
+
+        check_transformers()
+    else:
+        from glmsetup.runtime.load import check_native_transformers
+
+        check_native_transformers()
 
 
 def _load(glmsetup, plan: RunPlan, status, start: float, what: str):

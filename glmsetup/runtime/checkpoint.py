@@ -58,8 +58,12 @@ def _hint_repair(folder: Path) -> str:
     return f"run `glmsetup verify {folder}` to see every damaged file; `{_fetch_command(folder)}` repairs it"
 
 
-def open_checkpoint(path) -> Checkpoint:
-    """Check a folder and describe it, or raise ModelError naming the file that is wrong."""
+def open_checkpoint(path, *, native: bool = True) -> Checkpoint:
+    """Check a folder and describe it, or raise ModelError naming the file that is wrong.
+
+    native=False (the official backend) checks the files but builds no GlmConfig (that needs
+    transformers >= 4.46) and lets through what only the native mapping refuses (P-tuning prefixes).
+    """
     from glmsetup import modelfiles
 
     folder = Path(path).expanduser()
@@ -84,11 +88,11 @@ def open_checkpoint(path) -> Checkpoint:
         raise ModelError(f"{folder} is not a ChatGLM2 checkpoint (config.json: {name})",
                          hint="glmsetup runs ChatGLM2-6B (THUDM/chatglm2-6b or chatglm2-6b-int4); `glmsetup fetch` downloads it")
     if kind.startswith("chatglm2"):
-        _check_official_config(folder, raw)
+        _check_official_config(folder, raw, native=native)
     if not (folder / "tokenizer.model").is_file():
         raise ModelError(f"{folder / 'tokenizer.model'} is missing", hint=_hint_repair(folder))
     files = weight_files(folder)
-    config = glm_config(raw) if kind != "glm-converted" else _converted_config(folder)
+    config = None if not native else glm_config(raw) if kind != "glm-converted" else _converted_config(folder)
     return Checkpoint(folder, kind, files, raw, config, int(raw.get("quantization_bit") or 0))
 
 
@@ -99,12 +103,16 @@ def _read_config(folder: Path) -> dict:
         raise ModelError(f"{folder / 'config.json'} cannot be read ({exc})", hint=_hint_repair(folder))
 
 
-def _check_official_config(folder: Path, raw: dict) -> None:
+def _check_official_config(folder: Path, raw: dict, native: bool = True) -> None:
     src = folder / "config.json"
     name = str(raw.get("_name_or_path", ""))
     if "chatglm3" in name.lower() or "position_encoding_2d" in raw or "padded_vocab_size" not in raw:
         raise ModelError(f"{src} describes {'ChatGLM3' if 'chatglm3' in name.lower() else 'another ChatGLM'}, not ChatGLM2",
                          hint="glmsetup runs ChatGLM2-6B; `glmsetup fetch` downloads it")
+    if raw.get("quantization_bit") not in (None, 0, 4, 8):
+        raise ModelError(f"{src}: quantization_bit = {raw['quantization_bit']!r} is not 4 or 8", hint=_hint_repair(folder))
+    if not native:
+        return
     for key, want in REQUIRED_FLAGS.items():
         if bool(raw.get(key, want)) != want:
             raise ModelError(f"{src}: {key} = {raw.get(key)!r}, ChatGLM2-6B has {want!r}",
@@ -113,8 +121,6 @@ def _check_official_config(folder: Path, raw: dict) -> None:
     if raw.get("pre_seq_len") is not None:
         raise ModelError(f"{src}: pre_seq_len = {raw['pre_seq_len']} (a P-tuning checkpoint)",
                          hint="P-tuning prefixes are not supported natively; use backend = \"official\" with transformers <= 4.41")
-    if raw.get("quantization_bit") not in (None, 0, 4, 8):
-        raise ModelError(f"{src}: quantization_bit = {raw['quantization_bit']!r} is not 4 or 8", hint=_hint_repair(folder))
 
 
 def weight_files(folder: Path) -> list[Path]:

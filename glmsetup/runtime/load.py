@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from glmsetup import paths, profiles
-from glmsetup.errors import ModelError, ProfileError, ResourceError, UsageError, require
+from glmsetup.errors import MissingDependency, ModelError, ProfileError, ResourceError, UsageError, require
 
 log = logging.getLogger("glmsetup.runtime")
 
+NATIVE_MIN_TRANSFORMERS = "4.46"  # GlmConfig / GlmForCausalLM
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 QUANTIZED_SUFFIXES = tuple(f"{name}.weight" for name in
                            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -36,14 +37,15 @@ def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, **kwar
     if kwargs:
         raise UsageError(f"unknown option(s) for load_chat_model: {', '.join(sorted(kwargs))}",
                          hint="load_chat_model(path=None, profile='auto', use_cache=True)")
-    for module in ("torch", "transformers", "sentencepiece"):
-        require(module, "runtime")
     prof = resolve_profile(profile)
+    for module in ("torch", "transformers", "sentencepiece"):
+        require(module, "official" if prof.backend == "official" else "runtime")
     folder = Path(path).expanduser() if path is not None else paths.default_model_dir()
     if prof.backend == "official":
         from glmsetup.runtime.official import load_official
 
         return load_official(folder, prof)
+    check_native_transformers()
     from glmsetup.runtime.checkpoint import open_checkpoint
     from glmsetup.runtime.tokenizer import ChatGLM2Tokenizer
 
@@ -63,6 +65,19 @@ def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, **kwar
     model = load_model(ckpt, prof)
     model.checkpoint_path = ckpt.path
     return tokenizer, model
+
+
+def check_native_transformers() -> str:
+    """The installed transformers version, or MissingDependency when it predates GlmForCausalLM (4.46)."""
+    from packaging.version import Version
+
+    version = require("transformers", "runtime").__version__
+    if Version(version) < Version(NATIVE_MIN_TRANSFORMERS):
+        raise MissingDependency(
+            f"the native runtime needs transformers {NATIVE_MIN_TRANSFORMERS} or newer, this environment has {version}",
+            hint='pip install "glmsetup[runtime]"; an environment kept at transformers <= 4.41 for the official '
+                 "remote code runs --profile official-cpu or official-cuda-int4")
+    return version
 
 
 def _torch_device_plan(prof: profiles.Profile, num_layers: int):

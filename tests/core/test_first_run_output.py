@@ -52,3 +52,13 @@ def test_one_warning_and_two_missing_modules_read_right():
     assert not_installed(["gradio"]) == "gradio, which is not installed"
     assert not_installed(["fastapi", "uvicorn", "sse_starlette"]) == \
         "fastapi, uvicorn and sse_starlette, which are not installed"
+
+
+def test_estimate_defaults_to_what_doctor_recommends(cli):
+    """It defaulted to cuda-fp16 on a machine without a GPU, and refused --profile auto."""
+    from glmsetup.doctor import auto_profile
+
+    auto = cli.json("estimate", "--profile", "auto")["data"]
+    plain = cli.json("estimate")["data"]
+    assert plain["profile"] == auto["profile"] == auto_profile(context=2048).name
+    assert cli.json("estimate", "--context", "8192")["data"]["profile"] == auto_profile(context=8192).name
