@@ -158,8 +158,8 @@ def test_cli_profiles_lists_the_others(cli, glmsetup_home):
 
 
 def test_cli_estimate_with_a_broken_override_of_its_parent(cli, glmsetup_home):
-    path = write(glmsetup_home, "cpu", BROKEN)  # the default cuda-fp16 inherits cpu
-    result = cli("estimate", "--json")
+    path = write(glmsetup_home, "cpu", BROKEN)  # cuda-fp16 inherits cpu
+    result = cli("estimate", "--profile", "cuda-fp16", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["data"]["profile"] == "cuda-fp16"
     assert str(path) in result.stderr and "warning:" in result.stderr
