@@ -20,7 +20,8 @@ HEADS = 32
 HEAD_DIM = 128
 KV_GROUPS = 2
 VOCAB = 65024
-SEQ_LENGTH = 32768
+SEQ_LENGTH = 32768  # every variant's seq_length: the official RoPE table has no position past it
+CHAT_MAX_LENGTH = 8192  # the official chat() default of chatglm2-6b and -int4 (chat-tuned at 8K)
 PARAMETERS = 6_243_584_000
 # The four linear layers of one block (what quantization touches), as (rows, cols).
 BLOCK_LINEARS = ((HEADS * HEAD_DIM + 2 * KV_GROUPS * HEAD_DIM, HIDDEN), (HIDDEN, HIDDEN), (2 * FFN, HIDDEN), (HIDDEN, FFN))
@@ -31,6 +32,15 @@ FP16_CHECKPOINT_BYTES = 12_487_241_401  # the seven official .bin shards
 INT4_CHECKPOINT_BYTES = 3_923_712_365
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def context_limits(seq_length: int = SEQ_LENGTH, rope_ratio: float = 1) -> tuple[int, int]:
+    """(longest context, default max_length of chat) for a variant's seq_length and rope_ratio.
+
+    chatglm2-6b and -int4: (32768, 8192); chatglm2-6b-32k (rope_ratio 16, positions interpolated for
+    32K) defaults to its whole seq_length, as its official chat() does.
+    """
+    return seq_length, seq_length if rope_ratio != 1 else min(CHAT_MAX_LENGTH, seq_length)
 
 
 def kv_bytes_per_token(dtype: str = "float16") -> int:

@@ -13,7 +13,7 @@ those, not a re-encoding of the decoded text, which can differ).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -59,11 +59,12 @@ class ChatMixin:
         return process_response(response)
 
     # -- the chat API -------------------------------------------------------------------------------
-    def chat(self, tokenizer, query: str, history=None, max_length: int = 8192, num_beams: int = 1,
+    def chat(self, tokenizer, query: str, history=None, max_length: Optional[int] = None, num_beams: int = 1,
              do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8, logits_processor=None,
              **kwargs):
         """One answer: returns (response, history + [(query, response)])."""
         history = _history(history)
+        max_length = self._default_max_length() if max_length is None else max_length
         counter = kwargs.pop("token_count", None)
         if num_beams and num_beams > 1:
             response = self._beam_chat(tokenizer, query, history, max_length, num_beams, do_sample, top_p,
@@ -82,11 +83,12 @@ class ChatMixin:
         response = process_response(tokenizer.decode(ids))
         return response, history + [(query, response)]
 
-    def stream_chat(self, tokenizer, query: str, history=None, past_key_values=None, max_length: int = 8192,
+    def stream_chat(self, tokenizer, query: str, history=None, past_key_values=None, max_length: Optional[int] = None,
                     do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8, logits_processor=None,
                     return_past_key_values: bool = False, **kwargs):
         """Yield (response, history) (or with past_key_values) as the answer grows."""
         history = _history(history)
+        max_length = self._default_max_length() if max_length is None else max_length
         stop_event = kwargs.pop("stop_event", None)
         counter = kwargs.pop("token_count", None)
         max_new = kwargs.get("max_new_tokens")
@@ -111,6 +113,11 @@ class ChatMixin:
                 store.lock.release()
 
     # -- internals ----------------------------------------------------------------------------------
+    def _default_max_length(self) -> int:
+        """The official default: 8192, or 32768 for chatglm2-6b-32k (set by the loader)."""
+        config = getattr(self, "generation_config", None)
+        return int(getattr(config, "max_length", None) or 8192)
+
     def _prepare(self, tokenizer, query, history, past, max_length, max_new):
         """A locked KVStore holding the reusable context, and the new token ids to feed."""
         if past is not None:

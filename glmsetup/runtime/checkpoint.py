@@ -121,6 +121,9 @@ def _check_official_config(folder: Path, raw: dict, native: bool = True) -> None
     if raw.get("pre_seq_len") is not None:
         raise ModelError(f"{src}: pre_seq_len = {raw['pre_seq_len']} (a P-tuning checkpoint)",
                          hint="P-tuning prefixes are not supported natively; use backend = \"official\" with transformers <= 4.41")
+    from glmsetup.runtime.config_fields import check_fields
+
+    check_fields(raw, src)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -162,10 +165,12 @@ def glm_config(raw: dict):
         eos_token_id=raw.get("eos_token_id", 2), pad_token_id=raw.get("pad_token_id", 0), bos_token_id=None,
         torch_dtype=raw.get("torch_dtype", "float16"),
     )
+    from glmsetup.runtime.config_fields import rope_parameters, rope_scaling
+
     if Version(transformers.__version__).major >= 5:
-        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        kw["rope_parameters"] = rope_parameters(raw)
     else:  # pragma: no cover - transformers 4.46 .. 4.57
-        kw.update(rope_theta=10000.0, partial_rotary_factor=0.5)
+        kw.update(rope_theta=10000.0, partial_rotary_factor=0.5, rope_scaling=rope_scaling(raw))
     config = GlmConfig(**kw)
     config.architectures = ["GlmForCausalLM"]
     return config

@@ -25,11 +25,14 @@ from glmsetup.errors import ModelError, ResourceError, UsageError
 
 MARK = ".glmsetup-converted.json"
 EDGE = 1 << 20
+# Part of the cache key: conversions written before a fix to the output format are never reused
+# (2: RoPE scaling of chatglm2-6b-32k in config.json, the engine tokenizer's special tokens).
+FORMAT = 2
 
 
 def source_key(ckpt) -> str:
     """A content key for a source folder: cheap (reads 2 MiB per weight file), changes with any file."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"glmsetup-converted-{FORMAT}\0".encode())
     for name in ("config.json", "tokenizer.model"):
         h.update(name.encode() + b"\0" + (ckpt.path / name).read_bytes())
     for f in ckpt.files:
@@ -119,12 +122,15 @@ def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] 
         config = ck.glm_config(ckpt.raw_config) if ckpt.official else ckpt.config
         config.save_pretrained(tmp)
         _portable_config(tmp / "config.json", dtype)
-        official_generation_config().save_pretrained(tmp)
+        from glmsetup.runtime.modeling import rope_settings
+
+        seq_length = config.max_position_embeddings
+        official_generation_config(seq_length, rope_settings(config)[2]).save_pretrained(tmp)
         from glmsetup.runtime.engine_files import write_tokenizer_files
 
         tok_info = write_tokenizer_files(ckpt.path / "tokenizer.model", tmp)
         _write_json(tmp / MARK, {"source": str(ckpt.path), "source_kind": ckpt.kind, "dtype": dtype,
-                                 "source_key": source_key(ckpt), **tok_info})
+                                 "source_key": source_key(ckpt), "format": FORMAT, **tok_info})
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,12 +141,15 @@ def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] 
 
 
 def _portable_config(path: Path, dtype: str) -> None:
-    """Spell the dtype and RoPE settings both ways, for transformers 4.46+ and 5.x readers alike."""
+    """Spell the dtype and RoPE settings both ways, for transformers 4.46+ and 5.x readers alike
+    (5.x reads `rope_parameters`; 4.x and engines built on it read rope_theta and `rope_scaling`)."""
     cfg = json.loads(path.read_text(encoding="utf-8"))
     cfg["dtype"] = cfg["torch_dtype"] = dtype
     rope = cfg.get("rope_parameters") or {}
-    cfg["rope_theta"] = rope.get("rope_theta", 10000.0)
-    cfg["partial_rotary_factor"] = rope.get("partial_rotary_factor", 0.5)
+    cfg["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    cfg["partial_rotary_factor"] = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
+    if rope.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = {"rope_type": rope["rope_type"], "type": rope["rope_type"], "factor": rope["factor"]}
     _write_json(path, cfg)
 
 

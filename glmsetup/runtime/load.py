@@ -217,7 +217,7 @@ def load_model(ckpt, prof: profiles.Profile):
     model.requires_grad_(False)
     model.eval()
     model.profile = prof
-    model.generation_config = official_generation_config()
+    model.generation_config = official_generation_config(config.max_position_embeddings, factor)
     if prof.num_gpus > 1:
         _dispatch(model, main_dev, layer_devs)
     return model
@@ -246,11 +246,17 @@ def _copy_to(tensor, device, dtype):
     return out
 
 
-def official_generation_config():
+def official_generation_config(seq_length: int = 32768, rope_ratio: float = 1):
+    """The official chat() defaults; max_length 8192, or the whole seq_length for the 32K model."""
+    from glmsetup.runtime.modeling import rope_settings
+
+    _, _, factor = rope_settings(config)  # refuses RoPE scaling the lean decode path does not do
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, top_p=0.8, temperature=0.8, max_length=8192, eos_token_id=2,
-                            pad_token_id=0)
+    from glmsetup.requirements import context_limits
+
+    return GenerationConfig(do_sample=True, top_p=0.8, temperature=0.8,
+                            max_length=context_limits(seq_length, rope_ratio)[1], eos_token_id=2, pad_token_id=0)
 
 
 def _param_shape(model, key: str) -> tuple:

@@ -100,6 +100,28 @@ class PastKeyValues:
         return f"PastKeyValues(tokens={self.length}, layers={len(self)})"
 
 
+def rope_settings(config) -> tuple[float, float, float]:
+    """(theta, partial_rotary_factor, linear scaling factor) of a GlmConfig, on transformers 4.x and 5.x.
+
+    Only unscaled and linear RoPE occur in ChatGLM2 (chatglm2-6b-32k: rope_ratio 16 = linear factor 16);
+    anything else would make decode_step differ from transformers' forward, so it is refused.
+    """
+    from glmsetup.errors import ModelError
+
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) if not params else None
+    if scaling:
+        params.update(scaling)
+    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    partial = float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 0.5)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ModelError(f"config.json asks for '{kind}' RoPE scaling; ChatGLM2 uses none or linear (rope_ratio)",
+                         hint="convert the official folder again with `glmsetup convert --no-cache`")
+    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
+    return theta, partial, factor
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on the first 2*cos.shape[-1] dims of each head, as adjacent (even, odd) pairs."""
     rot = cos.shape[-1] * 2
@@ -134,9 +156,12 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
 
     def _inv_freq(self, device) -> torch.Tensor:
         cache = self.__dict__.setdefault("_glmsetup_inv_freq", {})
+        """RoPE frequencies of the rotated dims, divided by the linear scaling factor (rope_ratio)."""
         if device not in cache:
-            rot = self.config.head_dim // 2
-            cache[device] = 1.0 / (10000.0 ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+            theta, partial, factor = rope_settings(self.config)
+            rot = int(self.config.head_dim * partial)
+            inv = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+            cache[device] = inv / factor
         return cache[device]
 
     def new_store(self, batch: int, capacity: int) -> KVStore:

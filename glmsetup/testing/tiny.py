@@ -6,7 +6,8 @@ sharded pytorch_model-0000N-of-0000M.bin files in fp16 with pytorch_model.bin.in
 tokenizer.model trained here with sentencepiece (byte fallback, no normalisation, so "\\n\\n" and
 full-width colons survive), and tokenizer_config.json. Only the remote-code .py files are absent.
 With `quantization_bit=4` the block linears are stored packed the way the chatglm2-6b-int4 repo
-stores them (int8 bytes holding two 4-bit values, fp16 per-row scales).
+stores them (int8 bytes holding two 4-bit values, fp16 per-row scales); `rope_ratio=16` makes it a
+chatglm2-6b-32k look-alike (its config.json has the 32K model's rope_ratio and name).
 """
 from __future__ import annotations
 
@@ -68,10 +69,10 @@ def train_tiny_tokenizer(dest: Path) -> Path:
     return out
 
 
-def tiny_config(num_layers: int, vocab: int, quantization_bit: int = 0) -> dict:
+def tiny_config(num_layers: int, vocab: int, quantization_bit: int = 0, rope_ratio: float = 1) -> dict:
     padded = (vocab + 5 + 63) // 64 * 64
     cfg = {
-        "_name_or_path": "THUDM/chatglm2-6b",
+        "_name_or_path": "THUDM/chatglm2-6b-32k" if rope_ratio != 1 else "THUDM/chatglm2-6b",
         "model_type": "chatglm",
         "architectures": ["ChatGLMModel"],
         "auto_map": {
@@ -112,6 +113,8 @@ def tiny_config(num_layers: int, vocab: int, quantization_bit: int = 0) -> dict:
     }
     if quantization_bit:
         cfg["quantization_bit"] = quantization_bit
+    if rope_ratio != 1:
+        cfg["rope_ratio"] = rope_ratio
     return cfg
 
 
@@ -198,7 +201,7 @@ def _save(path: Path, tensors: dict) -> int:
 
 
 def build_tiny_checkpoint(dest: Path, *, num_layers: int = 2, seed: int = 0, shards: int = 2,
-                          quantization_bit: int = 0) -> Path:
+                          quantization_bit: int = 0, rope_ratio: float = 1) -> Path:
     """Write a tiny ChatGLM2 model folder in the official layout into `dest`; returns `dest`.
 
     shards=1 writes a single pytorch_model.bin (as the chatglm2-6b-int4 repo has); more writes
@@ -210,7 +213,7 @@ def build_tiny_checkpoint(dest: Path, *, num_layers: int = 2, seed: int = 0, sha
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(dest / "tokenizer.model")).vocab_size()
-    cfg = tiny_config(num_layers, vocab, quantization_bit)
+    cfg = tiny_config(num_layers, vocab, quantization_bit, rope_ratio)
     sd = random_state_dict(cfg, seed)
     _write_json(dest / "config.json", cfg)
     _write_json(dest / "tokenizer_config.json", TOKENIZER_CONFIG)

@@ -2,7 +2,8 @@
 
 It reads the OFFICIAL state dict (transformer.* keys, fused QKV) straight from the .bin shards and
 shares no code with glmsetup.runtime: RMSNorm, fused QKV split into 32-style query heads and grouped
-KV heads, RoPE on the first half of each head in adjacent pairs, causal softmax attention, SwiGLU.
+KV heads, RoPE on the first half of each head in adjacent pairs (positions divided by rope_ratio, as
+chatglm2-6b-32k does), causal softmax attention, SwiGLU.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x, pos, rot_dims):
-    """x [B, T, H, D]; rotate dims [0, rot_dims) as pairs (2i, 2i+1) by angle pos * 10000^(-2i/rot_dims)."""
+def rope(x, pos, rot_dims, rope_ratio=1):
+    """x [B, T, H, D]; rotate dims [0, rot_dims) as pairs (2i, 2i+1) by angle (pos / rope_ratio) * 10000^(-2i/rot_dims)."""
     half = rot_dims // 2
     inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) * 2 / rot_dims))
-    ang = pos.double()[..., None] * inv  # [B, T, half]
+    ang = (pos.double() / rope_ratio)[..., None] * inv  # [B, T, half]
     cos, sin = ang.cos().float()[:, :, None], ang.sin().float()[:, :, None]
     out = x.clone()
     a, b = x[..., 0:rot_dims:2], x[..., 1:rot_dims:2]
@@ -56,7 +57,8 @@ def forward(cfg, sd, input_ids, attention_mask=None):
         q = qkv[..., : nh * hd].reshape(B, T, nh, hd)
         k = qkv[..., nh * hd: nh * hd + g * hd].reshape(B, T, g, hd)
         v = qkv[..., nh * hd + g * hd:].reshape(B, T, g, hd)
-        q, k = rope(q, pos, hd // 2), rope(k, pos, hd // 2)
+        ratio = cfg.get("rope_ratio", 1)
+        q, k = rope(q, pos, hd // 2, ratio), rope(k, pos, hd // 2, ratio)
         group = torch.arange(nh) // (nh // g)
         k, v = k[:, :, group], v[:, :, group]  # [B, T, nh, hd]
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
