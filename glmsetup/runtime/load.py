@@ -213,6 +213,9 @@ def load_model(ckpt, prof: profiles.Profile):
     # Buffers that are computed, not stored: RoPE frequencies.
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
+    from glmsetup.runtime.modeling import rope_settings
+
+    _, _, factor = rope_settings(config)  # refuses RoPE scaling the lean decode path does not do
     model.model.rotary_emb = GlmRotaryEmbedding(config=config).to(main_dev)
     model.requires_grad_(False)
     model.eval()
@@ -248,9 +251,6 @@ def _copy_to(tensor, device, dtype):
 
 def official_generation_config(seq_length: int = 32768, rope_ratio: float = 1):
     """The official chat() defaults; max_length 8192, or the whole seq_length for the 32K model."""
-    from glmsetup.runtime.modeling import rope_settings
-
-    _, _, factor = rope_settings(config)  # refuses RoPE scaling the lean decode path does not do
     from transformers import GenerationConfig
 
     from glmsetup.requirements import context_limits
