@@ -128,7 +128,7 @@ def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] 
         official_generation_config(seq_length, rope_settings(config)[2]).save_pretrained(tmp)
         from glmsetup.runtime.engine_files import write_tokenizer_files
 
-        tok_info = write_tokenizer_files(ckpt.path / "tokenizer.model", tmp)
+        tok_info = write_tokenizer_files(ckpt.path / "tokenizer.model", tmp, model_max_length=seq_length)
         _write_json(tmp / MARK, {"source": str(ckpt.path), "source_kind": ckpt.kind, "dtype": dtype,
                                  "source_key": source_key(ckpt), "format": FORMAT, **tok_info})
         if target.exists():

@@ -3,7 +3,9 @@
 tokenizer.model holds n sentencepiece pieces; five special ids follow them: [MASK]=n, [gMASK]=n+1,
 [sMASK]=n+2, sop=n+3, eop=n+4. unk = pad = 0, bos = 1 (unused), eos = 2. A prompt is
 [gMASK, sop] + the pieces of the text. The special tokens are never matched inside text: a user
-who types "[gMASK]" or "sop" gets those characters tokenized as plain text.
+who types "[gMASK]" or "sop" gets those characters tokenized as plain text. As in the official
+tokenizer, a sentencepiece piece spelled exactly like a special token (the real tokenizer.model has
+none) gets the special's id.
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ class ChatGLM2Tokenizer:
         self.n_words = self.sp.vocab_size()
         self.special_tokens = {tok: self.n_words + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.index_special_tokens = {v: k for k, v in self.special_tokens.items()}
+        # The official tokenizer maps pieces to ids by name, so a piece named like a special gets its id.
+        self._special_pieces = {pid: self.special_tokens[name] for name in SPECIAL_TOKENS
+                                if (pid := self.sp.piece_to_id(name)) != self.sp.unk_id()}
         self.unk_token_id = self.pad_token_id = 0
         self.bos_token_id, self.eos_token_id = 1, 2
         self.unk_token, self.pad_token, self.eos_token = "<unk>", "<unk>", "</s>"
@@ -88,6 +93,8 @@ class ChatGLM2Tokenizer:
     # -- encoding -----------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True, **_ignored) -> list[int]:
         ids = self.sp.encode(text)
+        if self._special_pieces:
+            ids = [self._special_pieces.get(i, i) for i in ids]
         return self.get_prefix_tokens() + ids if add_special_tokens else ids
 
     def build_prompt(self, query: str, history: Optional[Sequence] = None) -> str:

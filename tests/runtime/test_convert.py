@@ -28,7 +28,7 @@ def test_convert_loads_with_plain_transformers(cli, tiny_model_dir, tiny_model, 
     msgs = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "你好"},
             {"role": "assistant", "content": "你好👋"}, {"role": "user", "content": "1+1?"}]
     text = fast.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert text == "[gMASK]sop" + tiny_tokenizer.build_prompt("Be brief. 1+1?", [("你好", "你好👋")])
+    assert text == "<|[gMASK]|><|sop|>" + tiny_tokenizer.build_prompt("Be brief. 1+1?", [("你好", "你好👋")])
     assert fast(text, add_special_tokens=False)["input_ids"] == tiny_tokenizer.encode(
         tiny_tokenizer.build_prompt("Be brief. 1+1?", [("你好", "你好👋")]))
     # glmsetup loads the converted folder too.
