@@ -131,6 +131,7 @@ def convert_checkpoint(src, dst: Optional[Path] = None, *, dtype: Optional[str] 
         tok_info = write_tokenizer_files(ckpt.path / "tokenizer.model", tmp, model_max_length=seq_length)
         _write_json(tmp / MARK, {"source": str(ckpt.path), "source_kind": ckpt.kind, "dtype": dtype,
                                  "source_key": source_key(ckpt), "format": FORMAT, **tok_info})
+        _readable_by_all(tmp)
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +154,16 @@ def _portable_config(path: Path, dtype: str) -> None:
     _write_json(path, cfg)
 
 
+def _readable_by_all(folder: Path) -> None:
+    """Give every file the mode a new file gets under the umask (0644 typically): safetensors writes
+    0600, and an engine running as another user must be able to read the folder."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            p.chmod(0o666 & ~mask)
+
+
 def _default_dtype(ckpt) -> str:
     raw = ckpt.raw_config.get("torch_dtype") or getattr(ckpt.config, "torch_dtype", None) or "float16"
     return str(raw).replace("torch.", "")
@@ -173,6 +184,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    _readable_by_all(tmp)
     if dst.exists():
         shutil.rmtree(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
