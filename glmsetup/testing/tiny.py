@@ -8,6 +8,10 @@ full-width colons survive), and tokenizer_config.json. Only the remote-code .py 
 With `quantization_bit=4` the block linears are stored packed the way the chatglm2-6b-int4 repo
 stores them (int8 bytes holding two 4-bit values, fp16 per-row scales); `rope_ratio=16` makes it a
 chatglm2-6b-32k look-alike (its config.json has the 32K model's rope_ratio and name).
+
+The vocabulary is not padded beyond the tokenizer (the real model pads 64794 ids to 65024 rows, whose
+trained logits are never the largest): random rows past the tokenizer's ids would be sampled, and the
+official tokenizer cannot decode such ids. So padded_vocab_size = sentencepiece pieces + 5 specials.
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ def train_tiny_tokenizer(dest: Path) -> Path:
 
 
 def tiny_config(num_layers: int, vocab: int, quantization_bit: int = 0, rope_ratio: float = 1) -> dict:
-    padded = (vocab + 5 + 63) // 64 * 64
+    """The official config.json fields; `vocab` = sentencepiece pieces (the model's rows: those + 5 specials)."""
     cfg = {
         "_name_or_path": "THUDM/chatglm2-6b-32k" if rope_ratio != 1 else "THUDM/chatglm2-6b",
         "model_type": "chatglm",
@@ -100,7 +104,7 @@ def tiny_config(num_layers: int, vocab: int, quantization_bit: int = 0, rope_rat
         "num_attention_heads": TINY_DIMS["num_attention_heads"],
         "num_layers": num_layers,
         "original_rope": True,
-        "padded_vocab_size": padded,
+        "padded_vocab_size": vocab + 5,
         "post_layer_norm": True,
         "rmsnorm": True,
         "seq_length": 32768,

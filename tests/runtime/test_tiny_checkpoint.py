@@ -32,3 +32,20 @@ def test_single_file_and_int4_variants(tmp_path):
     w = sd["transformer.encoder.layers.0.self_attention.query_key_value.weight"]
     assert w.dtype == torch.int8 and w.shape[1] * 2 == json.loads((d / "config.json").read_text())["hidden_size"]
     assert sd["transformer.encoder.layers.0.self_attention.query_key_value.weight_scale"].dtype == torch.float16
+
+
+def test_every_id_the_model_can_emit_decodes_with_the_official_tokenizer(tiny_model_dir, tiny_model):
+    """The output layer has no rows past the tokenizer's ids: the official decoder raises on such ids
+    (sentencepiece IdToPiece out of range), so a random padded row could crash an official-backend run."""
+    from .upstream import UPSTREAM, official_tokenizer
+
+    if not UPSTREAM.is_dir():
+        import pytest
+
+        pytest.skip(f"the upstream fixtures are absent ({UPSTREAM})")
+    official = official_tokenizer(str(tiny_model_dir / "tokenizer.model"))
+    rows = tiny_model.lm_head.weight.shape[0]
+    assert rows == json.loads((tiny_model_dir / "config.json").read_text())["padded_vocab_size"]
+    assert rows == official.vocab_size  # sentencepiece pieces + the 5 specials, nothing beyond
+    official.convert_ids_to_tokens(list(range(rows)))  # every row decodes
+    official.decode(list(range(rows)))
