@@ -139,9 +139,37 @@ def test_nan_guard(tiny_model, tiny_tokenizer):
     assert response == tiny_model.process_response(tiny_tokenizer.decode([5] * 4))
 
 
+class TwoPaths:
+    """Scores that make greedy and beam search disagree: step 1 offers A (1.0) and B (0.5); after A
+    ten tokens tie at 0.0, after B one token scores 10. Greedy takes A then the first tie (A, 300);
+    a beam of 2 keeps B and ends with the better total (B, 400), normalised or not."""
+
+    A, B, TIE, PEAK = 100, 200, range(300, 310), 400
+
+    def __init__(self, prompt_len):
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids, scores):
+        out = torch.full_like(scores, float("-inf"))
+        if input_ids.shape[1] == self.prompt_len:
+            out[:, self.A], out[:, self.B] = 1.0, 0.5
+            return out
+        last = input_ids[:, -1]
+        out[last == self.A, self.TIE.start:self.TIE.stop] = 0.0
+        out[last == self.B, self.PEAK] = 10.0
+        return out
+
+
 def test_beam_search_and_errors(tiny_model, tiny_tokenizer):
-    response, _ = tiny_model.chat(tiny_tokenizer, "你好", num_beams=2, do_sample=False, max_new_tokens=4)
-    assert isinstance(response, str)
+    prompt_len = len(tiny_tokenizer.encode(tiny_tokenizer.build_prompt("你好")))
+    paths = TwoPaths(prompt_len)
+    beam, _ = tiny_model.chat(tiny_tokenizer, "你好", num_beams=2, do_sample=False, max_new_tokens=2,
+                              logits_processor=[paths])
+    greedy, _ = tiny_model.chat(tiny_tokenizer, "你好", do_sample=False, max_new_tokens=2, logits_processor=[paths])
+    decode = lambda ids: tiny_model.process_response(tiny_tokenizer.decode(ids))  # noqa: E731
+    assert decode([paths.B, paths.PEAK]) != decode([paths.A, paths.TIE[0]])
+    assert beam == decode([paths.B, paths.PEAK])
+    assert greedy == decode([paths.A, paths.TIE[0]])
     with pytest.raises(UsageError, match="unknown generation option"):
         tiny_model.chat(tiny_tokenizer, "你好", typo_option=1)
     with pytest.raises(UsageError, match="past_key_values"):

@@ -41,9 +41,18 @@ def test_min_new_tokens_keeps_eos_out_until_reached_even_in_inference_mode():
     assert pick(scores.clone(), generated=3, min_new_tokens=3) == 2
 
 
-def test_min_new_tokens_through_chat(tiny_model_dir):
-    import glmsetup
+def test_min_new_tokens_through_chat(tiny_model, tiny_tokenizer):
+    """eos made by far the best token: the answer ends at once, unless min_new_tokens holds it back."""
+    steps = []
 
-    tokenizer, model = glmsetup.load_chat_model(tiny_model_dir, profile="cpu")
-    response, _ = model.chat(tokenizer, "hi", temperature=0, min_new_tokens=6, max_new_tokens=6)
-    assert len(tokenizer.encode(response, add_special_tokens=False)) >= 3
+    def eos_first(_ids, scores):
+        steps.append(len(steps))
+        return scores + 100.0 * (torch.arange(scores.shape[-1]) == 2)
+
+    plain, _ = tiny_model.chat(tiny_tokenizer, "hi", temperature=0, max_new_tokens=6, logits_processor=[eos_first])
+    assert plain == "" and len(steps) == 1
+    steps.clear()
+    held, _ = tiny_model.chat(tiny_tokenizer, "hi", temperature=0, min_new_tokens=4, max_new_tokens=6,
+                              logits_processor=[eos_first])
+    assert len(steps) == 5  # four tokens with eos banned, then eos ends the answer at the fifth step
+    assert held != ""
