@@ -1,8 +1,8 @@
 """Request bodies of the API server and how a chat request becomes (query, history).
 
-Both protocols are validated strictly (a string where a number belongs is an error, not a guess) and every
-problem becomes an ApiError: an HTTP status plus an OpenAI-style error body
-{"error": {"message", "type", "param", "code"}}.
+Both protocols are validated strictly (a string where a number belongs is an error, not a guess; no NaN
+or infinity anywhere) and every problem becomes an ApiError: an HTTP status plus an OpenAI-style error
+body {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from typing import Any, List, Literal, Optional, Tuple, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 ROLES = ("system", "user", "assistant")
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256  # each stop sequence is searched for after every token
+MAX_REPETITION_PENALTY = 10.0
 
 
 class ApiError(Exception):
@@ -42,7 +45,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
 class OfficialRequest(BaseModel):
     """The body of the official api.py: {prompt, history, max_length?, top_p?, temperature?}."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: StrictStr
     history: Optional[List[Tuple[StrictStr, StrictStr]]] = None
@@ -85,7 +88,7 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """The OpenAI chat completion body; fields this model cannot honour are refused, others ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: Optional[StrictStr] = None
     messages: List[ChatMessage] = Field(min_length=1)
@@ -94,7 +97,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: Optional[StrictInt] = Field(default=None, gt=0)
     max_completion_tokens: Optional[StrictInt] = Field(default=None, gt=0)
     max_length: Optional[StrictInt] = Field(default=None, gt=0)
-    repetition_penalty: Optional[StrictFloat] = Field(default=None, gt=0.0)
+    repetition_penalty: Optional[StrictFloat] = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
     n: Optional[StrictInt] = Field(default=None, ge=1)
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
@@ -108,8 +111,13 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is None:
             return []
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        if len(stops) > 4:
-            raise ApiError(400, "'stop' takes at most 4 sequences", param="stop")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ApiError(400, f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences", param="stop")
+        for i, stop in enumerate(stops):
+            if len(stop) > MAX_STOP_CHARS:
+                where = "stop" if isinstance(self.stop, str) else f"stop[{i}]"
+                raise ApiError(400, f"'{where}' is {len(stop)} characters long; a stop sequence may have at most "
+                                    f"{MAX_STOP_CHARS}", param=where)
         return [s for s in stops if s]
 
 

@@ -4,7 +4,10 @@ The model's chat/stream_chat are blocking calls; they run on one dedicated threa
 interleave inside the model. At most `max_queue` requests wait behind the running one; one more is
 refused at once with QueueFull (the server answers 503 with Retry-After) instead of piling up. Each
 job carries a threading.Event: setting it (the client went away) skips a job still waiting and ends
-a running stream after its current token.
+a running generation after its current token.
+
+Retry-After is estimated from the queue: what the running request has left of the mean time of the
+last RECENT requests, plus that mean for each waiting one, in whole seconds within [1, 120].
 """
 from __future__ import annotations
 
@@ -12,10 +15,14 @@ import asyncio
 import math
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterable, Optional
 
 _END = object()
+RECENT = 16  # requests the mean time is taken over
+FIRST_GUESS_S = 2.0  # the mean time before any request has finished
+RETRY_AFTER_MAX_S = 120
 
 
 class QueueFull(Exception):
@@ -41,7 +48,8 @@ class GenerationQueue:
         self._admitted = 0  # running + waiting
         self._running = 0
         self._served = 0
-        self._avg_seconds = 2.0
+        self._durations: deque = deque(maxlen=RECENT)
+        self._running_since: Optional[float] = None
         self._stops: set[threading.Event] = set()
 
     # --- bookkeeping --------------------------------------------------------------------------------
@@ -49,14 +57,29 @@ class GenerationQueue:
     def stats(self) -> dict:
         with self._lock:
             return {"running": self._running, "waiting": self._admitted - self._running,
-                    "max_queue": self.max_queue, "served": self._served}
+                    "max_queue": self.max_queue, "served": self._served,
+                    "mean_seconds": round(self._mean(), 3) if self._durations else None}
+
+    def _mean(self) -> float:
+        return sum(self._durations) / len(self._durations) if self._durations else FIRST_GUESS_S
+
+    def retry_after(self) -> int:
+        """Seconds until the queue ahead of a new request has drained, as recent requests went."""
+        with self._lock:
+            return self._retry_after(time.perf_counter())
+
+    def _retry_after(self, now: float) -> int:
+        mean = self._mean()
+        waiting = self._admitted - self._running
+        left = mean - (now - self._running_since) if self._running_since is not None else 0.0
+        guess = max(left, 0.0) + mean * waiting
+        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(guess)))
 
     def _admit(self, stop: threading.Event) -> None:
         with self._lock:
             waiting = self._admitted - self._running
             if self._admitted >= self.max_queue + 1:
-                guess = self._avg_seconds * (waiting + 1)
-                raise QueueFull(retry_after=max(1, min(120, math.ceil(guess))), waiting=waiting)
+                raise QueueFull(retry_after=self._retry_after(time.perf_counter()), waiting=waiting)
             self._admitted += 1
             self._stops.add(stop)
 
@@ -69,17 +92,19 @@ class GenerationQueue:
         def run():
             if stop.is_set():
                 raise Cancelled()
+            started = time.perf_counter()
             with self._lock:
                 self._running += 1
-            started = time.perf_counter()
+                self._running_since = started
             try:
                 return body()
             finally:
                 elapsed = time.perf_counter() - started
                 with self._lock:
                     self._running -= 1
+                    self._running_since = None
                     self._served += 1
-                    self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * elapsed
+                    self._durations.append(elapsed)  # stopped early or not: how long it held the model
 
         return run
 
@@ -165,7 +190,9 @@ class StreamJob:
                     pass
 
     def cancel(self) -> None:
+        """Stop the generation; a consumer still waiting for text is woken and sees the stream end."""
         self._stop.set()
+        self._put(_END)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()

@@ -180,8 +180,10 @@ def serve_api(tokenizer, model, plan: RunPlan, on_ready: Optional[Callable[[], N
 
     uvicorn = require("uvicorn", "api")
     app = make_api(tokenizer, model, plan)
-    config = uvicorn.Config(app, host=plan.binding.host, port=plan.binding.port, log_level="info",
-                            timeout_graceful_shutdown=5, log_config=stderr_log_config(uvicorn))
+    from glmsetup.apps.api_server import uvicorn_config
+
+    # the server's limits (header deadline, connection cap, keep-alive, header size): api_server/api_guard
+    config = uvicorn_config(app, plan.binding.host, plan.binding.port, "info", log_config=stderr_log_config(uvicorn))
     server = uvicorn.Server(config)
     if on_ready is not None:
         on_ready()

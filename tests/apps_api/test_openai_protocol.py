@@ -147,7 +147,7 @@ def test_stop_sequences_cut_the_answer(api, tiny_chat):
 
 
 def test_sse_lines_survive_unicode_line_separators():
-    from glmsetup.apps.api import _sse_json
+    from glmsetup.apps.api_completion import _sse_json
 
     text = _sse_json({"choices": [{"delta": {"content": "a\u2028b\x85c\u2029d\n"}}]})
     assert len(text.splitlines()) == 1
