@@ -126,8 +126,11 @@ def serve_web(tokenizer, model, plan: RunPlan, *, quiet: bool = False) -> None:
     from glmsetup.errors import require
 
     web = require("glmsetup.apps.web", "web")
+    from glmsetup.apps.web_login import LoginThrottle
+
     demo = web.build_demo(tokenizer, model, plan.profile)
-    auth = (WEB_USER, plan.binding.api_key) if plan.binding.api_key else None
+    # repeated wrong passwords are slowed down, then refused for a while (glmsetup.apps.web_login)
+    auth = LoginThrottle(WEB_USER, plan.binding.api_key).attempt if plan.binding.api_key else None
     demo.launch(server_name=plan.binding.host, server_port=plan.binding.port, share=False, inbrowser=False,
                 auth=auth, auth_message=LOGIN_MESSAGE if auth else None, show_error=True, quiet=True,
                 prevent_thread_lock=True)

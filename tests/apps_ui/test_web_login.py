@@ -1,0 +1,119 @@
+"""The web page's login against password guessing: real Gradio servers on 127.0.0.1, real HTTP logins."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.apps_ui.conftest import free_port
+
+gr = pytest.importorskip("gradio")
+
+USER = "glmsetup"
+
+
+def _login(base: str, password: str, user: str = USER) -> httpx.Response:
+    return httpx.post(f"{base}/login", data={"username": user, "password": password}, timeout=60)
+
+
+def _burst(base: str, passwords) -> list:
+    with ThreadPoolExecutor(len(passwords)) as pool:
+        return list(pool.map(lambda p: _login(base, p), passwords))
+
+
+@pytest.fixture
+def page(tiny_chat):
+    """start(throttle) -> the base URL of the chat page behind that throttle's login."""
+    from glmsetup.apps.web import build_demo
+
+    demos = []
+
+    def start(throttle) -> str:
+        demo = build_demo(*tiny_chat)
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    auth=throttle.attempt)
+        demos.append(demo)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for demo in demos:
+        demo.close()
+
+
+def test_a_guessing_burst_locks_the_login_even_for_the_right_password(page):
+    from glmsetup.apps.web_login import LoginThrottle
+
+    base = page(LoginThrottle(USER, "right-key", free_failures=3, base_delay=0.2, max_wait=0.4))
+    assert _login(base, "wrong").status_code == 400
+    assert _login(base, "right-key").status_code == 200  # a success clears the count
+    with ThreadPoolExecutor(13) as pool:
+        guesses = [pool.submit(_login, base, f"guess-{i}") for i in range(12)]
+        time.sleep(0.3)
+        right = pool.submit(_login, base, "right-key")  # the guess that would have been right
+        assert all(g.result().status_code == 400 for g in guesses)
+        assert right.result().status_code == 400  # refused unchecked: the burst locked the login
+    time.sleep(1.0)  # the last wait (0.8 s) is over
+    ok = _login(base, "right-key")
+    assert ok.status_code == 200 and ok.json() == {"success": True}
+    assert _login(base, "right-key", user="admin").status_code == 400
+
+
+def test_the_throttle_is_a_coroutine_function_gradio_awaits(page):
+    """Gradio calls a plain callable without awaiting it: a coroutine object would count as a yes."""
+    import inspect
+
+    from glmsetup.apps.web_login import LoginThrottle
+
+    throttle = LoginThrottle(USER, "k")
+    assert inspect.iscoroutinefunction(throttle.attempt)
+    base = page(throttle)
+    assert _login(base, "not-k").status_code == 400 and _login(base, "k").status_code == 200
+
+
+def _few_wrong_then_right(base: str) -> float:
+    started = time.monotonic()
+    assert all(r.status_code == 400 for r in _burst(base, [f"guess-{i}" for i in range(8)]))
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_run_web_slows_down_password_guessing(tiny_model_dir, tmp_path):
+    """`glmsetup run web --api-key`: eight guesses sent at once take at least 1 + 2 s (the sixth wrong
+    password makes the next attempt wait 1 s, the seventh 2 s), where they used to take a blink."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "web.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "glmsetup", "run", "web", "--model", str(tiny_model_dir),
+                                 "--profile", "cpu", "--port", str(port), "--api-key", "web-key"],
+                                stdout=log, stderr=log, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-2000:]
+            try:
+                if httpx.get(base + "/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the page did not start"
+            time.sleep(0.3)
+        took = _few_wrong_then_right(base)
+        assert took >= 3.0, f"8 wrong passwords answered in {took:.2f} s"
+        ok = _login(base, "web-key")  # waits out the last delay (4 s), then lets the right password in
+        assert ok.status_code == 200 and ok.json() == {"success": True}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert "wrong passwords in a row" in log_path.read_text(errors="replace")
