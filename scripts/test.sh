@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite from a fresh clone: makes .venv, installs glmsetup with every extra and
-# the test tools, then runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k fetch).
+# the test tools, makes .venv-official for the official remote code (scripts/official_env.sh), then
+# runs pytest. Extra arguments go to pytest (e.g. scripts/test.sh -k fetch).
 # System packages the tests use (git, git-lfs, chromium) come from .ci/run or your package manager.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +12,6 @@ fi
 # A CPU build of torch first, so the runtime extra does not pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[all,test]"
+# The second environment for the official remote code (transformers 4.33.3), used by tests/official/.
+scripts/official_env.sh
 exec .venv/bin/python -m pytest -n "${GLMSETUP_TEST_WORKERS:-2}" "$@"

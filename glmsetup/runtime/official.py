@@ -56,9 +56,14 @@ def check_remote_code(folder: Path, raw_config: dict, transformers_version: str)
         tok_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         tok_config = {}
-    for source, auto, key in ((folder / "config.json", raw_config.get("auto_map"), "AutoModel"),
-                              (folder / "tokenizer_config.json", tok_config.get("auto_map"), "AutoTokenizer")):
-        target = (auto or {}).get(key) if isinstance(auto, dict) else None
+    model_map = raw_config.get("auto_map") if isinstance(raw_config.get("auto_map"), dict) else {}
+    tok_map = tok_config.get("auto_map") if isinstance(tok_config, dict) else None
+    tok_source = folder / "tokenizer_config.json"
+    if not (isinstance(tok_map, dict) and tok_map.get("AutoTokenizer")) and model_map.get("AutoTokenizer"):
+        tok_map, tok_source = model_map, folder / "config.json"  # transformers looks there too
+    for source, auto, key in ((folder / "config.json", model_map, "AutoModel"),
+                              (tok_source, tok_map, "AutoTokenizer")):
+        target = auto.get(key) if isinstance(auto, dict) else None
         if isinstance(target, (list, tuple)):
             target = target[0] if target else None
         if not isinstance(target, str) or not target:

@@ -21,8 +21,8 @@ def free_port() -> int:
 class Server:
     """`python -m glmsetup ARGS` in the background; stop() sends Ctrl-C and collects the output."""
 
-    def __init__(self, *args: str, env: dict | None = None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "glmsetup", *args], stdout=subprocess.PIPE,
+    def __init__(self, *args: str, env: dict | None = None, python: str = sys.executable):
+        self.proc = subprocess.Popen([python, "-m", "glmsetup", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.stdout = self.stderr = ""
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Make .venv-official: the second environment that runs the official ChatGLM2-6B remote code
+# (backend = "official"). It holds what the official code was written for, transformers 4.33.3
+# (the newest the 2023-09 tokenization_chatglm.py runs on), the CPU build of torch, and glmsetup
+# from this tree with the official and api extras (not the runtime extra: that one needs
+# transformers 4.46+). tests/official/ runs the official code in it and compares with the native
+# runtime in .venv. Re-running is cheap: nothing is installed while the stamp matches this script
+# and pyproject.toml. Set GLMSETUP_OFFICIAL_VENV to build it elsewhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${GLMSETUP_OFFICIAL_VENV:-.venv-official}"
+PY="${PYTHON:-python3}"
+TORCH="torch==2.13.0"
+TRANSFORMERS="transformers==4.33.3"
+
+mkdir -p "$VENV"
+exec 9>"$VENV/.lock"
+flock 9  # pytest workers may ask for it at the same time: one builds, the others wait
+
+stamp="$(cat "$0" pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ -f "$VENV/.glmsetup-stamp" ] && [ "$(cat "$VENV/.glmsetup-stamp")" = "$stamp" ] \
+   && "$VENV/bin/python" -c "import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ('glmsetup', 'torch', 'transformers', 'fastapi')))" 2>/dev/null; then
+  exit 0
+fi
+rm -f "$VENV/.glmsetup-stamp"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+echo "building $VENV ($TRANSFORMERS, $TORCH, glmsetup[official,api]) ..." >&2
+"$VENV/bin/python" -m pip install -q --no-compile "$TORCH"
+"$VENV/bin/python" -m pip install -q --no-compile "$TRANSFORMERS" -e ".[official,api]"
+"$VENV/bin/python" -c "import glmsetup, torch, transformers; assert transformers.__version__ == '${TRANSFORMERS#*==}'"
+echo "$stamp" > "$VENV/.glmsetup-stamp"
