@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,6 +17,11 @@ POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 POINTER_MAX_BYTES = 1024
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".model", ".pt", ".pth")
 HASH_CHUNK = 8 * 1024 * 1024
+# The JSON files of a model folder are small (config.json about 1 kB, an index about 20 kB): a larger
+# one is refused unread, never parsed into memory.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_INDEX_BYTES = 16 << 20
+INDEX_NAMES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 
 # Manifest: relative path -> (size in bytes or None, sha256 hex or None)
 Manifest = dict[str, tuple[Optional[int], Optional[str]]]
@@ -23,7 +30,7 @@ Manifest = dict[str, tuple[Optional[int], Optional[str]]]
 @dataclass(frozen=True)
 class FileIssue:
     path: str
-    problem: str  # missing | pointer | html | empty | truncated | mismatch
+    problem: str  # missing | pointer | html | empty | truncated | mismatch | invalid
     detail: str = ""
 
 
@@ -101,10 +108,49 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class JSONFileError(ValueError):
+    """A model folder's JSON file that cannot be used; the message says why, in a few words."""
+
+
+def read_json_object(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """A small JSON file holding one object, read safely: a regular file, at most `max_bytes`, UTF-8,
+    no NaN or Infinity (Python's json accepts them, JSON does not). JSONFileError says what is wrong."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise JSONFileError("not a regular file")
+        if info.st_size > max_bytes:
+            raise JSONFileError(f"it is {info.st_size:,} bytes, more than the {max_bytes:,} bytes allowed for it")
+        with path.open("rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise JSONFileError(f"cannot be read ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:
+        raise JSONFileError(f"it is more than the {max_bytes:,} bytes allowed for it")
+
+    def refuse_constant(name):
+        raise JSONFileError(f"holds {name}, which is not a JSON number")
+
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
+    except UnicodeDecodeError:
+        raise JSONFileError("not UTF-8 text") from None
+    except RecursionError:
+        raise JSONFileError("not valid JSON (nested too deeply)") from None
+    except JSONFileError:
+        raise
+    except ValueError as exc:
+        raise JSONFileError(f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise JSONFileError(f"holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def _kind(folder: Path) -> str:
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json_object(folder / "config.json")
+    except JSONFileError:
         return "unknown"
     model_type = config.get("model_type")
     if model_type == "chatglm":
@@ -114,17 +160,44 @@ def _kind(folder: Path) -> str:
     return "unknown"
 
 
+def shard_name_problem(name) -> Optional[str]:
+    """Why an index's file name is refused, or None: a weight file directly in the folder, nothing else
+    (never an absolute path, '..', a subfolder or another kind of file)."""
+    if not isinstance(name, str) or not name:
+        return f"{name!r} is not a file name"
+    if "/" in name or "\\" in name or "\0" in name or name in (".", "..") or Path(name).is_absolute():
+        return f"{name[:80]!r} points outside the folder"
+    if not name.endswith((".bin", ".safetensors")):
+        return f"{name[:80]!r} is not a .bin or .safetensors file"
+    return None
+
+
+def read_index(path: Path) -> list[str]:
+    """The weight files an index json names (sorted, each once); JSONFileError when the index or one of
+    its names cannot be used."""
+    index = read_json_object(path, MAX_INDEX_BYTES)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise JSONFileError("has no weight_map object naming the weight files")
+    names = set()
+    for tensor, name in weight_map.items():
+        problem = shard_name_problem(name)
+        if problem:
+            raise JSONFileError(f"weight_map[{tensor[:80]!r}]: {problem}")
+        names.add(name)
+    return sorted(names)
+
+
 def expected_files(folder: Path) -> list[str]:
     """Weight files a folder says it needs: shards named by an index json, else what is there."""
     needed: list[str] = []
-    for index_name in ("pytorch_model.bin.index.json", "model.safetensors.index.json"):
+    for index_name in INDEX_NAMES:
         index = folder / index_name
         if index.is_file() and not sniff(index):
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-            except ValueError:
+                needed.extend(read_index(index))
+            except JSONFileError:
                 continue
-            needed.extend(sorted(set(weight_map.values())))
     return needed
 
 
@@ -151,6 +224,16 @@ def inspect_model_dir(path, manifest: Optional[Manifest] = None, hash_files: boo
     wanted: Manifest = dict(manifest or {})
     for name in ["config.json", *expected_files(folder)]:
         wanted.setdefault(name, (None, None))
+    invalid = {}
+    for name in ["config.json", *INDEX_NAMES]:
+        file = folder / name
+        if file.is_file() and not sniff(file):
+            try:
+                read_json_object(file, MAX_CONFIG_BYTES if name == "config.json" else MAX_INDEX_BYTES)
+                if name != "config.json":
+                    read_index(file)
+            except JSONFileError as exc:
+                invalid[name] = str(exc)
     if report.kind.startswith("chatglm2"):
         wanted.setdefault("tokenizer.model", (None, None))
     for name in report.files:
@@ -172,6 +255,9 @@ def inspect_model_dir(path, manifest: Optional[Manifest] = None, hash_files: boo
             continue
         if problem == "empty":
             report.issues.append(FileIssue(name, "empty", "0 bytes"))
+            continue
+        if name in invalid:
+            report.issues.append(FileIssue(name, "invalid", invalid[name]))
             continue
         actual = file.stat().st_size
         if size is not None and actual != size:

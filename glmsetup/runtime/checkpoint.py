@@ -9,7 +9,6 @@ loader never holds more than one shard plus the model it is filling.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +78,8 @@ def open_checkpoint(path, *, native: bool = True) -> Checkpoint:
         what = {"pointer": "is a git-lfs pointer file, not the weights (cloned without git-lfs?)",
                 "html": "is an HTML page (an error page saved in place of the file)",
                 "empty": "is empty", "missing": "is missing",
-                "truncated": "is truncated", "mismatch": "does not match its expected size or hash"}[issue.problem]
+                "truncated": "is truncated", "mismatch": "does not match its expected size or hash",
+                "invalid": f"cannot be used: {issue.detail}"}[issue.problem]
         raise ModelError(f"{folder / issue.path} {what}", hint=_hint_repair(folder), details=report.to_dict())
     raw = _read_config(folder)
     kind = report.kind
@@ -92,15 +92,20 @@ def open_checkpoint(path, *, native: bool = True) -> Checkpoint:
     if not (folder / "tokenizer.model").is_file():
         raise ModelError(f"{folder / 'tokenizer.model'} is missing", hint=_hint_repair(folder))
     files = weight_files(folder)
+    from glmsetup.runtime.config_check import check_config
+
+    check_config(folder, raw, kind, files)  # bounded numbers that agree with the weights, before any build
     config = None if not native else glm_config(raw) if kind != "glm-converted" else _converted_config(folder)
     return Checkpoint(folder, kind, files, raw, config, int(raw.get("quantization_bit") or 0))
 
 
 def _read_config(folder: Path) -> dict:
+    from glmsetup.modelfiles import JSONFileError, read_json_object
+
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{folder / 'config.json'} cannot be read ({exc})", hint=_hint_repair(folder))
+        return read_json_object(folder / "config.json")  # size-capped, a JSON object, no NaN/Infinity
+    except JSONFileError as exc:
+        raise ModelError(f"{folder / 'config.json'} cannot be used: {exc}", hint=_hint_repair(folder)) from None
 
 
 def _check_official_config(folder: Path, raw: dict, native: bool = True) -> None:
@@ -131,8 +136,13 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()), key=_shard_order)]
+            from glmsetup.modelfiles import JSONFileError, read_index
+
+            try:
+                names = read_index(index)  # only weight files directly in the folder
+            except JSONFileError as exc:
+                raise ModelError(f"{index} cannot be used: {exc}", hint=_hint_repair(folder)) from None
+            return [folder / name for name in sorted(names, key=_shard_order)]
     for pattern in ("model*.safetensors", "pytorch_model*.bin"):
         found = sorted(folder.glob(pattern), key=lambda p: _shard_order(p.name))
         if found:
@@ -198,36 +208,14 @@ def read_file(path: Path) -> dict:
                          hint=_hint_repair(path.parent)) from exc
 
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8",
-              "I32": "int32", "I64": "int64", "BOOL": "bool"}
-
-
 def read_safetensors(path: Path) -> dict:
-    """Tensors of a .safetensors file as views of a private memory map: nothing is copied, pages are
-    read from disk when first used (a tensor whose dtype already matches is used in place)."""
-    import mmap
-    import struct
+    """Tensors of a .safetensors file, read by the safetensors library, which refuses a malformed header
+    (offsets out of bounds, overlapping or not contiguous, a header larger than its limit). The tensors
+    are views of a private memory map: nothing is copied, pages are read from disk when first used."""
+    from safetensors import safe_open
 
-    import torch
-
-    with path.open("rb") as fh:
-        head_len = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(head_len))
-        size = path.stat().st_size
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
-    base = 8 + head_len
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if base + end > size:
-            raise ValueError(f"tensor {name} runs past the end of the file ({size} bytes)")
-        dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
-        count = (end - start) // torch.empty(0, dtype=dtype).element_size()
-        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
-        out[name] = t.view(info["shape"])
-    return out
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        return {name: fh.get_tensor(name) for name in fh.keys()}
 
 
 _LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
