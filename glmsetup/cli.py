@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "convert": "glmsetup.commands.convert:convert",
     "patch": "glmsetup.commands.patch:patch",
     "run": "glmsetup.commands.run:run",
+    "finetune": "glmsetup.commands.finetune:finetune",
     "selftest": "glmsetup.commands.selftest:selftest",
 }
 

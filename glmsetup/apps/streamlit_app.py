@@ -28,6 +28,12 @@ def settings_from_env() -> tuple:
     return model_dir, profile
 
 
+def tuning_from_env() -> dict:
+    """load_chat_model's ptuning_checkpoint/adapter from GLMSETUP_PTUNING_CHECKPOINT / GLMSETUP_ADAPTER."""
+    return {"ptuning_checkpoint": os.environ.get("GLMSETUP_PTUNING_CHECKPOINT") or None,
+            "adapter": os.environ.get("GLMSETUP_ADAPTER") or None}
+
+
 def defaults_for(model) -> dict:
     """The loaded profile's generation settings (glmsetup.apps.generation.defaults)."""
     from glmsetup.apps.generation import defaults
@@ -54,7 +60,7 @@ def _load(st, model_dir, profile):
     def load_model(model_dir, profile):
         from glmsetup import load_chat_model
 
-        return load_chat_model(model_dir, profile=profile)
+        return load_chat_model(model_dir, profile=profile, **tuning_from_env())
 
     @st.cache_resource
     def generation_lock(model_dir, profile):

@@ -43,6 +43,77 @@ def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_
     return plan
 
 
+PTUNING_DEMO_MARK = "ptuning_checkpoint"  # what tells ptuning/web_demo.py from the other web demos
+
+
+def apply_tuning(plan, ptuning_checkpoint, adapter):
+    """Check --ptuning-checkpoint / --adapter (without loading anything) and hand them to the front end.
+
+    In this process they reach load_chat_model through the plan; Streamlit's process reads
+    GLMSETUP_PTUNING_CHECKPOINT / GLMSETUP_ADAPTER; the official ptuning/web_demo.py gets its own
+    arguments (--model_name_or_path, --ptuning_checkpoint, --pre_seq_len), as web_demo.sh passes them.
+    """
+    from pathlib import Path
+
+    from glmsetup.errors import UsageError
+    from glmsetup.runtime import lora, prefix
+
+    is_ptuning_demo = bool(plan.official) and _is_ptuning_demo(Path(plan.official["source"]) / plan.official["script"])
+    if (ptuning_checkpoint or adapter) and plan.engine == "vllm":
+        raise UsageError("--engine vllm serves the converted model as it is, without a P-tuning prefix or an adapter",
+                         hint="drop --engine vllm: the native engine serves them")
+    if plan.official and adapter:
+        raise UsageError("the official demos cannot load a LoRA adapter", hint="drop --official: glmsetup run "
+                         f"{plan.front} --adapter {adapter}")
+    if plan.official and ptuning_checkpoint and not is_ptuning_demo:
+        raise UsageError(f"{plan.official['script']} is not the official P-tuning demo: it cannot load a checkpoint",
+                         hint="pass --official DIR/ptuning/web_demo.py, or drop --official")
+    if ptuning_checkpoint:
+        plan.ptuning_checkpoint = prefix.check_folder(ptuning_checkpoint).resolve()
+        plan.env["GLMSETUP_PTUNING_CHECKPOINT"] = str(plan.ptuning_checkpoint)
+    if adapter:
+        plan.adapter = lora.check_folder(adapter).resolve()
+        plan.env["GLMSETUP_ADAPTER"] = str(plan.adapter)
+    if is_ptuning_demo and plan.command:
+        args = ["--model_name_or_path", str(plan.model_dir)]
+        if plan.ptuning_checkpoint:
+            args += ["--ptuning_checkpoint", str(plan.ptuning_checkpoint),
+                     "--pre_seq_len", str(_pre_seq_len(plan.ptuning_checkpoint))]
+        plan.command = list(plan.command) + args
+    return plan
+
+
+def _is_ptuning_demo(script) -> bool:
+    try:
+        text = script.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return PTUNING_DEMO_MARK in text and "prefix_encoder" in text
+
+
+def _pre_seq_len(folder) -> int:
+    """pre_seq_len from the checkpoint's config.json, else from the prefix embedding's rows."""
+    import json
+
+    from glmsetup.errors import ModelError
+
+    try:
+        value = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("pre_seq_len")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    if isinstance(value, int) and value > 0:
+        return value
+    import torch
+
+    from glmsetup.runtime.prefix import KEY_PREFIX, _weights_file
+    from glmsetup.runtime.checkpoint import read_file
+
+    emb = read_file(_weights_file(folder)).get(KEY_PREFIX + "embedding.weight")
+    if emb is None or not isinstance(emb, torch.Tensor) or emb.dim() != 2:
+        raise ModelError(f"{folder}: no {KEY_PREFIX}embedding.weight", hint="not a P-tuning checkpoint")
+    return int(emb.shape[0])
+
+
 def render_plan(console, data: dict) -> None:
     console.print("[bold]dry run[/]: nothing was loaded or started")
     cmd = data.get("command_line")
@@ -102,6 +173,9 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
 @click.option("--cors", multiple=True, metavar="ORIGIN", help="Allow browser calls from ORIGIN (api; repeatable).")
 @click.option("--official", metavar="DIR", type=click.Path(file_okay=True, dir_okay=True),
               help="Run the official demo from DIR (or one script in it), patched in a working copy.")
+@click.option("--ptuning-checkpoint", metavar="DIR", type=click.Path(),
+              help="Serve with a P-Tuning v2 checkpoint (glmsetup finetune, or the official main.py's).")
+@click.option("--adapter", metavar="DIR", type=click.Path(), help="Serve with a LoRA adapter (peft format).")
 @click.option("--engine", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
               help="vllm: serve the converted model with vLLM's OpenAI server (api only).")
 @click.option("--tensor-parallel-size", "tensor_parallel_size", type=click.IntRange(1, 64), default=1,
@@ -109,8 +183,8 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and the command; load and start nothing.")
 @json_option
 @click.pass_context
-def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors, official, engine,
-        tensor_parallel_size, dry_run, json_mode):
+def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors, official, ptuning_checkpoint,
+        adapter, engine, tensor_parallel_size, dry_run, json_mode):
     """Run a demo: cli (terminal chat), web (Gradio), streamlit, or api (official + OpenAI protocol).
 
     Prints the resolved profile and its memory estimate first, then loads the model once with a
@@ -125,6 +199,8 @@ def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors,
       glmsetup run streamlit --port 8502
       glmsetup run web --official ~/ChatGLM2-6B
       glmsetup run api --engine vllm --tensor-parallel-size 2 --dry-run
+      glmsetup run api --ptuning-checkpoint out/adgen-pt
+      glmsetup run web --official ~/ChatGLM2-6B/ptuning/web_demo.py --ptuning-checkpoint out/adgen-pt
     """
     from glmsetup import output
     from glmsetup.errors import UsageError
@@ -133,6 +209,7 @@ def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors,
     plan = plan_core(front, profile=profile, model=model, host=host, port=port, listen=listen, api_key=api_key,
                      insecure=insecure, cors=cors, official=official, engine=engine,
                      tensor_parallel_size=tensor_parallel_size, dry_run=dry_run)
+    apply_tuning(plan, ptuning_checkpoint, adapter)
     if dry_run:
         if not json_mode:
             loading.print_banner(plan)

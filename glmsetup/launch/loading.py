@@ -32,6 +32,10 @@ def banner_lines(plan: RunPlan) -> list:
         f"[bold]sampling[/] max_length {gen.max_length}, top_p {gen.top_p}, temperature {gen.temperature}, "
         f"repetition_penalty {gen.repetition_penalty}",
     ]
+    if plan.ptuning_checkpoint:
+        lines.append(f"[bold]tuned[/]    P-tuning checkpoint {output.escape(str(plan.ptuning_checkpoint))}")
+    if plan.adapter:
+        lines.append(f"[bold]tuned[/]    LoRA adapter {output.escape(str(plan.adapter))} (merged while loading)")
     if plan.binding.host is not None:
         auth = "API key required" if plan.binding.api_key else "no auth"
         cors = f", CORS {', '.join(plan.binding.cors)}" if plan.binding.cors else ""
@@ -117,7 +121,8 @@ def _load(glmsetup, plan: RunPlan, status, start: float, what: str):
 
     def work():
         try:
-            box["value"] = glmsetup.load_chat_model(str(plan.model_dir), profile=plan.profile)
+            box["value"] = glmsetup.load_chat_model(str(plan.model_dir), profile=plan.profile,
+                                                    ptuning_checkpoint=plan.ptuning_checkpoint, adapter=plan.adapter)
         except BaseException as exc:  # handed back to the caller's thread
             box["error"] = exc
 

@@ -46,6 +46,8 @@ class RunPlan:
     notes: list = field(default_factory=list)
     memory_warnings: list = field(default_factory=list)
     official: Optional[dict] = None
+    ptuning_checkpoint: Optional[Path] = None  # a P-tuning v2 checkpoint to serve with (run --ptuning-checkpoint)
+    adapter: Optional[Path] = None  # a peft LoRA adapter merged while loading (run --adapter)
 
     @property
     def shown_command(self) -> Optional[list]:
@@ -76,6 +78,8 @@ class RunPlan:
             "command_line": shlex.join(self.shown_command) if self.command else None,
             "env": self.shown_env, "cwd": str(self.cwd) if self.cwd else None,
             "official": self.official, "notes": list(self.notes), "warnings": list(self.warnings),
+            "ptuning_checkpoint": str(self.ptuning_checkpoint) if self.ptuning_checkpoint else None,
+            "adapter": str(self.adapter) if self.adapter else None,
         }
 
 

@@ -5,13 +5,13 @@ it changed, what was already there, and what it could not find.
 """
 from __future__ import annotations
 
-from glmsetup.patch import loading, rules_api, rules_cli, rules_gradio, rules_streamlit
+from glmsetup.patch import loading, rules_api, rules_cli, rules_gradio, rules_ptuning, rules_streamlit
 
 _SHARED = {"model-path": loading.model_path, "loader": loading.loader}
 
 RULE_SETS: dict[str, dict] = {
     "cli": {**_SHARED, **rules_cli.RULES},
-    "gradio": {**_SHARED, **rules_gradio.RULES},
+    "gradio": {**_SHARED, **rules_gradio.RULES, "loader": rules_ptuning.loader},  # ptuning/web_demo.py too
     "streamlit": {**_SHARED, **rules_streamlit.RULES},
     "api": {**_SHARED, **rules_api.API_RULES},
     "openai-api": {**_SHARED, **rules_api.OPENAI_RULES},

@@ -185,6 +185,9 @@ class ChatMixin:
                    logits_processor, kwargs, counter=None) -> str:
         from transformers import LogitsProcessorList
 
+        if getattr(self, "prefix_kv", None) is not None:  # generate() runs transformers' forward: no prefix
+            raise UsageError("beam search cannot apply a P-tuning prefix",
+                             hint="use num_beams=1 (the default) with a P-tuning checkpoint")
         kwargs.pop("stop_event", None)
         procs = LogitsProcessorList(list(logits_processor or []))
         procs.append(_InvalidScoreProcessor())

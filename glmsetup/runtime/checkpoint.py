@@ -125,7 +125,7 @@ def _check_official_config(folder: Path, raw: dict, native: bool = True) -> None
                                   "use the official files (`glmsetup fetch`)")
     if raw.get("pre_seq_len") is not None:
         raise ModelError(f"{src}: pre_seq_len = {raw['pre_seq_len']} (a P-tuning checkpoint)",
-                         hint="P-tuning prefixes are not supported natively; use backend = \"official\" with transformers <= 4.41")
+                         hint=f"pass the base model with --model and this folder with --ptuning-checkpoint {folder}")
     from glmsetup.runtime.config_fields import check_fields
 
     check_fields(raw, src)

@@ -32,15 +32,25 @@ def resolve_profile(profile) -> profiles.Profile:
     return profiles.resolve(profile)
 
 
-def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, **kwargs):
-    """(tokenizer, model) for a ChatGLM2 folder under a profile; see docs/runtime.md."""
+def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, ptuning_checkpoint=None, adapter=None,
+                    **kwargs):
+    """(tokenizer, model) for a ChatGLM2 folder under a profile; see docs/runtime.md.
+
+    ptuning_checkpoint: a P-Tuning v2 checkpoint folder (official layout, runtime/prefix.py);
+    adapter: a peft LoRA adapter folder, merged into the weights as they load (runtime/lora.py).
+    """
     if kwargs:
         raise UsageError(f"unknown option(s) for load_chat_model: {', '.join(sorted(kwargs))}",
-                         hint="load_chat_model(path=None, profile='auto', use_cache=True)")
+                         hint="load_chat_model(path=None, profile='auto', use_cache=True, ptuning_checkpoint=None, "
+                              "adapter=None)")
     prof = resolve_profile(profile)
     for module in ("torch", "transformers", "sentencepiece"):
         require(module, "official" if prof.backend == "official" else "runtime")
     folder = Path(path).expanduser() if path is not None else paths.default_model_dir()
+    if prof.backend == "official" and (ptuning_checkpoint is not None or adapter is not None):
+        raise UsageError(f"profile '{prof.name}' runs the official remote code, which glmsetup does not give a "
+                         "P-tuning checkpoint or an adapter", hint="use a native profile (cpu, cuda-fp16, ...); "
+                         "the official P-tuning demo runs with `glmsetup run web --official DIR/ptuning/web_demo.py`")
     if prof.backend == "official":
         from glmsetup.runtime.official import load_official
 
@@ -62,7 +72,21 @@ def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, **kwar
         raise ModelError(f"{ckpt.path / 'tokenizer.model'} has {tokenizer.vocab_size} ids, more than the model's "
                          f"{ckpt.config.vocab_size}: the tokenizer belongs to another model",
                          hint="use the tokenizer.model of the same chatglm2-6b download (`glmsetup fetch`)")
-    model = load_model(ckpt, prof)
+    prefix_ckpt = lora = None
+    if ptuning_checkpoint is not None:  # read (and checked) before the slow part
+        from glmsetup.runtime.prefix import read_checkpoint
+
+        prefix_ckpt = read_checkpoint(ptuning_checkpoint, ckpt.config)
+    if adapter is not None:
+        from glmsetup.runtime.lora import read_adapter
+
+        lora = read_adapter(adapter, ckpt.config)
+    model = load_model(ckpt, prof, lora)
+    if prefix_ckpt is not None:
+        from glmsetup.runtime.prefix import attach
+
+        attach(model, prefix_ckpt)
+    model.adapter_path = lora.path if lora is not None else None
     model.checkpoint_path = ckpt.path
     return tokenizer, model
 
@@ -129,8 +153,11 @@ def build_empty_model(config):
     return model
 
 
-def load_model(ckpt, prof: profiles.Profile):
-    """Fill an empty model from `ckpt` under `prof`; returns it in eval mode with `.profile` set."""
+def load_model(ckpt, prof: profiles.Profile, lora=None):
+    """Fill an empty model from `ckpt` under `prof`; returns it in eval mode with `.profile` set.
+
+    lora: a runtime.lora.Adapter whose deltas are added to the weights before they are cast or quantized.
+    """
     import torch
 
     from glmsetup.runtime import checkpoint as ck
@@ -155,18 +182,22 @@ def load_model(ckpt, prof: profiles.Profile):
         bias = parts.get("bias")
         weight = parts["weight"]
         sources = [t for t in parts.values() if t is not None]
+        wbits = src_bits  # 0 once the weight is a float tensor
+        if lora is not None and lora.has(mod_name + ".weight"):
+            weight = ck.dequantize(weight, parts["weight_scale"], src_bits) if src_bits else weight
+            weight, wbits = lora.merge(mod_name + ".weight", weight), 0
         if quant_cls is not None:
             bits = prof.quantization_bits
-            if src_bits == 4 and bits == 4:
+            if wbits == 4 and bits == 4:
                 new = quant_cls.from_official_int4(weight, parts["weight_scale"], bias, device=dev, dtype=dtype)
             else:
-                if src_bits:
-                    weight = ck.dequantize(weight, parts["weight_scale"], src_bits)
+                if wbits:
+                    weight = ck.dequantize(weight, parts["weight_scale"], wbits)
                 new = quant_cls.from_float(weight, bias, bits, device=dev, dtype=dtype)
             parent, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
         else:
-            w = ck.dequantize(weight, parts["weight_scale"], src_bits) if src_bits else weight
+            w = ck.dequantize(weight, parts["weight_scale"], wbits) if wbits else weight
             _set_param(model, mod_name + ".weight", w.to(device=dev, dtype=dtype))
             if bias is not None:
                 _set_param(model, mod_name + ".bias", bias.to(device=dev, dtype=dtype))
@@ -201,7 +232,8 @@ def load_model(ckpt, prof: profiles.Profile):
             if tuple(tensor.shape) != expected:
                 raise ModelError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, config.json says {expected}",
                                  hint="config.json and the weights come from different models; `glmsetup fetch` repairs it")
-            value = _copy_to(tensor, device_of(key), dtype)
+            merged = lora.merge(key, tensor) if lora is not None and lora.has(key) else tensor
+            value = _copy_to(merged, device_of(key), dtype)
             _set_param(model, key, value)
             ck.release_pages(tensor, value)
             missing.discard(key)
@@ -210,6 +242,8 @@ def load_model(ckpt, prof: profiles.Profile):
         names = sorted(missing | {m + ".weight" for m in pending})
         raise ModelError(f"{ckpt.path}: {len(names)} tensors are missing from the weight files (first: {names[0]})",
                          hint=f"a shard is missing or incomplete: run `glmsetup verify {ckpt.path}`; `glmsetup fetch` repairs it")
+    if lora is not None:
+        lora.check_all_used()
     # Buffers that are computed, not stored: RoPE frequencies.
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 

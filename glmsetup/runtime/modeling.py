@@ -135,6 +135,7 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
     """GlmForCausalLM with the official chat API; `profile` is set by load_chat_model."""
 
     profile = None
+    prefix_kv = None  # a P-tuning prefix: [(key, value)] per layer, [1, kv_heads, P, head_dim] (runtime/prefix.py)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained, naming the architecture GlmForCausalLM (what other
@@ -193,12 +194,15 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
         cos, sin = freqs.cos().to(x.dtype)[:, None], freqs.sin().to(x.dtype)[:, None]  # [B,1,T,rot/2]
 
         padded = not bool(store.valid[:, :end].all())
+        prefix = self.prefix_kv
         mask = None
-        if padded or (T > 1 and start > 0):
+        if padded or (T > 1 and (start > 0 or prefix is not None)):
             q_pos = torch.arange(start, end, device=dev0)[:, None]
             k_pos = torch.arange(end, device=dev0)[None, :]
             mask = (k_pos <= q_pos)[None, None] & store.valid[:, None, None, :end]
             mask = mask | (k_pos == q_pos)[None, None]  # a padding row still sees itself: no NaN
+            if prefix is not None:  # every query sees the whole prefix
+                mask = torch.cat((mask.new_ones(B, 1, T, prefix[0][0].shape[2]), mask), -1)
         is_causal = mask is None and T > 1
 
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -217,6 +221,9 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
             store.keys[i][:, :, start:end] = k
             store.values[i][:, :, start:end] = v
             K, V = store.keys[i][:, :, :end], store.values[i][:, :, :end]
+            if prefix is not None:
+                K = torch.cat((prefix[i][0].expand(B, -1, -1, -1), K), 2)
+                V = torch.cat((prefix[i][1].expand(B, -1, -1, -1), V), 2)
             o = self._attention(q, K, V, mask, is_causal, attn.scaling)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, nh * hd))
             x = x + layer.mlp(layer.post_attention_layernorm(x))

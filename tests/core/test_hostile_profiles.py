@@ -11,7 +11,7 @@ from glmsetup import profiles
 from glmsetup.errors import ProfileError
 
 
-def write(home, name, text, mode="w"):
+def write(home, name, text):
     folder = home / "profiles"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.toml"
