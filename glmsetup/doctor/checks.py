@@ -342,7 +342,13 @@ def check_gradio(facts: Facts) -> Finding:
         return Finding("gradio", "packages", "gradio", "warn", "not installed: `glmsetup run web` needs it", [], hint)
     ev = ["the unpatched official web_demo.py needs gradio < 4 ('Textbox' object has no attribute 'style'); "
           "glmsetup patch fixes it"]
+    mdtex = facts.version("mdtex2html")
+    ev.append(f"mdtex2html {mdtex}" if mdtex else "mdtex2html: not installed; the unpatched official web_demo.py "
+              "imports it, the patched one only on gradio < 4 (newer Gradio renders LaTeX itself)")
     if _v(raw) and _v(raw) < Version("4"):
+        if not mdtex:  # the official demo runs as is on gradio 3, but for this import
+            return Finding("gradio", "packages", "gradio", "warn", f"{raw}: the official web_demo.py also needs "
+                           "mdtex2html, which is not installed", ev, "pip install mdtex2html")
         return Finding("gradio", "packages", "gradio", "warn", f"{raw}: the official web_demo.py runs as is, "
                        "`glmsetup run web` needs gradio >= 4", ev, hint)
     return Finding("gradio", "packages", "gradio", "ok", f"{raw} (the official web_demo.py needs `glmsetup patch`)", ev)

@@ -134,6 +134,47 @@ def {WRAPPER}(self, y):
     return list(cst.parse_module(code).body)
 
 
+MDTEX_SHIM = '''if int({gr}.__version__.split(".")[0]) >= 4:
+    # Gradio 4+ renders Markdown and LaTeX itself (mdtex2html's MathML shows as raw text there)
+    class mdtex2html:
+        convert = staticmethod(lambda text: text)
+else:
+    import mdtex2html
+'''
+
+
+def _gradio_alias(module: cst.Module) -> Optional[tuple]:
+    """(index in module.body, name) of the top-level `import gradio [as gr]`, or None."""
+    for index, stmt in enumerate(module.body):
+        small = t.simple_statement(stmt)
+        if isinstance(small, cst.Import):
+            for alias in small.names:
+                if t.dotted(alias.name) == "gradio":
+                    return index, (alias.asname.name.value if alias.asname else "gradio")
+    return None
+
+
+def _markdown_rendering(module: cst.Module, out: Outcome) -> cst.Module:
+    """`import mdtex2html` only on Gradio < 4: newer Gradio renders Markdown and LaTeX in the Chatbot."""
+    found = [(i, s) for i, s in enumerate(module.body) if isinstance(t.simple_statement(s), cst.Import)
+             and [(t.dotted(a.name), a.asname) for a in t.simple_statement(s).names] == [("mdtex2html", None)]]
+    if not found:
+        if any(isinstance(s, cst.If) and "class mdtex2html" in t.code_of(s) for s in module.body):
+            out.already("mdtex2html only on Gradio < 4")
+        return module
+    index, stmt = found[0]
+    gradio = _gradio_alias(module)
+    if gradio is None or gradio[0] > index:
+        out.note("import mdtex2html left as is: no `import gradio` before it")
+        return module
+    new = list(cst.parse_module(MDTEX_SHIM.format(gr=gradio[1])).body)
+    new[0] = new[0].with_changes(leading_lines=stmt.leading_lines)
+    module = module.deep_replace(stmt, cst.FlattenSentinel(new))
+    out.changed("import mdtex2html only on Gradio < 4: Gradio's Chatbot renders Markdown and LaTeX itself "
+                "(mdtex2html's MathML showed as raw text, and it is not installed with Gradio)")
+    return module
+
+
 def compatibility(module: cst.Module, ctx: Context, out: Outcome) -> cst.Module:
     # 1. .style(...) was removed in Gradio 4: its arguments go to the constructor
     styles = t.calls(module, lambda c: isinstance(c.func, cst.Attribute) and c.func.attr.value == "style"
@@ -179,7 +220,9 @@ def compatibility(module: cst.Module, ctx: Context, out: Outcome) -> cst.Module:
     if pairs:
         module = t.replace_many(module, pairs)
         out.changed(f"show_progress=True/False -> \"full\"/\"hidden\" ({len(pairs)} events)")
-    return module
+
+    # 4. mdtex2html's MathML shows as raw text on Gradio >= 4, which renders LaTeX itself
+    return _markdown_rendering(module, out)
 
 
 def binding(module: cst.Module, ctx: Context, out: Outcome) -> cst.Module:

@@ -155,6 +155,7 @@ def test_patched_gradio_demo_builds_and_answers_with_a_repetition_penalty(patche
     monkeypatch.syspath_prepend(str(demos))  # its `from utils import load_model_on_gpus`
     monkeypatch.delitem(sys.modules, "utils", raising=False)
     original_postprocess = gr.Chatbot.postprocess
+    monkeypatch.setitem(sys.modules, "mdtex2html", None)  # not installed: a fresh `glmsetup[all]` has none
     try:
         web = _import(demos / "web_demo.py", "patched_web_demo")
     finally:
@@ -188,7 +189,7 @@ def test_patched_gradio_demo_builds_and_answers_with_a_repetition_penalty(patche
         assert seen == [1.0, 1.8]
         assert outputs[1.0] != outputs[1.8]  # greedy decoding, so only the penalty differs
 
-        # Gradio 6 shows it through the wrapped postprocess: pairs become messages rendered by mdtex2html
+        # Gradio 6 shows it through the wrapped postprocess: pairs become messages Gradio renders itself
         shown = web.chatbot.postprocess(chatbot)
         assert [m.role for m in shown.root] == ["user", "assistant"]
         # a second turn: Gradio hands back its own messages, predict appends a pair
@@ -204,12 +205,13 @@ def test_patched_gradio_demo_builds_and_answers_with_a_repetition_penalty(patche
         real_launch(web.demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
         try:
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            first = client.predict("你好", [], 40, 0.8, 0, 1.3, api_name="/predict")
+            first = client.predict("你好 $$e^{i\\pi}$$", [], 40, 0.8, 0, 1.3, api_name="/predict")
             second = client.predict("再见", first, 160, 0.8, 0, 1.3, api_name="/predict")
         finally:
             web.demo.close()
         assert [m["role"] for m in second] == ["user", "assistant"] * 2
-        assert second[0]["content"][0]["text"] == "<p>你好</p>"  # rendered by the demo's mdtex2html override
+        # the text goes to Gradio's Markdown and LaTeX rendering as is, not as mdtex2html's MathML
+        assert second[0]["content"][0]["text"] == "你好 $$e^{i\\pi}$$"
     finally:
         gr.Chatbot.postprocess = original_postprocess
 
