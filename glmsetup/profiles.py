@@ -301,21 +301,9 @@ def _builtin(name: str) -> Optional[Path]:
 
 
 def _resolve_file(name: str, path: Path, files: dict[str, Path], chain: tuple = ()) -> dict:
-    """The table of `path` (the profile `name`) with its inheritance applied.
-
-    A broken user file further up the chain that overrides a built-in is skipped with a warning
-    (the built-in is used); the first file of the chain, the one asked for, always raises.
-    """
+    """The table of `path` (the profile `name`) with its inheritance applied; errors raise."""
     chain = chain + ((name, path),)
-    try:
-        raw = _read(path)
-    except ProfileError as exc:
-        builtin = _builtin(name)
-        if len(chain) == 1 or builtin is None or path == builtin:
-            raise
-        warn(f"skipped {exc.message} (using the built-in '{name}')")
-        path, raw = builtin, _read(builtin)
-        chain = chain[:-1] + ((name, path),)
+    raw = _read(path)
     parent = raw.get("inherits")
     if not parent:
         return raw
@@ -332,7 +320,22 @@ def _resolve_file(name: str, path: Path, files: dict[str, Path], chain: tuple = 
     if len(chain) >= MAX_DEPTH:
         raise ProfileError(f"{path}: inheritance is more than {MAX_DEPTH} profiles deep: {names}",
                            hint=f"inherit from a built-in directly; at most {MAX_DEPTH} files may form a chain")
-    return _merge(_resolve_file(parent, parent_path, files, chain), raw)
+    return _merge(_resolve_parent(parent, parent_path, files, chain), raw)
+
+
+def _resolve_parent(name: str, path: Path, files: dict[str, Path], chain: tuple) -> dict:
+    """A parent's table. A user's file that overrides a built-in must be a valid profile on its own;
+    when it is not, it is skipped with a warning and the built-in is used in its place."""
+    builtin = _builtin(name)
+    if builtin is None or path == builtin:
+        return _resolve_file(name, path, files, chain)
+    try:
+        raw = _resolve_file(name, path, files, chain)
+        build(name, raw, str(path))
+        return raw
+    except ProfileError as exc:
+        warn(f"skipped {exc.message} (using the built-in '{name}')")
+    return _resolve_file(name, builtin, files, chain)
 
 
 def _unknown(name: str, files: dict[str, Path]) -> ProfileError:

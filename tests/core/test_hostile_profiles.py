@@ -190,3 +190,14 @@ def test_a_file_name_that_is_no_profile_name_is_skipped(glmsetup_home, capsys):
     write(glmsetup_home, "my laptop", 'inherits = "cpu"\n')
     assert "my laptop" not in profiles.profile_files()
     assert "not a profile name" in capsys.readouterr().err
+
+
+def test_an_override_that_is_no_valid_profile_is_not_inherited(glmsetup_home, capsys):
+    # Each line alone is fine, together they are impossible: the user's cpu is skipped everywhere.
+    path = write(glmsetup_home, "cpu", "num_gpus = 3\n")
+    by_name = {p.name: p for p in profiles.load_all()}
+    assert by_name["cpu"].num_gpus == 1 and by_name["cuda-int8"].num_gpus == 1 and by_name["mps"].device == "mps"
+    err = capsys.readouterr().err
+    assert f"skipped {path}: 'num_gpus'" in err and "using the built-in 'cpu'" in err
+    assert "cuda-int8" not in err  # the children are not blamed for their parent
+    assert profiles.load("cuda-fp16").num_gpus == 1
