@@ -9,9 +9,9 @@
 - connection_budget: raises the soft limit on open files to the hard one and fits the connection cap
   and the listen backlog under it, so that accept() never fails with "Too many open files" (asyncio
   then logs the failure thousands of times a second).
-- RepeatFilter: the first of a run of like log records is shown whole; the next ones are counted, and
-  the count is shown with the first like record after `window` seconds (one line, no traceback), or
-  by report_repeats() when the server stops.
+- RepeatFilter: the first of a run of like warnings or errors is shown whole; the next ones are
+  counted, and the count is shown with the first like record after `window` seconds (one line, no
+  traceback), or by report_repeats() when the server stops.
 """
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ class RepeatFilter(logging.Filter):
     """Show the first of a run of like records; count the rest and show the count later (module doc).
 
     Records are alike when they come from one logger at one level with the same message (numbers and
-    addresses aside) and the same kind of exception.
+    addresses aside) and the same kind of exception. Only warnings and errors are counted.
     """
 
     def __init__(self, window: float = REPEAT_WINDOW_S, max_kinds: int = 256):
@@ -216,6 +216,8 @@ class RepeatFilter(logging.Filter):
         return record.name, record.levelno, _NUMBERS.sub("#", str(record.msg))[:300], exc
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:  # start/stop messages and the like: always shown
+            return True
         key = self._key(record)
         now = time.monotonic()
         with self._lock:
