@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["auto_profile", "diagnose", "LIGHT_PROBES"]
+__all__ = ["auto_profile", "auto_finetune_profile", "diagnose", "LIGHT_PROBES"]
 
 # What `auto_profile` needs: no subprocesses, no disk walk, no network.
 LIGHT_PROBES = ("system", "nvidia", "torch", "memory", "packages")
@@ -43,4 +43,22 @@ def auto_profile(context: int = 2048, facts=None):
     if name is None:
         raise ResourceError(f"no profile fits this machine at {context} tokens",
                             hint="glmsetup doctor shows what each profile needs and what this machine has")
+    return profiles.load(name)
+
+
+def auto_finetune_profile(method: str, settings: Optional[dict] = None, facts=None):
+    """The best profile for fine-tuning with `method` here (like auto_profile, for the table's second column)."""
+    from glmsetup import profiles
+    from glmsetup.doctor import probes
+    from glmsetup.doctor.verdict import finetune_verdict
+    from glmsetup.errors import ResourceError
+
+    if facts is None:
+        facts = probes.gather(Path("."), only=LIGHT_PROBES)
+    verdict = finetune_verdict(facts, profiles.load_all(), settings)
+    rows = next(m for m in verdict["methods"] if m["method"] == method)
+    name = rows["best"] or next((p["name"] for p in rows["profiles"] if p["runnable"]), None)
+    if name is None:
+        raise ResourceError(f"no profile fits fine-tuning with {method} on this machine",
+                            hint=f"glmsetup doctor shows what each profile needs; glmsetup estimate --finetune {method}")
     return profiles.load(name)

@@ -25,7 +25,7 @@ from glmsetup.doctor.facts import Disk, Facts, Git, Gpu, Memory, ModelFolder, Ne
 # Distributions the checks look at (distribution names as pip spells them).
 PACKAGES = ("torch", "transformers", "sentencepiece", "accelerate", "safetensors", "cpm-kernels", "gradio",
             "mdtex2html", "pydantic", "streamlit", "fastapi", "uvicorn", "sse-starlette", "libcst",
-            "huggingface-hub", "httpx", "socksio", "hf-transfer")
+            "huggingface-hub", "httpx", "socksio", "hf-transfer", "peft")
 ENV_VARS = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "HF_HOME",
             "HF_TOKEN", "MODELSCOPE_DOMAIN", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
             "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")

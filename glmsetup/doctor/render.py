@@ -59,6 +59,7 @@ def render_verdict(console, data: dict, verbose: bool) -> None:
                       + ", ".join(f"{label} {human_bytes(b[key])}" for label, key in parts if b[key]), 0, 2)
         for i, total in enumerate(e.get("per_device_total") or []):
             console.print(f"    GPU {i}: {human_bytes(total)}")
+    render_finetune(console, data)
     n = data["counts"]
     warnings = "1 warning" if n["warn"] == 1 else f"{n['warn']} warnings"
     console.print(f"\n{n['ok']} ok, {warnings}, {n['fail']} blocking, {n['skipped']} skipped")
@@ -68,3 +69,32 @@ def render_verdict(console, data: dict, verbose: bool) -> None:
             console.print(f"  [cyan]{escape(cmd)}[/]", soft_wrap=True)  # one line, to copy whole
     if data["blocking"]:
         console.print(f"\n[red]Blocking:[/] {', '.join(data['blocking'])}")
+
+
+def render_finetune(console, data: dict) -> None:
+    """One line per fine-tuning method: the best profile and its memory, at the official settings."""
+    ft = data.get("finetune")
+    if not ft:
+        return
+    s = ft["settings"]
+    console.print()
+    print_hanging(console, f"[bold]fine-tuning[/] [dim](pre_seq_len {s['pre_seq_len']}, {s['max_source_length']} + "
+                  f"{s['max_target_length']} tokens, batch {s['batch_size']}; glmsetup estimate --finetune METHOD "
+                  "shows the parts)[/]", 2, 4)
+    for m in ft["methods"]:
+        e = m["estimate"]
+        if e:
+            b = e["bytes"]
+            where = "VRAM" if e["device"] in ("cuda", "mps") else "RAM"
+            line = (f"{status_mark('ok')} {m['method']:<8} {e['profile']}: {human_bytes(b['total'])} of {where} "
+                    f"(weights {human_bytes(b['weights'])}, trainable + optimizer "
+                    f"{human_bytes(b['trainable'] + b['gradients'] + b['optimizer'])}, "
+                    f"activations {human_bytes(b['activations'])})")
+        else:
+            usable = [p for p in m["profiles"] if p.get("usable", True)]
+            near = next((p for p in usable if p["fit"] != "no"), None) or next(iter(usable), None)
+            why = f"{near['name']}: {near['reason']}" if near else "no profile"
+            if near and near["blockers"]:
+                why += f"; needs {'; '.join(near['blockers'])}"
+            line = f"{status_mark('fail')} {m['method']:<8} nothing fits ({escape(why)})"
+        print_hanging(console, line, 4, 15)

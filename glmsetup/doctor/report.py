@@ -101,6 +101,9 @@ def diagnose(model_dir: Path, *, default_model_dir: bool = True, context: int = 
         facts = p.gather(model_dir, default_model_dir=default_model_dir, deep=deep, online=online,
                          endpoints=endpoints, online_timeout=online_timeout, probes=probes)
     verdict = evaluate(facts, profiles.load_all(), context, model_dir)
+    from glmsetup.doctor.verdict import finetune_verdict
+
+    finetune = finetune_verdict(facts, profiles.load_all())
     findings = run_checks(facts, verdict)
     blocking = [f.id for f in findings if f.status == "fail"]
     from glmsetup.output import to_jsonable
@@ -111,6 +114,7 @@ def diagnose(model_dir: Path, *, default_model_dir: bool = True, context: int = 
         "counts": {s: sum(f.status == s for f in findings) for s in ("ok", "warn", "fail", "skipped")},
         "checks": [to_jsonable(f) for f in findings],
         "verdict": verdict.to_dict(),
+        "finetune": finetune,
         "facts": to_jsonable(facts),
         "model_dir": str(model_dir),
     }

@@ -256,3 +256,38 @@ def fastest_source(facts: Facts) -> str:
         return ""
     best = min(good, key=lambda r: r["ms"])
     return "" if best["source"] == "hf" and best["fetch_flag"] == "--source hf" else best["fetch_flag"]
+
+
+def finetune_verdict(facts: Facts, profiles: list, settings: Optional[dict] = None) -> dict:
+    """Which profile fits fine-tuning with each method (the table's second column), ranked like `evaluate`.
+
+    One device per run (no multi-GPU split), native backend only; LoRA needs float weights and peft.
+    """
+    from glmsetup.output import to_jsonable
+
+    base = requirements.FinetuneSettings(**(settings or {}))
+    methods = []
+    for method in requirements.FINETUNE_METHODS:
+        s = requirements.FinetuneSettings(**{**to_jsonable(base), "method": method,
+                                             "lora_targets": base.lora_targets})
+        rows, best, best_est = [], None, None
+        for p in sorted(profiles, key=rank_key):
+            if p.backend != "native" or p.num_gpus > 1:
+                continue
+            est = requirements.finetune_estimate(p, s)
+            fit, need, _budget, where, reason = hardware_fit(p, est, facts)
+            blockers, fixes = software_blockers(p, facts)
+            if method == "lora" and p.quantization_bits:
+                blockers.append("LoRA trains float weights (use ptuning over int8/int4)")
+            if method == "lora" and facts.packages is not None and not facts.version("peft"):
+                blockers.append("LoRA needs peft")
+                fixes.append('pip install "glmsetup[finetune]"')
+            runnable = fit in ("fits", "tight") and not blockers
+            rows.append({"name": p.name, "fit": fit, "need": round(need), "where": where, "reason": reason,
+                         "blockers": blockers, "fixes": list(dict.fromkeys(fixes)), "runnable": runnable,
+                         "usable": not (method == "lora" and p.quantization_bits)})
+            if best is None and runnable and fit == "fits":
+                best, best_est = p.name, est
+        methods.append({"method": method, "best": best, "profiles": rows,
+                        "estimate": best_est.to_dict() if best_est else None})
+    return {"settings": {**to_jsonable(base), "lora_targets": list(base.lora_targets)}, "methods": methods}
