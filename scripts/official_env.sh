@@ -28,7 +28,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 echo "building $VENV ($TRANSFORMERS, $TORCH, glmsetup[official,api]) ..." >&2
-"$VENV/bin/python" -m pip install -q --no-compile "$TORCH"
+# the CPU build, as scripts/test.sh installs it (GLMSETUP_TORCH_INDEX names another index)
+"$VENV/bin/python" -m pip install -q --no-compile --retries 1 "$TORCH" \
+  --extra-index-url "${GLMSETUP_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 "$VENV/bin/python" -m pip install -q --no-compile "$TRANSFORMERS" -e ".[official,api]"
 "$VENV/bin/python" -c "import glmsetup, torch, transformers; assert transformers.__version__ == '${TRANSFORMERS#*==}'"
 echo "$stamp" > "$VENV/.glmsetup-stamp"
