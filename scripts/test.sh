@@ -9,8 +9,12 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# A CPU build of torch first, so the runtime extra does not pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
+# A CPU build of torch first, so the runtime extra does not pull a multi-GB CUDA build (PyPI's
+# default Linux torch): from the CPU index (GLMSETUP_TORCH_INDEX names another, e.g. .../whl/cu121),
+# whose 2.13.0+cpu pip prefers to PyPI's 2.13.0; pip's own find-links are searched too, so a machine
+# that has the CPU wheel on disk and cannot reach that index installs it all the same.
+TORCH_INDEX="${GLMSETUP_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+.venv/bin/python -m pip install -q --retries 1 "torch==2.13.0" --extra-index-url "$TORCH_INDEX"
 .venv/bin/python -m pip install -q -e ".[all,test]"
 # The second environment for the official remote code (transformers 4.33.3), used by tests/official/.
 scripts/official_env.sh

@@ -43,11 +43,29 @@ def test_readme_has_exactly_the_two_setup_commands():
     setup = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", setup, re.S)
     assert [b.strip() for b in blocks] == [
-        'pip install torch==2.13.0 && pip install -e ".[all]" && glmsetup doctor',
+        "python -m venv .venv && . .venv/bin/activate\n"
+        "pip install torch --index-url https://download.pytorch.org/whl/cpu   # the CPU build: about 200 MB\n"
+        'pip install ".[all]"\n'
+        "glmsetup doctor",
         "scripts/test.sh",
     ]
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.rstrip().endswith("scripts/test.sh")
+
+
+def test_one_torch_install_story():
+    """README, tutorial, doctor and scripts/test.sh give the same CPU torch line (PyPI's default Linux
+    torch is the multi-GB CUDA build, which the README's old `pip install torch==2.13.0` pulled)."""
+    from glmsetup.doctor.torch_wheels import install_command
+    from glmsetup.errors import EXTRAS_HINT
+
+    cpu_line, _why = install_command("Linux", None, False)
+    assert cpu_line == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    for page in ("README.md", "docs/tutorial.md"):
+        assert cpu_line in (ROOT / page).read_text(encoding="utf-8"), page
+    assert cpu_line in EXTRAS_HINT["runtime"]
+    index = cpu_line.split("--index-url ", 1)[1]
+    assert f"GLMSETUP_TORCH_INDEX:-{index}" in (ROOT / "scripts" / "test.sh").read_text()
 
 
 def test_readme_profile_table_matches_the_estimator():
