@@ -160,8 +160,8 @@ def glm_config(raw: dict):
     """The GlmConfig of an official ChatGLM2 config.json (GLM-4 defaults overridden where they differ)."""
     import transformers
     from packaging.version import Version
-    from transformers import GlmConfig
 
+    GlmConfig = _glm_config_class()
     heads = raw["num_attention_heads"]
     kv_heads = raw.get("multi_query_group_num", heads) if raw.get("multi_query_attention") else heads
     head_dim = raw.get("kv_channels") or raw["hidden_size"] // heads
@@ -187,9 +187,17 @@ def glm_config(raw: dict):
 
 
 def _converted_config(folder: Path):
+    return _glm_config_class().from_pretrained(folder)
+
+
+def _glm_config_class():
+    """transformers' GlmConfig, or a clear MissingDependency where transformers predates it (4.46)."""
+    from glmsetup.runtime.load import check_native_transformers
+
+    check_native_transformers()
     from transformers import GlmConfig
 
-    return GlmConfig.from_pretrained(folder)
+    return GlmConfig
 
 
 # -- tensors ----------------------------------------------------------------------------------------

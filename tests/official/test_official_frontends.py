@@ -1,5 +1,5 @@
 """`glmsetup run ... --profile official-cpu` for real in .venv-official: the API over HTTP, the terminal chat
-through a pipe, and the refusals where a backend cannot run on the installed transformers."""
+through a pipe, and the refusals where the native runtime cannot run on the installed transformers."""
 from __future__ import annotations
 
 import subprocess
@@ -92,12 +92,17 @@ def test_terminal_chat_answers_with_the_official_backend(official_python, offici
     assert f"ChatGLM: {expected}" in result.stdout and result.stdout.count("tokens/s") == 1
 
 
-def test_native_profile_in_the_official_environment_is_refused_before_loading(official_python, official_env,
-                                                                               official_model_dir):
-    result = subprocess.run([str(official_python), "-m", "glmsetup", "run", "cli", "--profile", "cpu", "--model",
-                             str(official_model_dir)], input="", capture_output=True, text=True, timeout=120,
-                            env=official_env)
+@pytest.mark.parametrize("command", ["run", "convert"])
+def test_the_native_runtime_in_the_official_environment_is_refused_before_loading(official_python, official_env,
+                                                                                 official_model_dir, tmp_path,
+                                                                                 command):
+    out = tmp_path / "converted"
+    args = (["run", "cli", "--profile", "cpu", "--model", str(official_model_dir)] if command == "run"
+            else ["convert", str(official_model_dir), str(out)])
+    result = subprocess.run([str(official_python), "-m", "glmsetup", *args], input="", capture_output=True,
+                            text=True, timeout=120, env=official_env)
     assert result.returncode == 3, result.stderr
     assert "the native runtime needs transformers 4.46 or newer, this environment has 4.33.3" in result.stderr
     assert "--profile official-cpu" in result.stderr
     assert "Traceback" not in result.stderr and "loading chatglm2-6b" not in result.stderr
+    assert not out.exists()
