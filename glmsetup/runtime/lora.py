@@ -124,10 +124,17 @@ def read_adapter(path, config) -> Adapter:
         if set(ab) != {"A", "B"}:
             raise ModelError(f"{source}: layer {layer} {module} has lora_{''.join(ab)} only",
                              hint="the adapter was not saved completely")
-        a, b = ab["A"].float(), ab["B"].float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ModelError(f"{source}: layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B "
-                             f"{tuple(b.shape)} do not multiply", hint="the adapter is damaged")
+        a, b = ab["A"], ab["B"]
+        shapes = _linear_shapes(config)
+        if module not in shapes:
+            raise ModelError(f"{source}: layer {layer} {module} is not a linear layer of ChatGLM2",
+                             hint=f"LoRA targets one of {', '.join(sorted(shapes))}")
+        out_f, in_f = shapes[module]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[1] != in_f or b.shape[0] != out_f:
+            raise ModelError(f"{source}: layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                             f"do not make a {out_f} x {in_f} update",
+                             hint="the adapter was trained on another model, or is damaged")
+        a, b = a.float(), b.float()
         delta = (b @ a) * scale
         if module in _OFFICIAL:  # trained on the official remote code: map (and split QKV) like the weights
             for native, part in map_official(f"transformer.encoder.layers.{layer}.{module}.weight", delta, config):
@@ -135,3 +142,13 @@ def read_adapter(path, config) -> Adapter:
         else:
             adapter.deltas[f"model.layers.{layer}.{module}.weight"] = delta
     return adapter
+
+
+def _linear_shapes(config) -> dict:
+    """(out, in) of every linear a LoRA adapter may target, native and official names."""
+    h, q = config.hidden_size, config.num_attention_heads * config.head_dim
+    kv, ffn = config.num_key_value_heads * config.head_dim, config.intermediate_size
+    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_up_proj": (2 * ffn, h), "mlp.down_proj": (h, ffn),
+            "self_attention.query_key_value": (q + 2 * kv, h), "self_attention.dense": (h, q),
+            "mlp.dense_h_to_4h": (2 * ffn, h), "mlp.dense_4h_to_h": (h, ffn)}

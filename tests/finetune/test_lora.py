@@ -104,3 +104,19 @@ def test_adapters_glmsetup_cannot_merge_are_refused(cli, trained, tiny_model_dir
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
     result = cli("run", "cli", "--model", str(tiny_model_dir), "--profile", "cpu", "--adapter", str(bad))
     assert result.exit_code == 4 and message in result.stderr, result.stderr
+
+
+def test_adapter_tensors_of_another_shape_are_refused_before_any_product(cli, trained, tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _data, out = trained("lora")
+    bad = tmp_path / "wide"
+    shutil.copytree(out, bad, ignore=shutil.ignore_patterns("checkpoint-*"))
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
+    tensors[key] = torch.zeros(100_000, tensors[key].shape[1])  # a 100000-row update for a 64-row layer
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    result = cli("run", "cli", "--model", str(tiny_model_dir), "--profile", "cpu", "--adapter", str(bad))
+    assert result.exit_code == 4 and "do not make a 64 x 64 update" in result.stderr, result.stderr
