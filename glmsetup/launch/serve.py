@@ -155,7 +155,7 @@ def _serve_until_stopped(demo, ready_line: str) -> None:
     except KeyboardInterrupt:  # the normal way to stop a server
         pass
     finally:
-        demo.close()
+        demo.close(verbose=False)  # Gradio would print "Closing server running on port" on stdout
 
 
 def make_api(tokenizer, model, plan: RunPlan):
