@@ -40,6 +40,7 @@ def test_plain_dash_m_would_import_the_shadow(shadowed):
 def test_streamlit_and_selftest_children_use_it(tmp_path):
     cmd = serve.streamlit_command(tmp_path / "app.py", "127.0.0.1", 8501)
     assert cmd[:len(serve.python_module_command("streamlit"))] == serve.python_module_command("streamlit")
+    assert cmd[-2:] == ["--client.toolbarMode", "minimal"]  # no Deploy button on a chat of this machine
     from glmsetup.launch.selftest import Selftest
 
     test = Selftest(tmp_path)
