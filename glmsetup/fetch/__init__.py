@@ -2,5 +2,6 @@
 
 models.py (the data table), manifest.py, hf.py / modelscope.py / tsinghua.py / gitlfs.py (one per route),
 auto.py (probe and fall back), downloader.py + partial.py (the downloader), guard.py (lock, disk space),
-runner.py (`glmsetup fetch`), verify.py (`glmsetup verify`).
+listing.py (the one check of every name a source lists), safefs.py (glmsetup's own files, never through a
+link), runner.py (`glmsetup fetch`), verify.py (`glmsetup verify`).
 """

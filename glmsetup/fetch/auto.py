@@ -12,6 +12,7 @@ from typing import Dict, List
 
 from glmsetup.errors import DownloadError
 from glmsetup.fetch.http import Settings, make_client, open_following
+from glmsetup.fetch.listing import UnsafeListing, skipped_note
 
 
 def probe_speed(client, origin, spec, nbytes: int) -> float:
@@ -47,6 +48,8 @@ def auto_work(req, model, settings: Settings, client) -> tuple:
             biggest = max(listing.files, key=lambda f: f.size or 0)
             speed = probe_speed(own, origin, biggest, settings.probe_bytes)
             return name, listing, origin, speed, None
+        except UnsafeListing:  # a hostile source is reported and stops the run; it is not just "unavailable"
+            raise
         except Exception as exc:  # a source that does not answer is simply left out
             return name, None, None, 0.0, f"{exc.__class__.__name__}: {exc}"
         finally:
@@ -71,6 +74,7 @@ def auto_work(req, model, settings: Settings, client) -> tuple:
             other = have.get(spec.path)
             if other is not None and other.size == spec.size:
                 origins[spec.path].append(origin)
+    notes += skipped_note(reference, next(n for n, l, o, s in alive if l is reference))
     missing = [p for p, o in origins.items() if not o]
     reference.files = [f for f in reference.files if origins[f.path]]
     if missing:

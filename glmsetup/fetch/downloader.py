@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 
 import httpx
 
-from glmsetup.errors import DownloadError, ResourceError
+from glmsetup.errors import DownloadError, GlmsetupError, ResourceError
 from glmsetup.fetch.http import Settings, backoff_delay, describe_error, host_of, make_client, open_following, retry_after
 from glmsetup.fetch.manifest import FileSpec
 from glmsetup.fetch.partial import PartialFile, Segment, sniff_bytes
@@ -162,7 +162,7 @@ class Downloader:
                 if saved.get(id(task)) != done:
                     try:
                         task.partial.save_record(sync=False)
-                    except OSError:
+                    except (OSError, GlmsetupError):  # the stream that wrote the bytes reports it
                         pass
                     saved[id(task)] = done
 
@@ -193,7 +193,7 @@ class Downloader:
             if task.status == "pending":
                 try:
                     task.partial.save_record()
-                except OSError:
+                except (OSError, GlmsetupError):
                     pass
             task.partial.close()
         self.client.close()
@@ -278,8 +278,9 @@ class Downloader:
         task.status, task.error = "failed", reason
         try:
             task.partial.save_record()
-        except OSError:
+        except (OSError, GlmsetupError):
             pass
+        task.partial.close()  # one descriptor per file in progress, never one per file of the listing
         if self.progress:
             self.progress.file_failed(task.spec.path)
 

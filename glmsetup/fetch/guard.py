@@ -14,15 +14,20 @@ MARGIN = 64 << 20  # left free besides the files themselves
 
 
 class FolderLock:
-    """An exclusive, non-blocking lock on `<model dir>/.glmsetup/lock`, released by the OS if the process dies."""
+    """An exclusive, non-blocking lock on `<model dir>/.glmsetup/lock`, released by the OS if the process dies.
+
+    The lock file is opened without following a link (fetch/safefs.py): a link planted there would make the
+    truncate below empty another file."""
 
     def __init__(self, state: Path):
         self.path = Path(state) / "lock"
         self.fh = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+")
+        from glmsetup.fetch.safefs import ensure_dir, open_file
+
+        ensure_dir(self.path.parent.parent, self.path.parent)  # .glmsetup: a real folder, never a link
+        self.fh = os.fdopen(open_file(self.path, os.O_RDWR | os.O_CREAT), "r+")  # a link there is refused
         try:
             if os.name == "nt":
                 import msvcrt

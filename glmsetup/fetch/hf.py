@@ -14,10 +14,12 @@ from urllib.parse import quote
 from glmsetup.errors import DownloadError
 from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, get_json, host_of
-from glmsetup.fetch.manifest import FileSpec, Manifest
+from glmsetup.fetch.listing import Listing, UnsafeListing, name_problem, show
+from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import HF_ENDPOINT, ModelEntry
 
 NAME = "hf"
+MAX_PAGES = 100  # of the paginated tree (the hub pages by 1,000 entries; a ChatGLM2 repo has about 20)
 
 
 def endpoint(flag: Optional[str] = None) -> str:
@@ -51,40 +53,50 @@ class HFSource:
     def manifest(self) -> Manifest:
         info, _ = self._get(f"{self.endpoint}/api/models/{self.repo}/revision/{quote(self.revision, safe='')}"
                             "?blobs=true", "revision info")
-        self.commit = info.get("sha") or self.revision
-        files: Dict[str, FileSpec] = {}
-        for sib in info.get("siblings") or []:
-            spec = _spec(sib.get("rfilename"), sib.get("size"), sib.get("blobId"), sib.get("lfs") or {})
-            if spec:
-                files[spec.path] = spec
+        if not isinstance(info, dict):
+            raise DownloadError(f"unexpected revision info from {self.endpoint} ({str(info)[:80]})",
+                                hint="try another --endpoint or --source modelscope")
+        commit = info.get("sha") or self.revision
+        if not isinstance(commit, str) or name_problem(commit):
+            raise UnsafeListing(f"the Hugging Face listing from {self.endpoint} gives the commit {show(commit)}",
+                                hint="try another --endpoint or --source modelscope")
+        self.commit = commit
+        listing = Listing(self.model, f"the Hugging Face listing from {self.endpoint}")
+        for sib in _entries(info.get("siblings"), listing):
+            _add(listing, sib.get("rfilename"), sib.get("size"), sib.get("blobId"), sib.get("lfs"))
         try:
-            for entry in self._tree():
-                if entry.get("type") != "file":
-                    continue
-                spec = _spec(entry.get("path"), entry.get("size"), entry.get("oid"), entry.get("lfs") or {})
-                if spec and (spec.path not in files or not files[spec.path].checkable):
-                    files[spec.path] = spec
+            for page in self._tree():
+                for entry in _entries(page, listing):
+                    if entry.get("type") == "file":
+                        _add(listing, entry.get("path"), entry.get("size"), entry.get("oid"), entry.get("lfs"))
+                    else:
+                        listing.count()  # folders count too: an endless tree of them is refused all the same
+        except UnsafeListing:  # a refused name or an endless tree is never papered over by the sibling list
+            raise
         except DownloadError as exc:
-            if not files:
+            if not listing.files:
                 raise
             if (exc.details or {}).get("status") not in (404, 403, 400, 501, None):
                 raise
-        missing = [f.path for f in files.values() if f.size is None]
+        missing = [f.path for f in listing.files.values() if f.size is None]
         if missing:
             raise DownloadError(f"the listing from {self.endpoint} gives no size for {', '.join(missing[:3])}",
                                 hint="try another --endpoint or --source modelscope")
-        return Manifest(model=self.model.name, source=NAME, revision=self.revision, commit=self.commit,
-                        files=sorted(files.values(), key=lambda f: f.path))
+        return listing.manifest(NAME, self.revision, self.commit)
 
     def _tree(self):
+        """The pages of the recursive file tree, following Link: rel="next"."""
         url = f"{self.endpoint}/api/models/{self.repo}/tree/{quote(self.commit, safe='')}?recursive=true"
         pages = 0
-        while url and pages < 1000:
+        while url:
+            if pages >= MAX_PAGES:
+                raise UnsafeListing(f"the file tree from {self.endpoint} runs past {MAX_PAGES} pages: refusing it",
+                                    hint="try another --endpoint or --source modelscope")
             data, response = self._get(url, "file tree")
             pages += 1
             if not isinstance(data, list):
                 raise DownloadError(f"unexpected file tree from {self.endpoint}")
-            yield from data
+            yield data
             url = response.links.get("next", {}).get("url")
             if url and url.startswith("/"):
                 url = self.endpoint + url
@@ -95,10 +107,18 @@ class HFSource:
         return Origin(NAME, lambda path: base + quote(path), headers=_auth(), auth_host=host_of(self.endpoint))
 
 
-def _spec(path, size, oid, lfs: dict) -> Optional[FileSpec]:
-    if not path:
-        return None
-    if lfs:
-        sha = lfs.get("sha256") or lfs.get("oid")
-        return FileSpec(path=path, size=lfs.get("size", size), sha256=sha, lfs=True)
-    return FileSpec(path=path, size=size, git_sha1=oid if oid and len(oid) == 40 else None)
+def _entries(items, listing: Listing):
+    """The dict entries of a JSON list (anything else in it is counted and ignored)."""
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict):
+            yield item
+        else:
+            listing.count()
+
+
+def _add(listing: Listing, path, size, oid, lfs) -> None:
+    if isinstance(lfs, dict) and lfs:
+        listing.add(path, lfs.get("size", size), sha256=lfs.get("sha256") or lfs.get("oid"), lfs=True)
+    else:
+        sha1 = oid if isinstance(oid, str) and len(oid) == 40 else None
+        listing.add(path, size, git_sha1=sha1)

@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import random
 import time
+import zlib
 from dataclasses import dataclass, fields
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
@@ -20,6 +22,7 @@ import httpx
 
 from glmsetup import __version__
 from glmsetup.errors import DownloadError
+from glmsetup.fetch.listing import UnsafeListing
 
 USER_AGENT = f"glmsetup/{__version__}"
 CONDITIONAL = ("if-modified-since", "if-none-match", "if-match", "if-unmodified-since", "if-range")
@@ -42,6 +45,8 @@ class Settings:
     min_speed: float = 1024.0  # bytes per second below which a stream counts as stalled
     flush_seconds: float = 0.1  # progress records are rewritten this often
     probe_bytes: int = 1 << 20  # bytes fetched from each source when --source auto measures speed
+    listing_max_bytes: int = 16 << 20  # the most a listing or other JSON answer may be, decompressed
+    listing_seconds: float = 120.0  # the longest one listing answer may take to arrive
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -133,41 +138,88 @@ def unknown_host(exc: Exception) -> bool:
     return isinstance(exc, httpx.ConnectError) and any(m in str(exc) for m in UNKNOWN_HOST_MESSAGES)
 
 
+METADATA_ENCODINGS = "gzip, deflate"  # asked for on API calls; brotli/zstd answers are refused
+
+
+def read_limited(response: httpx.Response, limit: int, limit_s: float, url: str) -> bytes:
+    """The decoded body of a metadata answer, refused once it passes `limit` bytes or the deadline.
+
+    Decompression is done here, `limit` bytes at a time, so a small gzip bomb never expands in memory."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        decoder = None
+    elif encoding in ("gzip", "x-gzip", "deflate"):
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | (16 if "gzip" in encoding else 32))
+    else:
+        raise UnsafeListing(f"the answer from {url} is encoded as {encoding[:40]!r}, which glmsetup did not ask for",
+                            hint="the server or a proxy is misbehaving: try another --endpoint or --source")
+    deadline = time.monotonic() + limit_s
+    out = bytearray()
+    raw_total = 0
+    for raw in response.iter_raw(64 << 10):
+        raw_total += len(raw)
+        data = raw
+        while data:
+            if decoder is None:
+                out += data
+                break
+            out += decoder.decompress(data, limit + 1 - len(out))
+            data = decoder.unconsumed_tail
+            if len(out) > limit:
+                break
+        if len(out) > limit or raw_total > limit:
+            raise UnsafeListing(f"the answer from {url} is larger than {limit >> 20} MB (decompressed): "
+                                "a listing is a few kB, refusing it",
+                                hint="the server is broken or hostile: try another --endpoint or --source")
+        if time.monotonic() > deadline:
+            raise UnsafeListing(f"the answer from {url} was still arriving after the {limit_s:.0f} s allowed "
+                                "(a listing is a few kB)",
+                                hint="the server is stalling: try again later, or another --endpoint or --source")
+    return bytes(out)
+
+
 def get_json(client: httpx.Client, url: str, settings: Settings, *, headers: Optional[dict] = None,
              auth_host: Optional[str] = None, what: str = "listing", hint: str = "") -> tuple:
-    """GET a JSON document with retries. Returns (data, response)."""
+    """GET a JSON document with retries. Returns (data, response); the response is closed.
+
+    The body is read with a limit (settings.listing_max_bytes, decompressed) and a deadline
+    (settings.listing_seconds): a gzip bomb or an endless answer is refused, never kept in memory."""
     attempt = 0
     last = ""
+    headers = {**(headers or {}), "Accept-Encoding": METADATA_ENCODINGS}
     while True:
         attempt += 1
+        wait = None
         try:
-            response, _final, _ = open_following(client, url, headers or {}, auth_host=auth_host, stream=False)
+            response, _final, _ = open_following(client, url, headers, auth_host=auth_host, stream=True)
+            try:
+                if response.status_code == 200:
+                    if "html" in response.headers.get("content-type", "").lower():
+                        last = "the server answered an HTML page instead of JSON"
+                    else:
+                        try:
+                            body = read_limited(response, settings.listing_max_bytes, settings.listing_seconds, url)
+                            return json.loads(body), response
+                        except zlib.error:
+                            last = "the server answered a corrupt compressed body"
+                        except (ValueError, RecursionError):
+                            last = "the server answered something that is not JSON"
+                elif response.status_code in (429, 500, 502, 503, 504):
+                    last = describe_error(response)
+                    wait = retry_after(response)
+                else:
+                    raise DownloadError(f"{what} failed: {describe_error(response)} for {url}",
+                                        hint=hint or "check the model name, --revision and --endpoint",
+                                        details={"status": response.status_code,
+                                                 "error_code": response.headers.get("x-error-code")})
+            finally:
+                response.close()
         except httpx.HTTPError as exc:
             last = f"{exc.__class__.__name__}: {exc}"
-            wait = None
             if unknown_host(exc):  # retrying will not make the name resolve: say so at once
                 raise DownloadError(f"{what} failed: cannot resolve the host of {url} ({exc})",
                                     hint="check the network or proxy (HTTPS_PROXY), or pick another source: "
                                          "--endpoint https://hf-mirror.com, --source modelscope") from exc
-        else:
-            if response.status_code == 200:
-                if "html" in response.headers.get("content-type", "").lower():
-                    last = "the server answered an HTML page instead of JSON"
-                    wait = None
-                else:
-                    try:
-                        return response.json(), response
-                    except ValueError:
-                        last = "the server answered something that is not JSON"
-                        wait = None
-            elif response.status_code in (429, 500, 502, 503, 504):
-                last = describe_error(response)
-                wait = retry_after(response)
-            else:
-                raise DownloadError(f"{what} failed: {describe_error(response)} for {url}",
-                                    hint=hint or "check the model name, --revision and --endpoint",
-                                    details={"status": response.status_code,
-                                             "error_code": response.headers.get("x-error-code")})
         if attempt >= settings.retries:
             raise DownloadError(f"{what} failed after {attempt} attempts: {last} ({url})",
                                 hint=hint or "check the network or try another --source / --endpoint")

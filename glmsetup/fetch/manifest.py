@@ -45,6 +45,7 @@ class Manifest:
     revision: Optional[str]
     files: List[FileSpec] = field(default_factory=list)
     commit: Optional[str] = None
+    skipped: List[str] = field(default_factory=list)  # listed files the model does not have (not saved)
 
     def by_path(self) -> dict:
         return {f.path: f for f in self.files}
@@ -65,7 +66,7 @@ class Manifest:
 
     def filtered(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> "Manifest":
         keep = [f for f in self.files if selected(f.path, include, exclude)]
-        return Manifest(self.model, self.source, self.revision, keep, self.commit)
+        return Manifest(self.model, self.source, self.revision, keep, self.commit, list(self.skipped))
 
 
 def _match(path: str, pattern: str) -> bool:
@@ -88,25 +89,56 @@ def state_dir(model_dir: Path) -> Path:
     return Path(model_dir) / STATE_DIR
 
 
+def ensure_state_dir(model_dir: Path, *sub: str) -> Path:
+    """`<model dir>/.glmsetup[/sub...]`, created as real folders (a link there is refused)."""
+    from glmsetup.fetch.safefs import ensure_dir
+
+    return ensure_dir(Path(model_dir), state_dir(model_dir).joinpath(*sub))
+
+
 def save(manifest: Manifest, model_dir: Path) -> Path:
-    target = state_dir(model_dir) / MANIFEST_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = ensure_state_dir(model_dir) / MANIFEST_NAME
     write_json_atomic(target, manifest.to_dict())
     return target
 
 
 def load(model_dir: Path) -> Optional[Manifest]:
+    """The manifest the last fetch saved, None when there is none or it does not parse.
+
+    Its names are checked like a source's: one that is not a plain path inside the folder is a ModelError."""
+    from glmsetup.errors import ModelError
+    from glmsetup.fetch.listing import name_problem, show
+    from glmsetup.fetch.safefs import read_bytes
+
     target = state_dir(model_dir) / MANIFEST_NAME
     try:
-        return Manifest.from_dict(json.loads(target.read_text()))
-    except (OSError, ValueError, TypeError):
+        manifest = Manifest.from_dict(json.loads(read_bytes(target)))
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+        return None
+    for f in manifest.files:
+        problem = name_problem(f.path)
+        if problem:
+            raise ModelError(f"{target} lists the file name {show(f.path)}, which is not a plain path inside the "
+                             f"folder ({problem})", hint=f"remove it (rm {target}) and run glmsetup fetch again")
+    return manifest
+
+
+def read_json(target: Path):
+    """A bookkeeping JSON file of glmsetup's, read without following links; None when absent or unreadable."""
+    from glmsetup.fetch.safefs import read_bytes
+
+    try:
+        return json.loads(read_bytes(target))
+    except FileNotFoundError:
+        return None
+    except (ValueError, RecursionError):
         return None
 
 
 def write_json_atomic(target: Path, data) -> None:
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, target)
+    from glmsetup.fetch.safefs import write_atomic
+
+    write_atomic(target, json.dumps(data, indent=1).encode())
 
 
 def git_blob_sha1_start(size: int):

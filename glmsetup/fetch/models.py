@@ -7,8 +7,9 @@ its files are accepted only when they match these or a manifest from another rou
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from glmsetup.requirements import FP16_CHECKPOINT_BYTES, INT4_CHECKPOINT_BYTES
 
@@ -20,6 +21,18 @@ TSINGHUA_SHARE = "674208019e314311ab5c"
 # (size, sha256) of tokenizer.model, the same file in every ChatGLM2-6B repo (an LFS file too)
 TOKENIZER_MODEL = (1_018_370, "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2")
 SMALL_FILES = 100_000  # config, code and index files, roughly
+
+# The files of a ChatGLM2 repository, whatever the route (HF, ModelScope, the Tsinghua share, a git clone):
+# these names, plus each model's weights. A listed file that matches none is skipped and reported, never
+# written (fetch/listing.py); every name is a plain file name at the top of the model folder.
+REPO_FILES = frozenset({
+    ".gitattributes", "README.md", "MODEL_LICENSE", "LICENSE", "config.json", "configuration.json",
+    "configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py",
+    "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+})
+SHARDED_WEIGHTS = re.compile(r"(?:pytorch_model-(\d{5})-of-(\d{5})\.bin|model-(\d{5})-of-(\d{5})\.safetensors)")
+SHARD_INDEXES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
+MAX_SHARDS = 64
 
 SOURCES = ("hf", "modelscope", "tsinghua", "git")
 WEIGHT_SOURCES = ("hf", "modelscope", "tsinghua")
@@ -41,6 +54,22 @@ class ModelEntry:
     total_bytes: int  # approximate size of a full download, for plans made before any listing
     # path -> (size, sha256) published for the HF main revision
     official: Dict[str, tuple] = field(default_factory=dict)
+    sharded: bool = True  # weights in numbered shards with an index, else single_weights
+    single_weights: Tuple[str, ...] = ()
+
+    def expects(self, path: str) -> bool:
+        """Whether `path` is one of the files this model's repository holds (see REPO_FILES)."""
+        if path in REPO_FILES or path in self.single_weights:
+            return True
+        if not self.sharded:
+            return False
+        if path in SHARD_INDEXES:
+            return True
+        match = SHARDED_WEIGHTS.fullmatch(path)
+        if not match:
+            return False
+        number, total = (int(g) for g in match.groups() if g is not None)
+        return 1 <= number <= total <= MAX_SHARDS
 
 
 MODELS: Dict[str, ModelEntry] = {
@@ -66,6 +95,8 @@ MODELS: Dict[str, ModelEntry] = {
         modelscope_revision="v1.0.3",
         tsinghua_folder="chatglm2-6b-int4",
         total_bytes=INT4_CHECKPOINT_BYTES + TOKENIZER_MODEL[0] + SMALL_FILES,
+        sharded=False,
+        single_weights=("pytorch_model.bin", "model.safetensors"),
         official={
             "pytorch_model.bin": (
                 INT4_CHECKPOINT_BYTES, "783e9eac82c278f1e57ba93344a96580fd6f2cd222c8703f25998bb16926688e"),

@@ -12,7 +12,8 @@ from urllib.parse import quote
 from glmsetup.errors import DownloadError
 from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, get_json
-from glmsetup.fetch.manifest import FileSpec, Manifest
+from glmsetup.fetch.listing import Listing
+from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import MODELSCOPE_ENDPOINT, ModelEntry
 
 NAME = "modelscope"
@@ -47,16 +48,20 @@ class ModelScopeSource:
         if not isinstance(data, dict) or data.get("Code") not in (200, "200", None) or "Data" not in data:
             raise DownloadError(f"ModelScope answered an error: {str(data.get('Message') if isinstance(data, dict) else data)[:200]}",
                                 hint=f"check the model id {self.repo} and --revision {self.revision}")
-        files = []
-        for entry in (data["Data"] or {}).get("Files") or []:
-            if entry.get("Type") != "blob":
+        listing = Listing(self.model, f"the ModelScope listing from {self.endpoint}")
+        found = (data["Data"] or {}).get("Files") if isinstance(data["Data"], dict) else None
+        for entry in found if isinstance(found, list) else []:
+            if not isinstance(entry, dict) or entry.get("Type") != "blob":
+                listing.count()
                 continue
             path = entry.get("Path") or entry.get("Name")
-            sha = (entry.get("Sha256") or "").lower() or None
-            files.append(FileSpec(path=path, size=entry.get("Size"), sha256=sha,
-                                  lfs=bool(entry.get("IsLFS")) or (entry.get("Size") or 0) > (1 << 20)))
-        return Manifest(model=self.model.name, source=NAME, revision=self.revision,
-                        files=sorted(files, key=lambda f: f.path))
+            size = entry.get("Size")
+            big = isinstance(size, int) and size > (1 << 20)
+            spec = listing.add(path, size, sha256=entry.get("Sha256"), lfs=entry.get("IsLFS") is True or big)
+            if spec is not None and spec.size is None:
+                raise DownloadError(f"the ModelScope listing from {self.endpoint} gives no size for {spec.path}",
+                                    hint="try --source hf")
+        return listing.manifest(NAME, self.revision)
 
     def origin(self) -> Origin:
         base = f"{self.endpoint}/api/v1/models/{self.repo}/repo?Revision={quote(self.revision, safe='')}&FilePath="

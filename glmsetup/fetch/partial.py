@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from glmsetup.fetch.listing import check_name
 from glmsetup.fetch.manifest import FileSpec, git_blob_sha1_start, state_dir
+from glmsetup.fetch.safefs import check_regular, ensure_dir, open_file, read_bytes
 from glmsetup.modelfiles import sniff_head
 
 READ_BACK = 8 << 20
@@ -44,8 +46,10 @@ class Segment:
 class PartialFile:
     def __init__(self, model_dir: Path, spec: FileSpec, segment_size: int):
         self.spec = spec
-        self.target = Path(model_dir) / spec.path
-        base = state_dir(model_dir) / "partial" / spec.path
+        self.model_dir = Path(model_dir)
+        name = check_name(spec.path, "the manifest")  # every route checked it; the paths below rest on it
+        self.target = self.model_dir / name
+        base = state_dir(model_dir) / "partial" / name
         self.part = base.with_name(base.name + ".part")
         self.record = base.with_name(base.name + ".part.json")
         self.segment_size = segment_size
@@ -60,16 +64,26 @@ class PartialFile:
 
     # ---- state on disk -------------------------------------------------------------------------
     def open(self) -> None:
-        """Load the record of an earlier run if it describes the same file, else start empty."""
-        self.part.parent.mkdir(parents=True, exist_ok=True)
+        """Load the record of an earlier run if it describes the same file, else start empty.
+
+        The partial file itself is opened when its first bytes come (`_file`) and closed when it is finished
+        or given up, so a long listing never holds one descriptor per file."""
+        ensure_dir(self.model_dir, self.part.parent)
+        check_regular(self.part, self.record)  # a link planted here is refused before anything is written
         segments = self._load_record()
         if segments is None:
             self._remove(self.part)
             segments = self._layout()
         self.segments = segments
-        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         self.resumed_bytes = sum(s.done for s in self.segments)
         self._reset_hash()
+
+    def _file(self) -> int:
+        """The descriptor of the partial file, opened (without following a link) on first use."""
+        with self.lock:
+            if self._fd is None:
+                self._fd = open_file(self.part, os.O_RDWR | os.O_CREAT)
+            return self._fd
 
     def _layout(self) -> List[Segment]:
         size = self.spec.size or 0
@@ -79,17 +93,22 @@ class PartialFile:
 
     def _load_record(self) -> Optional[List[Segment]]:
         try:
-            data = json.loads(self.record.read_text())
-            on_disk = os.path.getsize(self.part)
-        except (OSError, ValueError):
+            data = json.loads(read_bytes(self.record))
+            on_disk = os.lstat(self.part).st_size
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(data, dict):
             return None
         if data.get("size") != self.spec.size or data.get("sha256") != self.spec.sha256 \
                 or data.get("git_sha1") != self.spec.git_sha1 or self.spec.size is None:
             return None  # another file or another version: never mix bytes
         segments = []
-        for start, end, done in data.get("segments", []):
-            done = max(0, min(done, end - start, on_disk - start))
-            segments.append(Segment(start, end, done))
+        try:
+            for start, end, done in data.get("segments", []):
+                done = max(0, min(int(done), int(end) - int(start), on_disk - int(start)))
+                segments.append(Segment(int(start), int(end), done))
+        except (TypeError, ValueError):
+            return None
         if not segments or segments[0].start != 0 or segments[-1].end != self.spec.size:
             return None
         if self._looks_like_pointer_or_html():
@@ -99,10 +118,13 @@ class PartialFile:
 
     def _looks_like_pointer_or_html(self) -> bool:
         try:
-            with open(self.part, "rb") as fh:
-                head = fh.read(64)
-        except OSError:
+            fd = open_file(self.part, os.O_RDONLY)
+        except FileNotFoundError:
             return False
+        try:
+            head = os.read(fd, 64)
+        finally:
+            os.close(fd)
         return sniff_bytes(head, self.spec) is not None
 
     def save_record(self, sync: bool = True) -> None:
@@ -123,7 +145,7 @@ class PartialFile:
         with self.record_lock:  # streams never wait for this part
             if generation != self.generation:
                 return
-            fd = os.open(self.record, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+            fd = open_file(self.record, os.O_RDWR | os.O_CREAT)
             try:
                 pad = max(0, os.fstat(fd).st_size - len(data))
                 os.pwrite(fd, data + b" " * pad, 0) if hasattr(os, "pwrite") else os.write(fd, data + b" " * pad)
@@ -138,7 +160,6 @@ class PartialFile:
             self._remove(self.part)
             self._remove(self.record)
             self.segments = self._layout()
-            self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
             self.resumed_bytes = 0
             self._reset_hash()
 
@@ -165,8 +186,9 @@ class PartialFile:
         """Write bytes at the segment's offset, count them, and feed the hash if they extend the prefix."""
         offset = segment.offset
         view = memoryview(data)
+        fd = self._file()
         while view:
-            n = os.pwrite(self._fd, view, offset) if hasattr(os, "pwrite") else self._seek_write(view, offset)
+            n = os.pwrite(fd, view, offset) if hasattr(os, "pwrite") else self._seek_write(fd, view, offset)
             offset += n
             view = view[n:]
         with self.lock:
@@ -175,10 +197,10 @@ class PartialFile:
             if start <= self.hashed < start + len(data):
                 self._update(memoryview(data)[self.hashed - start:])
 
-    def _seek_write(self, view, offset) -> int:
+    def _seek_write(self, fd, view, offset) -> int:
         with self.lock:
-            os.lseek(self._fd, offset, os.SEEK_SET)
-            return os.write(self._fd, view)
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.write(fd, view)
 
     def _update(self, data) -> None:
         self.sha256.update(data)
@@ -230,13 +252,15 @@ class PartialFile:
 
     def finish(self) -> tuple:
         """All bytes are there: check size and hashes; move into place. Returns (ok, sha256, detail)."""
+        self._file()  # a file resumed complete has not been opened yet
         self.catch_up()
         with self.record_lock, self.lock:
             size = self.hashed
             sha256 = self.sha256.hexdigest()
             git_sha1 = self.git_sha1.hexdigest() if self.git_sha1 is not None else None
-            if self.spec.size is not None and (size != self.spec.size or os.path.getsize(self.part) != size):
-                return False, sha256, f"size {os.path.getsize(self.part)} instead of {self.spec.size}"
+            on_disk = os.fstat(self._fd).st_size
+            if self.spec.size is not None and (size != self.spec.size or on_disk != size):
+                return False, sha256, f"size {on_disk} instead of {self.spec.size}"
             if not self.spec.matches_hashes(sha256, git_sha1):
                 want = self.spec.sha256 or self.spec.git_sha1
                 got = sha256 if self.spec.sha256 else git_sha1
@@ -244,8 +268,8 @@ class PartialFile:
             os.fsync(self._fd)
             self.generation += 1
             self.close()
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.part, self.target)  # also replaces an LFS pointer file in one step
+            ensure_dir(self.model_dir, self.target.parent)
+            os.replace(self.part, self.target)  # also replaces an LFS pointer file (or a link) in one step
             self._remove(self.record)
             return True, sha256, ""
 

@@ -14,7 +14,8 @@ from glmsetup.fetch import hf, modelscope, tsinghua
 from glmsetup.fetch.downloader import Downloader, Origin
 from glmsetup.fetch.guard import FolderLock, check_space, free_space
 from glmsetup.fetch.http import Settings, make_client
-from glmsetup.fetch.manifest import FileSpec, Manifest, save, state_dir
+from glmsetup.fetch.listing import UnsafeListing, skipped_note
+from glmsetup.fetch.manifest import FileSpec, Manifest, ensure_state_dir, save
 from glmsetup.fetch.models import ModelEntry, get_model
 from glmsetup.fetch.verified import VerifiedCache
 
@@ -55,6 +56,8 @@ def reference_manifest(model: ModelEntry, settings, client, exclude: str = "") -
             continue
         try:
             return make_source(name, model, None, None, settings, client).manifest()
+        except UnsafeListing:  # a hostile reference is reported, never skipped for the next one
+            raise
         except DownloadError:
             continue
     return Manifest(model=model.name, source="official", revision="main",
@@ -71,7 +74,8 @@ def checked_against(listing: Manifest, reference: Manifest) -> tuple:
             files.append(FileSpec(f.path, r.size, r.sha256, r.git_sha1, r.lfs))
         else:
             unchecked.append(f.path)
-    return Manifest(listing.model, listing.source, reference.revision, files, reference.commit), unchecked
+    return Manifest(listing.model, listing.source, reference.revision, files, reference.commit,
+                    list(listing.skipped)), unchecked
 
 
 def build_work(req: FetchRequest, model: ModelEntry, model_dir: Path, settings: Settings, client) -> tuple:
@@ -80,10 +84,12 @@ def build_work(req: FetchRequest, model: ModelEntry, model_dir: Path, settings: 
     if req.source in ("hf", "modelscope"):
         src = make_source(req.source, model, req.revision, req.endpoint, settings, client)
         manifest = src.manifest()
+        notes += skipped_note(manifest, req.source)
         return manifest, {f.path: [src.origin()] for f in manifest.files}, notes
     if req.source == "tsinghua":
         src = make_source("tsinghua", model, None, req.endpoint, settings, client)
         listing = src.manifest()
+        notes += skipped_note(listing, "tsinghua")
         reference = reference_manifest(model, settings, client)
         manifest, unchecked = checked_against(listing, reference)
         if unchecked:
@@ -100,8 +106,9 @@ def build_work(req: FetchRequest, model: ModelEntry, model_dir: Path, settings: 
         from glmsetup.fetch import gitlfs
 
         endpoint = req.endpoint or os.environ.get("GLMSETUP_GIT_ENDPOINT") or hf.endpoint(None)
-        manifest = gitlfs.clone_manifest(model.name, endpoint, model.hf_repo, model_dir, req.revision,
+        manifest = gitlfs.clone_manifest(model, endpoint, model.hf_repo, model_dir, req.revision,
                                          dry_run=req.dry_run)
+        notes += skipped_note(manifest, "git")
         if req.weights_from == "hf":
             src = hf.HFSource(model, req.revision, None, settings, client)
             src.commit = manifest.commit
@@ -124,8 +131,7 @@ def fetch_model(req: FetchRequest) -> dict:
     settings = req.settings or Settings.from_env(connections=req.connections)
     if req.dry_run:
         return _run(req, model, model_dir, settings)
-    state_dir(model_dir).mkdir(parents=True, exist_ok=True)
-    with FolderLock(state_dir(model_dir)):
+    with FolderLock(ensure_state_dir(model_dir)):
         return _run(req, model, model_dir, settings)
 
 

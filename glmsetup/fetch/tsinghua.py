@@ -14,6 +14,7 @@ from urllib.parse import quote
 from glmsetup.errors import DownloadError, UsageError
 from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, get_json
+from glmsetup.fetch.listing import HINT, Listing, UnsafeListing, check_name, show
 from glmsetup.fetch.manifest import FileSpec, Manifest
 from glmsetup.fetch.models import TSINGHUA_ENDPOINT, TSINGHUA_SHARE, ModelEntry
 
@@ -46,24 +47,49 @@ class TsinghuaSource:
         url = f"{self.endpoint}/api/v2.1/share-links/{self.share}/dirents/?path={quote(folder)}"
         data, _ = get_json(self.client, url, self.settings, what=f"share listing from {self.endpoint}",
                            hint="the Tsinghua share may be unreachable: try --source hf or --source modelscope")
-        if not isinstance(data, dict) or "dirent_list" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("dirent_list"), list):
             raise DownloadError(f"unexpected listing from the Tsinghua share ({str(data)[:120]})")
         return data["dirent_list"]
 
     def manifest(self) -> Manifest:
-        """Sizes only: the share publishes no checksums (see reference_checked)."""
-        files: List[FileSpec] = []
-        todo = [f"/{self.folder}/"]
+        """Sizes only: the share publishes no checksums (see reference_checked).
+
+        Folders are listed one level at a time; only folders below the model's own are followed, each once,
+        and every path the share gives must lie inside the model's folder."""
+        listing = Listing(self.model, f"the Tsinghua share at {self.endpoint}")
+        root = f"/{self.folder}/"
+        todo, seen = [root], {root}
         while todo:
             folder = todo.pop()
             for d in self._list(folder):
+                if not isinstance(d, dict):
+                    listing.count()
+                    continue
                 if d.get("is_dir"):
-                    todo.append(d.get("folder_path").rstrip("/") + "/")
+                    listing.count()
+                    sub = d.get("folder_path")
+                    sub = sub if isinstance(sub, str) else folder + str(d.get("folder_name"))
+                    rel = self._inside(root, sub.rstrip("/"), listing)
+                    sub = root + rel + "/"
+                    if sub not in seen:
+                        seen.add(sub)
+                        todo.append(sub)
                 else:
-                    full = d.get("file_path") or (folder + d.get("file_name"))
-                    rel = full[len(f"/{self.folder}/"):]
-                    files.append(FileSpec(path=rel, size=d.get("size")))
-        return Manifest(model=self.model.name, source=NAME, revision=None, files=sorted(files, key=lambda f: f.path))
+                    full = d.get("file_path")
+                    full = full if isinstance(full, str) else folder + str(d.get("file_name"))
+                    spec = listing.add(self._inside(root, full, listing), d.get("size"))
+                    if spec is not None and spec.size is None:
+                        raise DownloadError(f"the Tsinghua share lists {spec.path} without a size",
+                                            hint="try --source hf or --source modelscope")
+        return listing.manifest(NAME, None)
+
+    @staticmethod
+    def _inside(root: str, full: str, listing: Listing) -> str:
+        """The path below the model's folder of the share; refused when it is not below it."""
+        if not full.startswith(root):
+            raise UnsafeListing(f"{listing.source} lists {show(full)}, outside the folder {root} it was asked for",
+                                hint=HINT)
+        return check_name(full[len(root):], listing.source)
 
     def origin(self) -> Origin:
         base = f"{self.endpoint}/d/{self.share}/files/?p="

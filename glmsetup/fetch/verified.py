@@ -5,11 +5,9 @@ checked; a file whose size or mtime changed since is hashed again.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from glmsetup.fetch.manifest import FileSpec, hash_file, state_dir, write_json_atomic
+from glmsetup.fetch.manifest import FileSpec, ensure_state_dir, hash_file, read_json, state_dir, write_json_atomic
 from glmsetup.modelfiles import sniff
 
 
@@ -17,10 +15,8 @@ class VerifiedCache:
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
         self.path = state_dir(model_dir) / "verified.json"
-        try:
-            self.entries = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
+        entries = read_json(self.path)  # a link planted there is refused (fetch/safefs.py)
+        self.entries = entries if isinstance(entries, dict) else {}
         self.dirty = False
 
     def check(self, spec: FileSpec, hash_if_needed: bool = True) -> bool:
@@ -35,7 +31,7 @@ class VerifiedCache:
         if spec.size and sniff(target) in ("pointer", "html") and not spec.path.endswith((".html", ".md")):
             return False
         known = self.entries.get(spec.path)
-        if known and known[0] == st.st_size and known[1] == st.st_mtime_ns and known[2] in (spec.sha256, spec.git_sha1):
+        if isinstance(known, list) and len(known) == 3 and known[0] == st.st_size and known[1] == st.st_mtime_ns and known[2] in (spec.sha256, spec.git_sha1):
             return True
         if not spec.checkable or not hash_if_needed:
             return not spec.checkable and spec.size is not None
@@ -54,5 +50,5 @@ class VerifiedCache:
 
     def save(self) -> None:
         if self.dirty:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_state_dir(self.model_dir)
             write_json_atomic(self.path, self.entries)

@@ -6,6 +6,12 @@ next matching body request misbehave: drop (close after `after` bytes), ignore_r
 file), 416, 429 (with Retry-After), expired (403 from the CDN), html (an error page with status 200),
 no_length (no Content-Length, body then close), wrong (corrupted bytes), trickle (a few bytes, slowly).
 `sent` counts the body bytes written per file; `rate` throttles every body (bytes/s per connection).
+
+Hostile listings: any name put in `FileStore.files` (`../../x`, an absolute path, a NUL) is listed and served
+by every server in its own format; `FileStore.extra_entries` are raw entries added verbatim to every
+listing; and `faults.add(kind, path="listing")` with kind gzip_bomb (2 MB of gzip that inflates to 2 GB),
+endless (a chunked JSON answer that never ends) or deep_json (nesting deeper than any parser's stack)
+answers the next listing request of any server with that body.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import json
 import random
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional
@@ -99,6 +106,7 @@ class FileStore:
         self.faults = Faults()
         self.rate: Optional[float] = None
         self.lock = threading.Lock()
+        self.extra_entries: List[dict] = []  # raw entries added to every listing, in each server's own format
         self.active: Dict[str, int] = {}  # server -> bodies being sent now
         self.max_active: Dict[str, int] = {}  # server -> most bodies sent at once
 
@@ -133,6 +141,10 @@ class Handler(BaseHTTPRequestHandler):
         self.store.requests.append({"server": self.app.name, "method": method, "path": url.path,
                                     "query": url.query, "headers": dict(self.headers)})
         try:
+            listing = url.path.startswith("/api/") and "FilePath=" not in url.query
+            fault = self.store.faults.take("listing", HOSTILE_LISTINGS) if listing else None
+            if fault:
+                return self.send_hostile(fault.kind)
             self.app.route(self, method, url.path, parse_qs(url.query))
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -148,6 +160,30 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def send_hostile(self, kind):
+        """A listing answer no client should keep in memory (see HOSTILE_LISTINGS)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if kind == "deep_json":
+            body = b"[" * 200_000 + b"]" * 200_000
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return self.wfile.write(body)
+        if kind == "gzip_bomb":
+            head, block, tail = gzip_bomb_parts()
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(head) + len(block) * BOMB_BLOCKS + len(tail)))
+            self.end_headers()
+            self.wfile.write(head)
+            for _ in range(BOMB_BLOCKS):
+                self.wfile.write(block)
+            return self.wfile.write(tail)
+        self.send_header("Transfer-Encoding", "chunked")  # endless: a sibling list that never closes
+        self.end_headers()
+        entries = b'{"rfilename": "config.json", "size": 1},' * 1000
+        for data in iter_forever(b'{"sha": "' + COMMIT.encode() + b'", "siblings": [', entries):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def send_error_code(self, status, code, message=""):
         body = json.dumps({"error": message or code}).encode()
@@ -256,6 +292,28 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(len(piece) / rate)
             self.wfile.write(piece)
             self.store.count(path, len(piece))
+
+
+HOSTILE_LISTINGS = ("gzip_bomb", "endless", "deep_json")
+
+
+def iter_forever(first: bytes, then: bytes):
+    yield first
+    while True:
+        yield then
+
+BOMB_BLOCKS = 2048  # blocks of 1 MiB of spaces each, about 1 kB compressed
+
+
+def gzip_bomb_parts() -> tuple:
+    """(head, block, tail) of a gzip body of `[` and 2 GiB of spaces: `block` (1 MiB of input after a full
+    flush) is the same bytes every time, so the 2 MB body costs nothing to make. The trailer's checksum
+    covers only what the compressor saw: no client should read that far."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    spaces = b" " * (1 << 20)
+    head = c.compress(b"[") + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(spaces) + c.flush(zlib.Z_FULL_FLUSH)
+    return head, block, c.compress(b"]") + c.flush()
 
 
 class BaseServer:
@@ -391,12 +449,14 @@ class HFServer(BaseServer):
                 if "lfs" in e:
                     s["lfs"] = {"sha256": e["lfs"]["oid"], "size": e["size"], "pointerSize": e["lfs"]["pointerSize"]}
             siblings.append(s)
+        siblings += [{"rfilename": e.get("path"), **{k: v for k, v in e.items() if k != "path"}}
+                     if isinstance(e, dict) else e for e in self.store.extra_entries]
         h.send_json({"id": self.repo, "modelId": self.repo, "sha": COMMIT, "private": False, "gated": False,
                      "disabled": False, "siblings": siblings, "lastModified": "2023-10-09T00:00:00.000Z",
                      "tags": [], "downloads": 0, "likes": 0, "library_name": "transformers"})
 
     def _tree(self, h, query):
-        entries = [self._entry_tree(p) for p in sorted(self.store.files)]
+        entries = [self._entry_tree(p) for p in sorted(self.store.files)] + list(self.store.extra_entries)
         cursor = int(query.get("cursor", ["0"])[0])
         page = entries[cursor:cursor + self.page_size]
         headers = {}
@@ -455,6 +515,8 @@ class ModelScopeServer(BaseServer):
             files = [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Size": len(d), "Sha256": self.store.sha256[p],
                       "Type": "blob", "Revision": COMMIT, "IsLFS": self.store.is_lfs(p)}
                      for p, d in sorted(self.store.files.items())]
+            files += [{"Path": e.get("path"), "Size": e.get("size"), "Type": "blob", **e.get("modelscope", {})}
+                      if isinstance(e, dict) else e for e in self.store.extra_entries]
             return h.send_json({"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
         if path == prefix:
             file = query.get("FilePath", [""])[0]
@@ -499,6 +561,10 @@ class SeafileServer(BaseServer):
                                     "last_modified": "2023-06-25T10:00:00+08:00"})
             if prefix == "/":
                 dirents = [{"is_dir": True, "folder_name": self.folder, "folder_path": f"/{self.folder}/"}]
+            elif prefix == f"/{self.folder}/":
+                dirents += [e.get("seafile", {"is_dir": False, "file_name": e.get("path"), "size": e.get("size"),
+                                              "file_path": f"/{self.folder}/{e.get('path')}"})
+                            if isinstance(e, dict) else e for e in self.store.extra_entries]
             return h.send_json({"dirent_list": dirents})
         if path == f"/d/{self.token}/files/":
             p = query.get("p", [""])[0]
