@@ -46,6 +46,7 @@ class Manifest:
     files: List[FileSpec] = field(default_factory=list)
     commit: Optional[str] = None
     skipped: List[str] = field(default_factory=list)  # listed files the model does not have (not saved)
+    options: dict = field(default_factory=dict)  # the fetch flags that chose this manifest (for verify's repair)
 
     def by_path(self) -> dict:
         return {f.path: f for f in self.files}
@@ -56,13 +57,14 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "source": self.source, "revision": self.revision, "commit": self.commit,
-                "files": [asdict(f) for f in self.files]}
+                "options": self.options, "files": [asdict(f) for f in self.files]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
         files = [FileSpec(**f) for f in data.get("files", [])]
+        options = data.get("options")
         return cls(model=data.get("model", ""), source=data.get("source", ""), revision=data.get("revision"),
-                   files=files, commit=data.get("commit"))
+                   files=files, commit=data.get("commit"), options=options if isinstance(options, dict) else {})
 
     def filtered(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> "Manifest":
         keep = [f for f in self.files if selected(f.path, include, exclude)]

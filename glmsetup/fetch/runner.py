@@ -169,6 +169,9 @@ def _run(req: FetchRequest, model: ModelEntry, model_dir: Path, settings: Settin
         result["disk_needed_bytes"] = remaining
         return result
     check_space(model_dir, remaining, free)
+    manifest.options = {"source": req.source, "endpoint": req.endpoint, "revision": req.revision,
+                        "weights_from": req.weights_from if req.source == "git" else None,
+                        "include": list(req.include), "exclude": list(req.exclude)}
     save(manifest, model_dir)
     from glmsetup.fetch.progress import make_progress
 

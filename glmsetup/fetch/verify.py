@@ -6,6 +6,7 @@ themselves (missing, LFS pointer, HTML page, empty, truncated, mismatch) are glm
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -56,12 +57,46 @@ def verify_dir(path: Path, model: Optional[str] = None) -> dict:
                 _sha, sha1 = manifest_mod.hash_file(folder / f.path)
                 if sha1 != f.git_sha1:
                     issues.append(FileIssue(f.path, "mismatch", "git blob id differs from the manifest"))
-    source = saved.source if saved and saved.source in ("hf", "modelscope", "tsinghua", "git") else "hf"
     repair = None
     if issues:
-        repair = f"glmsetup fetch --model {entry.name} --model-dir {folder}" + (f" --source {source}" if source != "hf" else "")
+        repair = repair_command(entry.name, folder, saved)
+        forget_flagged(folder, [i.path for i in issues])
     files = [f for f in report.files if not f.startswith(manifest_mod.STATE_DIR + "/")]
     return {"path": str(folder), "model": entry.name, "kind": report.kind, "basis": basis,
             "checked": sorted(wanted), "files": files,
             "issues": [{"path": i.path, "problem": i.problem, "detail": i.detail} for i in issues],
             "ok": not issues and report.exists, "repair": repair}
+
+
+def repair_command(model: str, folder: Path, saved: Optional[manifest_mod.Manifest]) -> str:
+    """The fetch that puts back what verify flagged: the same source and flags as the fetch that saved the
+    manifest (so a mirror, a pinned revision or --exclude are kept)."""
+    options = dict(saved.options) if saved else {}
+    source = options.get("source") or (saved.source if saved else "hf")
+    if source not in ("hf", "modelscope", "tsinghua", "git", "auto"):
+        source = "hf"
+    words = ["glmsetup", "fetch", "--model", model, "--model-dir", str(folder)]
+    if source != "hf":
+        words += ["--source", source]
+    for flag in ("endpoint", "revision", "weights_from"):
+        value = options.get(flag)
+        if isinstance(value, str) and value and not (flag == "weights_from" and value == "hf"):
+            words += ["--" + flag.replace("_", "-"), value]
+    for flag in ("include", "exclude"):
+        for value in options.get(flag) or []:
+            if isinstance(value, str):
+                words += ["--" + flag, value]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def forget_flagged(folder: Path, paths: list) -> None:
+    """Drop the verified-cache entries of flagged files, so the repair hashes them again (bit rot changes no
+    size or time the cache could notice). A folder that cannot be written cannot be repaired either."""
+    from glmsetup.fetch.verified import VerifiedCache
+
+    try:
+        cache = VerifiedCache(folder)
+        cache.forget(paths)
+        cache.save()
+    except OSError:
+        pass
