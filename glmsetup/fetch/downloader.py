@@ -382,11 +382,12 @@ class Downloader:
             unit, rest = value.split(" ", 1)
             span, total = rest.split("/")
             first, last = (int(x) for x in span.split("-"))
+            total = None if total == "*" else int(total)
         except ValueError:
-            raise Retry(f"{spec.path}: 206 without a valid Content-Range ({value!r})")
+            raise Retry(f"{spec.path}: 206 without a valid Content-Range ({value[:80]!r})")
         if unit != "bytes" or first != seg.offset or last > seg.end - 1:
             raise Retry(f"{spec.path}: asked for bytes {seg.offset}-{seg.end - 1}, got {value!r}")
-        if total != "*" and int(total) != spec.size:
+        if total is not None and total != spec.size:
             raise OriginFailed(f"{spec.path}: the server's file has {total} bytes, the manifest says {spec.size}")
 
     def _copy(self, task: FileTask, seg: Segment, response: httpx.Response, skip: int) -> None:

@@ -14,7 +14,7 @@ from urllib.parse import quote
 from glmsetup.errors import DownloadError
 from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, get_json, host_of
-from glmsetup.fetch.listing import Listing, UnsafeListing, name_problem, show
+from glmsetup.fetch.listing import Listing, UnsafeListing, name_problem, printable, show
 from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import HF_ENDPOINT, ModelEntry
 
@@ -54,7 +54,7 @@ class HFSource:
         info, _ = self._get(f"{self.endpoint}/api/models/{self.repo}/revision/{quote(self.revision, safe='')}"
                             "?blobs=true", "revision info")
         if not isinstance(info, dict):
-            raise DownloadError(f"unexpected revision info from {self.endpoint} ({str(info)[:80]})",
+            raise DownloadError(f"unexpected revision info from {self.endpoint} ({printable(info, 80)})",
                                 hint="try another --endpoint or --source modelscope")
         commit = info.get("sha") or self.revision
         if not isinstance(commit, str) or name_problem(commit):

@@ -22,7 +22,7 @@ import httpx
 
 from glmsetup import __version__
 from glmsetup.errors import DownloadError
-from glmsetup.fetch.listing import UnsafeListing
+from glmsetup.fetch.listing import UnsafeListing, printable
 
 USER_AGENT = f"glmsetup/{__version__}"
 CONDITIONAL = ("if-modified-since", "if-none-match", "if-match", "if-unmodified-since", "if-range")
@@ -87,8 +87,12 @@ def retry_after(response: httpx.Response) -> Optional[float]:
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(value)
         return max(0.0, when.timestamp() - time.time()) if when else None
+    except (ValueError, TypeError, OverflowError):  # neither seconds nor a date: wait as for any retry
+        return None
 
 
 def backoff_delay(settings: Settings, attempt: int, hint: Optional[float] = None) -> float:
@@ -125,7 +129,8 @@ API_ERRORS = {
 def describe_error(response: httpx.Response) -> str:
     code = response.headers.get("x-error-code")
     text = API_ERRORS.get(code or "", "")
-    msg = response.headers.get("x-error-message") or text or response.reason_phrase
+    msg = printable(response.headers.get("x-error-message") or text or response.reason_phrase, 200)
+    code = printable(code, 60) if code else code
     return f"HTTP {response.status_code}" + (f" ({code}: {msg})" if code else f" ({msg})")
 
 

@@ -71,6 +71,12 @@ def name_problem(name) -> Optional[str]:
     return None
 
 
+def printable(text, limit: int = 120) -> str:
+    """Text a server sent, safe to print on one line: control and invisible characters become '?', cut."""
+    text = "".join("?" if unicodedata.category(ch) in BAD_CATEGORIES else ch for ch in str(text)[:limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def show(name) -> str:
     """A name as it can be printed on one line: escaped, cut."""
     text = repr(name)

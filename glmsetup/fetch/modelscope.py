@@ -12,7 +12,7 @@ from urllib.parse import quote
 from glmsetup.errors import DownloadError
 from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, get_json
-from glmsetup.fetch.listing import Listing
+from glmsetup.fetch.listing import Listing, printable
 from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import MODELSCOPE_ENDPOINT, ModelEntry
 
@@ -46,7 +46,8 @@ class ModelScopeSource:
                            hint=f"check --revision {self.revision} (ModelScope revisions look like v1.0.12) "
                                 "or try --source hf")
         if not isinstance(data, dict) or data.get("Code") not in (200, "200", None) or "Data" not in data:
-            raise DownloadError(f"ModelScope answered an error: {str(data.get('Message') if isinstance(data, dict) else data)[:200]}",
+            message = data.get("Message") if isinstance(data, dict) else data
+            raise DownloadError(f"ModelScope answered an error: {printable(message, 200)}",
                                 hint=f"check the model id {self.repo} and --revision {self.revision}")
         listing = Listing(self.model, f"the ModelScope listing from {self.endpoint}")
         found = (data["Data"] or {}).get("Files") if isinstance(data["Data"], dict) else None

@@ -48,19 +48,26 @@ def ensure_dir(base: Path, folder: Path) -> Path:
     `base` itself (the model folder) may be a link the user made; what is inside it may not."""
     base, folder = Path(base), Path(folder)
     rel = folder.relative_to(base)  # ValueError for a folder outside: a bug, not an input
-    base.mkdir(parents=True, exist_ok=True)
     current = base
-    for part in rel.parts:
-        current = current / part
-        st = _lstat(current)
-        if st is None:
-            try:
-                os.mkdir(current)
-                continue
-            except FileExistsError:
-                st = os.lstat(current)
-        if not stat.S_ISDIR(st.st_mode):
-            raise refuse(current, _kind(st))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for part in rel.parts:
+            current = current / part
+            st = _lstat(current)
+            if st is None:
+                try:
+                    os.mkdir(current)
+                    continue
+                except FileExistsError:
+                    st = os.lstat(current)
+            if stat.S_ISREG(st.st_mode):
+                raise ModelError(f"{current} is a file where a folder belongs",
+                                 hint="move it away (it was not made by glmsetup) or choose another --model-dir")
+            if not stat.S_ISDIR(st.st_mode):
+                raise refuse(current, _kind(st))
+    except OSError as exc:
+        raise ModelError(f"cannot create the folder {current}: {exc.strerror or exc}",
+                         hint="choose a folder you can write to with --model-dir") from exc
     return folder
 
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 from glmsetup.errors import DownloadError, UsageError
 from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, get_json
-from glmsetup.fetch.listing import HINT, Listing, UnsafeListing, check_name, show
+from glmsetup.fetch.listing import HINT, Listing, UnsafeListing, check_name, printable, show
 from glmsetup.fetch.manifest import FileSpec, Manifest
 from glmsetup.fetch.models import TSINGHUA_ENDPOINT, TSINGHUA_SHARE, ModelEntry
 
@@ -48,7 +48,7 @@ class TsinghuaSource:
         data, _ = get_json(self.client, url, self.settings, what=f"share listing from {self.endpoint}",
                            hint="the Tsinghua share may be unreachable: try --source hf or --source modelscope")
         if not isinstance(data, dict) or not isinstance(data.get("dirent_list"), list):
-            raise DownloadError(f"unexpected listing from the Tsinghua share ({str(data)[:120]})")
+            raise DownloadError(f"unexpected listing from the Tsinghua share ({printable(data)})")
         return data["dirent_list"]
 
     def manifest(self) -> Manifest:

@@ -4,7 +4,8 @@ glmsetup fetch uses (and that huggingface_hub's own client uses), with fault inj
 Each server runs in a thread on 127.0.0.1, port 0. `faults.add(kind, path=..., times=1, **params)` makes the
 next matching body request misbehave: drop (close after `after` bytes), ignore_range (200 with the whole
 file), 416, 429 (with Retry-After), expired (403 from the CDN), html (an error page with status 200),
-no_length (no Content-Length, body then close), wrong (corrupted bytes), trickle (a few bytes, slowly).
+no_length (no Content-Length, body then close), wrong (corrupted bytes), trickle (a few bytes, slowly),
+bad_range (a 206 whose Content-Range total is not a number).
 `sent` counts the body bytes written per file; `rate` throttles every body (bytes/s per connection).
 
 Hostile listings: any name put in `FileStore.files` (`../../x`, an absolute path, a NUL) is listed and served
@@ -223,7 +224,7 @@ class Handler(BaseHTTPRequestHandler):
         data = store.files[path]
         size = len(data)
         fault = store.faults.take(path, ("drop", "ignore_range", "416", "429", "html", "no_length", "wrong",
-                                         "trickle", "expired_origin"))
+                                         "trickle", "expired_origin", "bad_range"))
         headers = dict(extra_headers or {})
         if "If-Modified-Since" in self.headers and self.app.name == "seafile-files":
             return self.send_simple(304)
@@ -248,6 +249,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_simple(416, b"", {"Content-Range": f"bytes */{size}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            if fault and fault.kind == "bad_range":  # a total that is not a number
+                headers["Content-Range"] = f"bytes {start}-{end}/{fault.params.get('total', 'lots')}"
         body = memoryview(data)[start:end + 1]  # no copy: a real server would sendfile()
         if fault and fault.kind == "wrong":
             body = memoryview(bytes(b ^ 0x5A for b in body[:64]) + bytes(body[64:]))
@@ -503,6 +506,7 @@ class ModelScopeServer(BaseServer):
     def __init__(self, store: FileStore, repo: str = "ZhipuAI/chatglm2-6b", revision: str = "v1.0.12"):
         super().__init__(store)
         self.repo, self.revision = repo, revision
+        self.error_message: Optional[str] = None
 
     def route(self, h, method, path, query):
         prefix = f"/api/v1/models/{self.repo}/repo"
@@ -512,6 +516,8 @@ class ModelScopeServer(BaseServer):
         if rev != self.revision:
             return h.send_json({"Code": 10010205001, "Message": f"revision {rev} not found", "Data": None}, status=404)
         if path == prefix + "/files":
+            if self.error_message is not None:  # an error answered with status 200, as the API does at times
+                return h.send_json({"Code": 10010205001, "Message": self.error_message, "Data": None})
             files = [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Size": len(d), "Sha256": self.store.sha256[p],
                       "Type": "blob", "Revision": COMMIT, "IsLFS": self.store.is_lfs(p)}
                      for p, d in sorted(self.store.files.items())]

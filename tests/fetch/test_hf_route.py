@@ -62,6 +62,7 @@ def test_truncated_sibling_list_is_completed_by_the_paginated_tree(cli, hf_serve
     ("no_length", "pytorch_model.bin.index.json", {}),
     ("wrong", SHARD2, {}),
     ("trickle", SHARD1, {"step": 256, "delay": 0.1, "limit": 4096}),
+    ("bad_range", SHARD1, {}),
 ])
 def test_survives_fault(cli, hf_server, store, tmp_path, kind, path, params):
     store.faults.add(kind, path=path, **params)

@@ -362,3 +362,28 @@ def test_a_fifo_planted_as_a_record_is_refused_not_waited_on(hf_server, tmp_path
                         timeout=60)
     assert proc.returncode == 4, proc.stderr
     assert "not a regular file (a FIFO, socket or device)" in json.loads(proc.stdout)["error"]["message"]
+
+
+def test_a_model_folder_that_cannot_be_made_is_a_clean_error(cli, hf_server, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    out = cli.json("fetch", "--endpoint", hf_server.url, "--model-dir", str(tmp_path / "a-file" / "m"), exit_code=4)
+    assert out["error"]["message"] == f"cannot create the folder {tmp_path / 'a-file' / 'm'}: Not a directory"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / ".glmsetup").write_text("x")
+    out = cli.json("fetch", "--endpoint", hf_server.url, "--model-dir", str(tmp_path / "m"), exit_code=4)
+    assert out["error"]["message"] == f"{tmp_path / 'm' / '.glmsetup'} is a file where a folder belongs"
+
+
+def test_nonsense_headers_are_retried_not_tracebacks(cli, store, hf_server, tmp_path):
+    store.faults.add("api429", path="api", seconds="soon")  # Retry-After neither seconds nor a date
+    store.faults.add("429", path=SHARD1, seconds="later")
+    store.faults.add("bad_range", path="pytorch_model-00002-of-00002.bin", total="lots")
+    cli.json("fetch", "--endpoint", hf_server.url, "--model-dir", str(tmp_path / "m"))
+    assert same_files(tmp_path / "m", store.files) and all(f.times == 0 for f in store.faults.items)
+
+
+def test_server_messages_are_printed_without_terminal_escapes(cli, ms_server, tmp_path):
+    ms_server.error_message = "model not found\x1b]0;owned\x07\x1b[2J"  # retitles and clears a terminal
+    out = cli.json("fetch", "--source", "modelscope", "--endpoint", ms_server.url, "--model-dir", str(tmp_path / "m"),
+                   exit_code=5)
+    assert out["error"]["message"] == "ModelScope answered an error: model not found?]0;owned??[2J"
