@@ -86,7 +86,11 @@ def read_clone(tree: Path, listing: Listing, url: str) -> List[Tuple[str, Path, 
         if name is None:
             continue
         file = tree / name
-        st = os.lstat(file)
+        try:
+            st = os.lstat(file)
+        except FileNotFoundError:
+            raise DownloadError(f"the git clone of {url} lists {name} but did not check it out",
+                                hint="use --source hf or --source modelscope") from None
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeListing(f"the git clone of {url} checked out {show(name)} as something other than a "
                                 "regular file: refusing it", hint="use --source hf or --source modelscope")
