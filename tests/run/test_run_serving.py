@@ -83,7 +83,7 @@ def test_run_streamlit_launches_the_app(tiny_model_dir, server_factory):
     doc = json.loads(server.stdout)  # Streamlit's own messages went to stderr
     assert doc["data"]["status"] == "serving" and doc["data"]["env"]["GLMSETUP_MODEL_DIR"] == str(tiny_model_dir)
     assert doc["data"]["command"][:len(STREAMLIT_RUN)] == STREAMLIT_RUN
-    assert "streamlit_app.py" in doc["data"]["command"][4]
+    assert "streamlit_app.py" in doc["data"]["command"][len(STREAMLIT_RUN)]
     assert f":{port}" in server.stderr  # "You can now view your Streamlit app ... :PORT"
 
 
