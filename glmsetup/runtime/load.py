@@ -9,6 +9,7 @@ quantized as they arrive: the 16-bit model never sits whole in memory.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from glmsetup import paths, profiles
 from glmsetup.errors import MissingDependency, ModelError, ProfileError, ResourceError, UsageError, require
@@ -81,7 +82,9 @@ def load_chat_model(path=None, profile="auto", *, use_cache: bool = True, ptunin
         from glmsetup.runtime.lora import read_adapter
 
         lora = read_adapter(adapter, ckpt.config)
-    model = load_model(ckpt, prof, lora)
+    start = time.perf_counter()
+    model = load_model(ckpt, prof, lora, cache=use_cache)
+    model.load_info["seconds"] = round(time.perf_counter() - start, 3)
     if prefix_ckpt is not None:
         from glmsetup.runtime.prefix import attach
 
@@ -153,10 +156,12 @@ def build_empty_model(config):
     return model
 
 
-def load_model(ckpt, prof: profiles.Profile, lora=None):
-    """Fill an empty model from `ckpt` under `prof`; returns it in eval mode with `.profile` set.
+def load_model(ckpt, prof: profiles.Profile, lora=None, *, cache: bool = True):
+    """Fill an empty model from `ckpt` under `prof`; returns it in eval mode with `.profile` and
+    `.load_info` set (where the quantized weights came from, which kernels run).
 
     lora: a runtime.lora.Adapter whose deltas are added to the weights before they are cast or quantized.
+    cache: read and write the quantized-weight cache (quantized profiles without an adapter).
     """
     import torch
 
@@ -173,6 +178,21 @@ def load_model(ckpt, prof: profiles.Profile, lora=None):
             return layer_devs[int(key.split(".")[2])]
         return main_dev
 
+    info: dict = {"quant_cache": None, "quant_cache_file": None}
+    entry_path = _quant_cache_entry(ckpt, prof, lora, cache, [main_dev, *layer_devs], info)
+    if entry_path is not None and entry_path.is_file():
+        from glmsetup.runtime import quant_cache
+
+        try:
+            entry = quant_cache.read_entry(entry_path, info["facts"], model, prof.quantization_bits, dtype, device_of)
+        except quant_cache.CacheInvalid as exc:
+            log.warning("quantized-weight cache %s is not used (%s): rebuilding it", entry_path, exc)
+            quant_cache.remove(entry_path)
+            info["quant_cache"] = "rebuilt"
+        else:
+            quant_cache.install(model, entry, prof.quantization_bits, dtype, device_of)
+            info["quant_cache"] = "hit"
+            return _finish(model, prof, config, main_dev, layer_devs, info)
     src_bits = ckpt.quantization_bit
     pending: dict[str, dict] = {}  # linear module -> parts gathered so far (quantized paths)
     missing = ck.expected_keys(config)
@@ -244,6 +264,40 @@ def load_model(ckpt, prof: profiles.Profile, lora=None):
                          hint=f"a shard is missing or incomplete: run `glmsetup verify {ckpt.path}`; `glmsetup fetch` repairs it")
     if lora is not None:
         lora.check_all_used()
+    if entry_path is not None:
+        _write_quant_cache(model, entry_path, info)
+    return _finish(model, prof, config, main_dev, layer_devs, info)
+
+
+def _quant_cache_entry(ckpt, prof, lora, cache: bool, devices, info: dict):
+    """The quantized-weight cache entry this load reads or writes, or None (info says why)."""
+    if not prof.quantization_bits:
+        return None
+    from glmsetup.runtime import quant_cache
+    from glmsetup.runtime.convert import source_key
+
+    if not cache or not quant_cache.enabled() or lora is not None:
+        info["quant_cache"] = "off" if lora is None else "off (an adapter is merged)"
+        return None
+    path, info["facts"] = quant_cache.entry_path(source_key(ckpt), prof.quantization_bits, prof.dtype, devices)
+    info["quant_cache"], info["quant_cache_file"] = "miss", str(path)
+    return path
+
+
+def _write_quant_cache(model, path, info: dict) -> None:
+    from glmsetup.runtime import quant_cache
+
+    try:
+        quant_cache.write_entry(path, info["facts"], model)
+    except OSError as exc:
+        log.warning("the quantized weights are not cached (%s): the next start quantizes again", exc)
+        info["quant_cache"], info["quant_cache_file"] = f"not written ({exc})", None
+        return
+    info["quant_cache"] = "rebuilt" if info["quant_cache"] == "rebuilt" else "written"
+
+
+def _finish(model, prof: profiles.Profile, config, main_dev, layer_devs, info: dict):
+    """What every load ends with: the computed buffers, eval mode, the generation defaults."""
     # Buffers that are computed, not stored: RoPE frequencies.
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
@@ -257,6 +311,12 @@ def load_model(ckpt, prof: profiles.Profile, lora=None):
     model.generation_config = official_generation_config(config.max_position_embeddings, factor)
     if prof.num_gpus > 1:
         _dispatch(model, main_dev, layer_devs)
+    info.pop("facts", None)
+    if prof.quantization_bits:
+        from glmsetup.runtime.kernels import model_kernels
+
+        info["kernels"] = model_kernels(model)
+    model.load_info = info
     return model
 
 

@@ -15,6 +15,7 @@ the shape rules of each kernel, the accuracy bounds and the measured speed.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -87,26 +88,55 @@ def _kernels_disabled() -> bool:
     return os.environ.get("GLMSETUP_QUANT_KERNELS", "").strip().lower() in ("0", "off", "no", "false")
 
 
+KERNEL_OPS = {"cpu_int8pack": "aten._weight_int8pack_mm", "cpu_int4pack": "aten._weight_int4pack_mm_for_cpu",
+              "cuda_int8pack": "aten._weight_int8pack_mm", "cuda_int4pack": "aten._weight_int4pack_mm"}
+_KERNEL_NEEDS = {"cpu_int8pack": ("_weight_int8pack_mm",),
+                 "cpu_int4pack": ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
+                 "cuda_int8pack": ("_weight_int8pack_mm",),
+                 "cuda_int4pack": ("_weight_int4pack_mm", "_convert_weight_to_int4pack")}
+
+
+def _kernel_candidate(device: torch.device, bits: int, in_features: int, out_features: int):
+    """(kernel backend, None) when torch has a kernel for this layer here, else (None, why not)."""
+    if _kernels_disabled():
+        return None, f"GLMSETUP_QUANT_KERNELS={os.environ.get('GLMSETUP_QUANT_KERNELS', '').strip()} turns them off"
+    if device.type not in ("cpu", "cuda"):
+        return None, f"torch has no int{bits} weight kernel on {device.type}"
+    backend = f"{device.type}_int{bits}pack"
+    op = KERNEL_OPS[backend]
+    absent = [name for name in _KERNEL_NEEDS[backend] if not hasattr(torch.ops.aten, name)]
+    if absent:
+        return None, f"this torch ({torch.__version__}) has no aten.{absent[0]}"
+    if backend == "cuda_int4pack":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 0):
+            return None, f"{op} needs compute capability 8.0 or newer, this GPU has {cap[0]}.{cap[1]}"
+    shape_ok = {"cpu_int8pack": in_features % 16 == 0,
+                "cpu_int4pack": out_features % 16 == 0 and bool(int4_layout.group_size(in_features)),
+                "cuda_int8pack": True,
+                "cuda_int4pack": out_features % 8 == 0 and bool(int4_layout.group_size(in_features))}[backend]
+    if not shape_ok:
+        return None, f"{op} does not take a {out_features} x {in_features} weight"
+    return backend, None
+
+
 def choose_backend(device: torch.device, bits: int, in_features: int, out_features: int) -> str:
     """The fastest backend torch offers here for this layer shape (see the module docstring)."""
-    aten = torch.ops.aten
-    if _kernels_disabled():
-        return "dequant"
-    if device.type == "cpu":
-        if bits == 8 and in_features % 16 == 0 and hasattr(aten, "_weight_int8pack_mm"):
-            return "cpu_int8pack"
-        if (bits == 4 and out_features % 16 == 0 and int4_layout.group_size(in_features)
-                and hasattr(aten, "_weight_int4pack_mm_for_cpu")
-                and hasattr(aten, "_convert_weight_to_int4pack_for_cpu")):
-            return "cpu_int4pack"
-    elif device.type == "cuda":
-        if bits == 8 and hasattr(aten, "_weight_int8pack_mm"):
-            return "cuda_int8pack"
-        if (bits == 4 and out_features % 8 == 0 and int4_layout.group_size(in_features)
-                and hasattr(aten, "_weight_int4pack_mm") and hasattr(aten, "_convert_weight_to_int4pack")
-                and torch.cuda.get_device_capability(device) >= (8, 0)):
-            return "cuda_int4pack"
-    return "dequant"
+    return _kernel_candidate(torch.device(device), bits, in_features, out_features)[0] or "dequant"
+
+
+def backend_plan(device, bits: int, in_features: int, out_features: int) -> tuple:
+    """(backend, reason): the backend a layer of this shape gets here after the kernel's check, and
+    when that is ``dequant``, why (no kernel for it here, or the kernel disagreed with its check)."""
+    device = torch.device(device)
+    backend, reason = _kernel_candidate(device, bits, in_features, out_features)
+    if backend is None:
+        return "dequant", reason
+    probe = probe_kernel(backend, device, bits, in_features)
+    if probe.ok:
+        return backend, None
+    what = f"max error {probe.max_error:.2g} of the largest output" if probe.error is None else probe.error
+    return "dequant", f"{KERNEL_OPS[backend]} rejected by its check ({what})"
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -192,15 +222,37 @@ class WeightOnlyLinear(torch.nn.Module):
         mod._set_bias(bias, device)
         return mod
 
+    def packed_tensors(self) -> dict:
+        """The tensors the backend reads, as held (``qweight`` and ``scale`` or ``scales_zeros``; the
+        bias apart): with :meth:`from_packed` a layer is rebuilt from them without repacking."""
+        names = ("qweight", "scales_zeros") if self.backend in ("cpu_int4pack", "cuda_int4pack") else ("qweight", "scale")
+        return {name: getattr(self, name) for name in names}
+
+    @classmethod
+    def from_packed(cls, in_features: int, out_features: int, bits: int, backend: str, tensors: dict,
+                    bias: Optional[torch.Tensor], *, device, dtype: torch.dtype) -> "WeightOnlyLinear":
+        """A layer around tensors already in ``backend``'s form (:meth:`packed_tensors` of a layer
+        built with the same torch, kernel layout and device kind), moved to ``device`` but not
+        copied when they are there already: the quantized-weight cache maps them from disk."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS}")
+        device = torch.device(device)
+        mod = cls._blank(in_features, out_features, bits, bias is not None, device, dtype, backend)
+        for name, tensor in tensors.items():
+            tensor = tensor.to(device)
+            mod.register_buffer(name, _aligned(tensor) if backend.endswith("int8pack") else tensor, persistent=False)
+        if backend in ("cpu_int4pack", "cuda_int4pack"):
+            mod.group_size = int4_layout.group_size(in_features)
+        mod.backend = backend
+        mod._set_bias(bias, device)
+        return mod
+
     def _pick_backend(self, device: torch.device) -> str:
         if self._forced_backend is not None:
             if self._forced_backend not in BACKENDS:
                 raise ValueError(f"unknown backend {self._forced_backend!r}; one of {BACKENDS}")
             return self._forced_backend
-        backend = choose_backend(device, self.bits, self.in_features, self.out_features)
-        if backend != "dequant" and not _kernel_works(backend, device, self.bits, self.in_features):
-            backend = "dequant"
-        return backend
+        return backend_plan(device, self.bits, self.in_features, self.out_features)[0]
 
     def _set_bias(self, bias, device):
         if bias is not None:
@@ -389,16 +441,31 @@ def _scale_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """One kernel's check: whether it agreed with the dequantized product, by how much it missed
+    (the largest difference over the largest output), or what it raised."""
+
+    ok: bool
+    max_error: Optional[float] = None
+    error: Optional[str] = None
+
+
 _probe_results: dict = {}
 
 
 def _kernel_works(backend: str, device: torch.device, bits: int, in_features: int) -> bool:
+    return probe_kernel(backend, device, bits, in_features).ok
+
+
+def probe_kernel(backend: str, device, bits: int, in_features: int) -> ProbeResult:
     """Whether ``backend`` computes ``x @ (q * scale).T`` here, for rows of this width: checked once per
-    process on a 64-row probe layer against the dequantized product (missing ops, an unexpected
-    packing or scale convention in another torch build all turn into False, and so into ``dequant``)."""
+    process on a 64-row probe layer against the dequantized product computed in float32 (missing ops,
+    an unexpected packing or scale convention in another torch build all fail it, and so give
+    ``dequant``)."""
+    device = torch.device(device)
     key = (backend, str(device), bits, in_features)
     if key not in _probe_results:
-        ok = False
         try:
             gen = torch.Generator().manual_seed(0)
             top = qmax(bits)
@@ -409,11 +476,15 @@ def _kernel_works(backend: str, device: torch.device, bits: int, in_features: in
             probe._install(q.to(device), scale.to(device), device, backend)
             got = probe._kernel_matmul(x.to(device)).float().cpu()
             want = x.float() @ dequantize_weight(q, probe.row_scales().cpu()).T
+            diff = (got - want).abs()
             ok = bool(torch.isfinite(got).all()) and bool(
-                ((got - want).abs() <= 2.0 ** -7 * want.abs() + 1e-3 * want.abs().max()).all())
-        except (RuntimeError, NotImplementedError, AttributeError):
-            ok = False
-        _probe_results[key] = ok
+                (diff <= 2.0 ** -7 * want.abs() + 1e-3 * want.abs().max()).all())
+            err = float(diff.max() / want.abs().max()) if bool(torch.isfinite(got).all()) else float("inf")
+            result = ProbeResult(ok, err)
+        except (RuntimeError, NotImplementedError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            result = ProbeResult(False, None, f"{exc.__class__.__name__}: {first}")
+        _probe_results[key] = result
     return _probe_results[key]
 
 
