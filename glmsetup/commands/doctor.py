@@ -49,7 +49,8 @@ def doctor_core(model_dir, context, deep, online, endpoints, timeout) -> dict:
               help="Where the model is or will be (default: $GLMSETUP_HOME/models/chatglm2-6b).")
 @click.option("--context", "-c", default=2048, show_default=True, type=click.IntRange(1, 32768),
               help="Tokens of prompt plus answer the verdict plans for.")
-@click.option("--deep", is_flag=True, help="Also import torch (in a child process): CUDA/MPS availability, capability.")
+@click.option("--deep", is_flag=True, help="Also import torch (in a child process): CUDA/MPS availability, capability, "
+              "and which int8/int4 kernel each device runs (each checked against the dequantized product).")
 @click.option("--online", is_flag=True, help="Ask each download source how fast it answers (HEAD only, nothing downloaded).")
 @click.option("--endpoint", "endpoints", multiple=True, metavar="NAME=URL",
               help="Override a source's address for --online (hf, hf-mirror, modelscope, tsinghua).")

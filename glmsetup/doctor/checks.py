@@ -170,7 +170,7 @@ def check_torch(facts: Facts, hardware_wants_cuda: bool = False) -> Finding:
     build = f"CUDA {t.cuda} build" if t.cuda else f"ROCm {t.hip} build" if t.hip else "CPU build"
     ev = [f"torch {t.version}: {build} (from {t.source}, not imported)"]
     if t.deep:
-        ev.append("import torch: " + ", ".join(f"{k}={v}" for k, v in t.deep.items()))
+        ev.append("import torch: " + ", ".join(f"{k}={v}" for k, v in t.deep.items() if not k.startswith("kernels")))
     if _v(t.version) and _v(t.version) < Version(requirements.MIN_TORCH):
         return Finding("torch", "gpu", "torch", "warn", f"torch {t.version} ({build}) is older than 2.0", ev +
                        ["torch < 2.0 lacks scaled_dot_product_attention: slower and more memory"],
@@ -201,6 +201,25 @@ def check_torch_cuda(facts: Facts, hardware_wants_cuda: bool = False) -> Finding
         return Finding("torch-cuda", "gpu", title, bad, reason, [why], fix)
     return Finding("torch-cuda", "gpu", title, status, f"CUDA {t.cuda} build fits driver CUDA {nv.cuda}"
                    if status == "ok" else reason, [reason, why], None if status == "ok" else "update the NVIDIA driver")
+
+
+def check_kernels(facts: Facts) -> Finding:
+    """The int8/int4 kernel each device runs (doctor --deep probes them in its torch child)."""
+    title = "int8/int4 kernels"
+    deep = facts.torch.deep if facts.torch else None
+    if not deep:
+        return Finding("kernels", "gpu", title, "skipped", "not checked: `glmsetup doctor --deep` runs them")
+    rows = deep.get("kernels")
+    if rows is None:
+        why = deep.get("error") or deep.get("kernels_error") or "no answer"
+        return Finding("kernels", "gpu", title, "skipped", f"could not check ({why})")
+    ev = [f"int{r['bits']} on {r['device']}: {r['backend']}" + (f" ({r['kernel']})" if r["ok"] else "") for r in rows]
+    slow = [r["message"] for r in rows if r.get("message")]
+    if slow:
+        more = f" (and {len(slow) - 1} more)" if len(slow) > 1 else ""
+        return Finding("kernels", "gpu", title, "warn", slow[0] + more, ev + slow,
+                       "the profiles still answer correctly, only slower; docs/runtime.md (Kernels) says what runs where")
+    return Finding("kernels", "gpu", title, "ok", "; ".join(ev), ev)
 
 
 def check_mps(facts: Facts) -> Finding:

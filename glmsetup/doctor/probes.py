@@ -212,14 +212,22 @@ d["devices"] = [{"name": torch.cuda.get_device_name(i), "capability": list(torch
 d["bf16_cuda"] = bool(d["cuda_available"] and torch.cuda.is_bf16_supported())
 mps = getattr(torch.backends, "mps", None)
 d["mps_available"] = bool(mps and mps.is_available())
+try:  # which int8/int4 kernel each device runs, each checked against the dequantized product
+    from glmsetup.runtime.kernels import probe_report
+    d["kernels"] = probe_report()
+except Exception as exc:
+    d["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
 print(json.dumps(d))
 """
 
 
 def probe_torch_deep(timeout: float = 60.0) -> dict:
-    """Import torch in a child process (a broken torch cannot take the doctor down)."""
+    """Import torch in a child process (a broken torch cannot take the doctor down), and run the int8/int4
+    kernel probes there (glmsetup importable from the child even when it runs from a source tree)."""
+    here = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run([sys.executable, "-c", _DEEP], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([sys.executable, "-c", _DEEP], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"import torch took more than {timeout:.0f} s"}
     if done.returncode != 0:

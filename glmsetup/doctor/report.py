@@ -14,7 +14,7 @@ from glmsetup.doctor.verdict import Verdict, evaluate, model_complete
 CHECKS: tuple = (
     ("system", c.check_python), ("system", c.check_os), ("git", c.check_git), ("git", c.check_git_lfs),
     ("nvidia", c.check_nvidia), ("nvidia", c.check_gpus), ("torch", c.check_torch),
-    ("torch", c.check_torch_cuda), ("system", c.check_mps),
+    ("torch", c.check_torch_cuda), ("torch", c.check_kernels), ("system", c.check_mps),
     ("memory", c.check_ram), ("disk", c.check_disk_space), ("disk", c.check_disk_kind),
     ("packages", c.check_transformers), ("packages", c.check_sentencepiece), ("packages", c.check_accelerate),
     ("packages", c.check_cpm_kernels), ("packages", c.check_gradio), ("packages", c.check_pydantic),
@@ -60,7 +60,7 @@ def run_checks(facts: Facts, verdict: Verdict) -> list:
 
 GROUP_OF = {
     "python": "system", "os": "system", "git": "system", "git_lfs": "system",
-    "nvidia": "gpu", "gpus": "gpu", "torch": "gpu", "torch_cuda": "gpu", "mps": "gpu",
+    "nvidia": "gpu", "gpus": "gpu", "torch": "gpu", "torch_cuda": "gpu", "kernels": "gpu", "mps": "gpu",
     "ram": "memory", "disk_space": "memory", "disk_kind": "memory",
     "hf_endpoint": "network", "proxy": "network", "model": "model",
 }

@@ -92,9 +92,38 @@ def load_model(plan: RunPlan, *, json_mode: bool = False, quiet: bool = False):
         raise RuntimeFailure(f"loading the model failed: {exc.__class__.__name__}: {exc}",
                              hint=f"glmsetup verify {plan.model_dir}; GLMSETUP_DEBUG=1 shows the traceback") from exc
     seconds = time.perf_counter() - start
+    model = result[1] if isinstance(result, tuple) and len(result) > 1 else None
+    info = getattr(model, "load_info", None) or {}
     if not (json_mode or quiet):
-        console.print(f"[green]loaded[/] in {seconds:.1f} s", highlight=False)
+        console.print(f"[green]loaded[/] in {seconds:.1f} s{output.escape(cache_note(info))}", highlight=False,
+                      soft_wrap=True)
+        if info.get("kernels"):
+            from glmsetup.runtime.kernels import summary_line
+
+            console.print(f"[dim]kernels  {output.escape(summary_line(info['kernels']))}[/]", highlight=False)
+    if not json_mode:
+        for note in kernel_warnings(info):
+            console.print(f"[bold red]warning:[/] [bold]{output.escape(note)}[/]", soft_wrap=True)
     return result
+
+
+def cache_note(info: dict) -> str:
+    """Where the quantized weights came from, for the "loaded in N s" line ("" when not quantized)."""
+    state = info.get("quant_cache")
+    if state == "hit":
+        return " (quantized weights mapped from the cache)"
+    if state == "written":
+        return f" (quantized weights cached in {info.get('quant_cache_file')}: the next start maps them)"
+    if state == "rebuilt":
+        return " (the quantized-weight cache was damaged or stale: rebuilt)"
+    if state and state.startswith("not written"):
+        return f" (quantized weights {state})"
+    return ""
+
+
+def kernel_warnings(info: dict) -> list:
+    """One line per int8/int4 kernel that is not used on a device, with the reason and the cost."""
+    return [note for group in info.get("kernels") or [] for note in group.get("notes", [])]
 
 
 def check_backend(plan: RunPlan) -> None:

@@ -36,7 +36,7 @@ max_length = {MAX_LENGTH}
 @dataclass
 class Check:
     name: str
-    status: str = "ok"  # ok | fail | skipped
+    status: str = "ok"  # ok | warn | fail | skipped
     seconds: float = 0.0
     detail: str = ""
     hint: Optional[str] = None
@@ -46,6 +46,10 @@ class Skip(Exception):
     def __init__(self, detail: str, hint: Optional[str] = None):
         super().__init__(detail)
         self.detail, self.hint = detail, hint
+
+
+class Warn(Skip):
+    """The step worked, with something the user should know (it does not fail the selftest)."""
 
 
 def _need(front: str) -> None:
@@ -74,6 +78,8 @@ class Selftest:
             if needs_model and self.model is None:
                 raise Skip("the model did not load", "see the 'load' line")
             check.detail = fn() or ""
+        except Warn as exc:
+            check.status, check.detail, check.hint = "warn", exc.detail, exc.hint
         except Skip as exc:
             check.status, check.detail, check.hint = "skipped", exc.detail, exc.hint
         except GlmsetupError as exc:
@@ -115,6 +121,20 @@ class Selftest:
         if not isinstance(response, str) or history[-1][0] != QUERY:
             raise AssertionError(f"chat() returned {response!r}, {history!r}")
         return f"profile {self.profile.name}; chat() answered {len(response)} chars"
+
+    def kernels(self) -> str:
+        """The int8/int4 kernel each device runs here, each checked against the dequantized product."""
+        gone = missing_modules(RUNTIME_MODULES)
+        if gone:
+            raise Skip(f"{', '.join(gone)} not installed", EXTRAS_HINT["runtime"])
+        from glmsetup.runtime.kernels import probe_report
+
+        rows = probe_report()
+        slow = [r["message"] for r in rows if r["message"]]
+        if slow:
+            raise Warn("; ".join(slow), "the int8/int4 profiles still answer correctly, only slower; "
+                                        "docs/runtime.md (Kernels) says what runs where")
+        return "; ".join(f"int{r['bits']} on {r['device']}: {r['backend']}" for r in rows)
 
     def start_cli(self) -> None:
         """Start `glmsetup run cli` early: its imports overlap with the in-process checks."""
@@ -239,6 +259,7 @@ class Selftest:
         self.step("tiny checkpoint", self.build, needs_model=False)
         self.start_cli()
         self.step("load + chat()", self.load, needs_model=False)
+        self.step("int8/int4 kernels", self.kernels, needs_model=False)
         self.step("cli (pipe)", self.cli, needs_model=False)
         self.step("api (HTTP, both protocols)", self.api)
         self.step("web (Gradio predict)", self.web)

@@ -8,7 +8,7 @@ import pytest
 
 from ..conftest import run_glmsetup
 
-NAMES = ["tiny checkpoint", "load + chat()", "cli (pipe)", "api (HTTP, both protocols)", "web (Gradio predict)",
+NAMES = ["tiny checkpoint", "load + chat()", "int8/int4 kernels", "cli (pipe)", "api (HTTP, both protocols)", "web (Gradio predict)",
          "streamlit (AppTest)"]
 
 
@@ -23,7 +23,8 @@ def test_selftest_json_end_to_end(glmsetup_home):
     assert [c["name"] for c in data["checks"]] == NAMES
     for check in data["checks"]:
         assert check["status"] == "ok" and check["seconds"] >= 0 and check["detail"]
-    assert "streamed" in data["checks"][3]["detail"] and "chunks" in data["checks"][3]["detail"]
+    assert "streamed" in data["checks"][4]["detail"] and "chunks" in data["checks"][4]["detail"]
+    assert data["checks"][2]["detail"] == "int8 on cpu: cpu_int8pack; int4 on cpu: cpu_int4pack"
     assert not (glmsetup_home / "selftest").exists()  # cleaned up without --keep
 
 
@@ -95,3 +96,19 @@ def test_kept_model_line_says_how_to_use_it(glmsetup_home):
     kept = str(glmsetup_home / "selftest" / "chatglm2-6b-tiny")
     render_selftest(console, {"ok": True, "failed": [], "seconds": 1.0, "model_dir": kept, "kept": True, "checks": []})
     assert f"glmsetup run cli --model {kept} --profile cpu" in console.export_text()
+
+
+def test_a_kernel_not_used_is_a_warning_with_its_cost(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from glmsetup.launch.selftest import Selftest
+
+    monkeypatch.setenv("GLMSETUP_QUANT_KERNELS", "off")
+    check = Selftest(tmp_path).step("int8/int4 kernels", Selftest(tmp_path).kernels, needs_model=False)
+    assert check.status == "warn"
+    assert check.detail == ("int8 on cpu: GLMSETUP_QUANT_KERNELS=off turns them off; using dequantize-per-call, "
+                            "about 50x slower matrix products per decoding step; int4 on cpu: "
+                            "GLMSETUP_QUANT_KERNELS=off turns them off; using dequantize-per-call, "
+                            "about 40x slower matrix products per decoding step")
+    monkeypatch.delenv("GLMSETUP_QUANT_KERNELS")
+    check = Selftest(tmp_path).step("int8/int4 kernels", Selftest(tmp_path).kernels, needs_model=False)
+    assert check.status == "ok" and check.detail == "int8 on cpu: cpu_int8pack; int4 on cpu: cpu_int4pack"

@@ -1,0 +1,45 @@
+"""`doctor --deep` names the int8/int4 kernel each device runs, and a kernel that is not used, with the
+reason and the cost; plain `doctor` stays torch-free and leaves the check to --deep."""
+from __future__ import annotations
+
+import pytest
+
+from glmsetup.doctor.checks import check_kernels
+from glmsetup.doctor.facts import Facts, Torch
+
+
+def kernels_check(data: dict) -> dict:
+    return next(c for c in data["checks"] if c["id"] == "kernels")
+
+
+def test_plain_doctor_leaves_the_kernels_to_deep(cli):
+    check = kernels_check(cli.json("doctor")["data"])
+    assert check["status"] == "skipped" and "--deep" in check["summary"]
+
+
+@pytest.mark.slow
+def test_deep_runs_the_kernel_probes_here(cli, monkeypatch):
+    pytest.importorskip("torch")
+    check = kernels_check(cli.json("doctor", "--deep")["data"])
+    assert check["status"] == "ok", check
+    assert check["summary"].startswith("int8 on cpu: cpu_int8pack (aten._weight_int8pack_mm); "
+                                       "int4 on cpu: cpu_int4pack (aten._weight_int4pack_mm_for_cpu)")
+    monkeypatch.setenv("GLMSETUP_QUANT_KERNELS", "off")  # the child inherits it
+    check = kernels_check(cli.json("doctor", "--deep")["data"])
+    assert check["status"] == "warn"
+    assert check["summary"].startswith("int8 on cpu: GLMSETUP_QUANT_KERNELS=off turns them off; using "
+                                       "dequantize-per-call, about 50x slower matrix products per decoding step")
+    assert "(and " in check["summary"] and "int4 on cpu: dequant" in check["evidence"]
+
+
+def test_an_old_gpu_without_torchs_int4_kernel_is_a_warning():
+    rows = [{"device": "cpu", "bits": 8, "backend": "cpu_int8pack", "kernel": "aten._weight_int8pack_mm",
+             "ok": True, "message": None},
+            {"device": "cuda:0", "bits": 4, "backend": "dequant", "kernel": "aten._weight_int4pack_mm", "ok": False,
+             "message": "int4 on cuda:0: aten._weight_int4pack_mm needs compute capability 8.0 or newer, this GPU "
+                        "has 7.5; using dequantize-per-call, about 30x slower matrix products per decoding step"}]
+    finding = check_kernels(Facts(torch=Torch(version="2.13.0", deep={"version": "2.13.0", "kernels": rows})))
+    assert finding.status == "warn" and finding.summary == rows[1]["message"]
+    assert finding.evidence[:2] == ["int8 on cpu: cpu_int8pack (aten._weight_int8pack_mm)", "int4 on cuda:0: dequant"]
+    broken = check_kernels(Facts(torch=Torch(version="2.13.0", deep={"error": "import torch failed: boom"})))
+    assert broken.status == "skipped" and "boom" in broken.summary
