@@ -122,12 +122,18 @@ class ChatCompletionRequest(BaseModel):
 
 
 def to_query_history(messages: List[ChatMessage]) -> Tuple[str, List[Tuple[str, str]]]:
-    """Turn OpenAI messages into ChatGLM2's (query, history).
+    """Turn OpenAI messages into ChatGLM2's (query, history) by the rules of the official openai_api.py.
 
-    Leading system messages are prepended to the final user query, as the official openai_api.py does.
-    The rest must alternate user/assistant (consecutive messages of one role are joined with a newline)
-    and end with a user message.
+    The last message (from the user) is the query; a system message that comes first is put in front
+    of it, with nothing between. The messages in between become history only when they are an even
+    number, taken as (user, assistant) pairs; other pairs are left out. So a system message that is
+    not first, consecutive user messages or a conversation the assistant opened drop out of the prompt,
+    as on the official server. These are the rules of a converted folder's chat template too
+    (runtime/engine_files.py): the same messages make the same prompt here and on an engine serving
+    that folder.
     """
+    from glmsetup.runtime.engine_files import official_query_history
+
     for i, message in enumerate(messages):
         if message.role not in ROLES:
             raise ApiError(400, f"messages[{i}].role is {message.role!r}; this server knows the roles "
@@ -135,28 +141,7 @@ def to_query_history(messages: List[ChatMessage]) -> Tuple[str, List[Tuple[str, 
     if messages[-1].role != "user":
         raise ApiError(400, f"the last message must come from the user, not from the {messages[-1].role}",
                        param=f"messages[{len(messages) - 1}].role", code="invalid_last_message")
-    start = 0
-    system_parts: List[str] = []
-    while start < len(messages) and messages[start].role == "system":
-        system_parts.append(messages[start].text())
-        start += 1
-    turns: List[Tuple[str, str]] = []  # (role, text), consecutive roles merged
-    for i in range(start, len(messages)):
-        message = messages[i]
-        if message.role == "system":
-            raise ApiError(400, f"messages[{i}] is a system message after the conversation began; "
-                                "put system messages first", param=f"messages[{i}].role", code="invalid_role")
-        if turns and turns[-1][0] == message.role:
-            turns[-1] = (message.role, turns[-1][1] + "\n" + message.text())
-        else:
-            turns.append((message.role, message.text()))
-    if turns[0][0] == "assistant":  # a conversation the assistant opened: pair it with an empty query
-        turns.insert(0, ("user", ""))
-    history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
-    query = turns[-1][1]
-    if system_parts:
-        query = "\n".join(system_parts) + query
-    return query, history
+    return official_query_history([{"role": m.role, "content": m.text()} for m in messages])
 
 
 def describe_validation_error(errors: List[dict]) -> Tuple[str, Optional[str]]:

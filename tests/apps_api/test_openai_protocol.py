@@ -8,6 +8,7 @@ import pytest
 
 from tests.apps_api.conftest import direct_stream, wait_idle
 from tests.conftest import DecodeSteps
+from tests.runtime.upstream import needs_upstream
 
 openai = pytest.importorskip("openai")
 
@@ -152,3 +153,36 @@ def test_sse_lines_survive_unicode_line_separators():
     text = _sse_json({"choices": [{"delta": {"content": "a\u2028b\x85c\u2029d\n"}}]})
     assert len(text.splitlines()) == 1
     assert json.loads(text)["choices"][0]["delta"]["content"] == "a\u2028b\x85c\u2029d\n"
+
+
+@needs_upstream
+def test_messages_become_query_and_history_as_the_official_openai_api_does():
+    """Every shape of conversation (a system message not first, consecutive user messages, an odd number
+    of earlier messages, an assistant opening) gives the (query, history) of the official openai_api.py
+    itself, run on the same messages."""
+    from glmsetup.apps.api_schemas import ChatMessage, to_query_history
+    from tests.runtime.tokenizer_corpus import conversations
+    from tests.runtime.upstream import official_query_history
+
+    for messages in conversations(300, seed=7):
+        want_query, want_history = official_query_history(messages)
+        query, history = to_query_history([ChatMessage(**m) for m in messages])
+        assert (query, [tuple(h) for h in history]) == (want_query, [tuple(h) for h in want_history]), messages
+
+
+@pytest.mark.parametrize("messages,query,history", [
+    ([{"role": "user", "content": "Hello world"}, {"role": "system", "content": "Be terse."},
+      {"role": "user", "content": "What is Python?"}], "What is Python?", []),
+    ([{"role": "user", "content": "Hello world"}, {"role": "user", "content": "What is Python?"}],
+     "What is Python?", []),
+    ([{"role": "system", "content": "Be terse. "}, {"role": "user", "content": "Hello world"},
+      {"role": "assistant", "content": "Hi!"}, {"role": "system", "content": "late"},
+      {"role": "assistant", "content": "x"}, {"role": "user", "content": "What is Python?"}],
+     "Be terse. What is Python?", [("Hello world", "Hi!")]),
+], ids=["system-not-first", "two-user-messages", "pair-skipped"])
+def test_irregular_conversations_are_answered_like_the_official_server(api, tiny_chat, messages, query, history):
+    out = client(api).chat.completions.create(model="chatglm2-6b", messages=messages, max_tokens=12, **GREEDY)
+    assert out.choices[0].message.content == direct(api, tiny_chat, query, history, max_new_tokens=12,
+                                                    max_length=8192)
+    tokenizer, _ = tiny_chat
+    assert out.usage.prompt_tokens == len(tokenizer.encode(tokenizer.build_prompt(query, history)))
