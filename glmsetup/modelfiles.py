@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +42,73 @@ class ModelDirReport:
     kind: str = "unknown"  # chatglm2 | chatglm2-int4 | glm-converted | unknown
     files: list[str] = field(default_factory=list)
     issues: list[FileIssue] = field(default_factory=list)
+    unfinished: Optional[str] = None  # the command that resumes a fetch that stopped here (see unfinished_fetch)
 
     @property
     def ok(self) -> bool:
         return self.exists and not self.issues and self.kind != "unknown"
 
+    @property
+    def stopped(self) -> bool:
+        """An earlier fetch stopped here and the folder is not complete: "not downloaded yet", not damaged."""
+        return bool(self.unfinished) and bool(self.issues or not self.files)
+
     def to_dict(self) -> dict:
         return {"path": self.path, "exists": self.exists, "kind": self.kind, "files": self.files,
-                "issues": [vars(i) for i in self.issues], "ok": self.ok}
+                "issues": [vars(i) for i in self.issues], "ok": self.ok, "unfinished": self.unfinished,
+                "stopped": self.stopped}
+
+
+NOT_DOWNLOADED = "not downloaded yet (an earlier fetch stopped)"
+RUN_MARK = Path(".glmsetup") / "partial" / "run.json"  # written by glmsetup.fetch.runner when a fetch starts
+MAX_MARK_BYTES = 64 << 10
+
+
+def unfinished_fetch(folder) -> Optional[str]:
+    """The command that resumes a fetch that started in `folder` and did not finish, else None.
+
+    A fetch writes `.glmsetup/partial/run.json` (with its own command line) when it starts and removes it
+    once every file is in place; partial files (`*.part.json`) left by a fetch tell the same."""
+    folder = Path(folder)
+    fallback = "glmsetup fetch --model-dir " + shlex.quote(str(folder))
+    mark = folder / RUN_MARK
+    try:
+        fd = os.open(mark, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            info = os.fstat(fd)
+            data = os.read(fd, MAX_MARK_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""
+        except OSError:
+            data = b""
+        finally:
+            os.close(fd)
+        try:
+            command = json.loads(data.decode("utf-8")).get("command") if len(data) <= MAX_MARK_BYTES else None
+        except (ValueError, AttributeError, RecursionError):
+            command = None
+        ok = isinstance(command, str) and command.startswith("glmsetup fetch ") and command.isprintable() \
+            and len(command) <= 4096
+        return command if ok else fallback
+    partial = folder / RUN_MARK.parent
+    try:
+        if partial.is_dir() and not partial.is_symlink() and any(partial.rglob("*.part.json")):
+            return fallback
+    except OSError:
+        pass
+    return None
+
+
+def stopped_fetch_error(report: "ModelDirReport") -> Optional[tuple]:
+    """(message, hint) for a folder an earlier fetch left incomplete, else None: what run, convert and the
+    other commands say instead of "not a model folder" or "damaged"."""
+    if not report.stopped:
+        return None
+    missing = sum(1 for i in report.issues if i.problem == "missing")
+    detail = f" ({missing} file(s) not there yet)" if missing else ""
+    return (f"the model folder {report.path} is {NOT_DOWNLOADED}{detail}",
+            f"`{report.unfinished}` resumes it (verified and partial bytes are kept)")
 
 
 def read_lfs_pointer(path: Path) -> Optional[tuple[str, int]]:
@@ -212,6 +272,18 @@ def _is_bookkeeping(rel: Path) -> bool:
     return any(part in (".git", ".glmsetup") or part.startswith(".glmsetup") for part in rel.parts)
 
 
+NOT_REGULAR = ("not a regular file (a FIFO, socket, device or folder, or a link to one): move it away; "
+               "glmsetup fetch puts the real file in its place")
+
+
+def _not_a_file(file: Path, name: str) -> FileIssue:
+    """The issue of a path that is not a regular file: nothing there (or a link to nothing) is missing; a FIFO,
+    a device or a link to one is never opened (a FIFO would block a read, /dev/zero never end it)."""
+    if os.path.lexists(file) and os.path.exists(file):
+        return FileIssue(name, "invalid", NOT_REGULAR)
+    return FileIssue(name, "missing", "a link to nothing" if os.path.lexists(file) else "not in the folder")
+
+
 def inspect_model_dir(path, manifest: Optional[Manifest] = None, hash_files: bool = False) -> ModelDirReport:
     """Report what is wrong with a model folder; with a manifest, check sizes (and hashes if asked)."""
     folder = Path(path).expanduser()
@@ -220,6 +292,7 @@ def inspect_model_dir(path, manifest: Optional[Manifest] = None, hash_files: boo
         return report
     report.files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                           if p.is_file() and not _is_bookkeeping(p.relative_to(folder)))
+    report.unfinished = unfinished_fetch(folder)
     report.kind = _kind(folder)
     wanted: Manifest = dict(manifest or {})
     for name in ["config.json", *expected_files(folder)]:
@@ -242,7 +315,7 @@ def inspect_model_dir(path, manifest: Optional[Manifest] = None, hash_files: boo
     for name, (size, sha) in sorted(wanted.items()):
         file = folder / name
         if not file.is_file():
-            report.issues.append(FileIssue(name, "missing", "not in the folder"))
+            report.issues.append(_not_a_file(file, name))
             continue
         problem = sniff(file)
         if problem == "pointer":

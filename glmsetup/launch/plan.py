@@ -102,7 +102,7 @@ def resolve_profile(spec: str) -> tuple[profiles.Profile, str]:
 
 def check_model_dir(model_dir: Optional[str], *, kinds: tuple = NATIVE_KINDS) -> tuple[Path, str]:
     """The model folder, checked; (path, kind) or a ModelError whose hint is the repairing command."""
-    from glmsetup.modelfiles import holds_model_files, inspect_model_dir
+    from glmsetup.modelfiles import holds_model_files, inspect_model_dir, stopped_fetch_error
 
     default = model_dir is None
     folder = paths.default_model_dir() if default else Path(model_dir).expanduser()
@@ -116,6 +116,9 @@ def check_model_dir(model_dir: Optional[str], *, kinds: tuple = NATIVE_KINDS) ->
                                   f"default with `{fetch}`")
         raise ModelError(f"no model folder at {folder}",
                          hint=f"download it with `{fetch}` (or pass --model DIR), or try `glmsetup selftest` first")
+    stopped = stopped_fetch_error(report)
+    if stopped:  # an earlier fetch stopped: not "empty", "damaged" or "not a model folder"
+        raise ModelError(*stopped, details=report.to_dict())
     if not report.files:
         raise ModelError(f"the model folder {folder} is empty: nothing downloaded yet",
                          hint=f"download it with `{fetch}` (or pass --model DIR), or try `glmsetup selftest` first")

@@ -70,6 +70,9 @@ def open_checkpoint(path, *, native: bool = True) -> Checkpoint:
         raise ModelError(f"no model folder at {folder}",
                          hint=f"`{_fetch_command(folder)}` downloads ChatGLM2-6B there; or pass the folder you have")
     report = modelfiles.inspect_model_dir(folder)
+    stopped = modelfiles.stopped_fetch_error(report)
+    if stopped:  # an earlier fetch stopped: "not downloaded yet", not "not a model folder"
+        raise ModelError(*stopped, details=report.to_dict())
     for issue in report.issues:
         if issue.problem == "missing" and issue.path == "config.json":
             raise ModelError(f"{folder} has no config.json: it is not a model folder",
