@@ -88,6 +88,11 @@ def check_model(facts: Facts) -> Finding:
         return Finding("model", "model", title, "skipped", f"could not check ({m.unavailable})", [m.path])
     r = m.report or {}
     files = r.get("files") or []
+    if r.get("stopped") and isinstance(r.get("unfinished"), str):  # an earlier fetch stopped: resume it
+        missing = sum(1 for i in r.get("issues") or [] if i.get("problem") == "missing")
+        return Finding("model", "model", title, "skipped",
+                       f"not downloaded yet (an earlier fetch stopped): {missing} file(s) not there yet in {m.path}",
+                       [], r["unfinished"])
     if not files and r.get("kind", "unknown") == "unknown":
         return Finding("model", "model", title, "skipped", f"empty folder, not downloaded yet: {m.path}", [],
                        "glmsetup fetch" + ("" if facts.default_model_dir else f" --model-dir {m.path}"))

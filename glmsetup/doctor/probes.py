@@ -27,8 +27,8 @@ PACKAGES = ("torch", "transformers", "sentencepiece", "accelerate", "safetensors
             "mdtex2html", "pydantic", "streamlit", "fastapi", "uvicorn", "sse-starlette", "libcst",
             "huggingface-hub", "httpx", "socksio", "hf-transfer", "peft")
 ENV_VARS = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "HF_HOME",
-            "HF_TOKEN", "MODELSCOPE_DOMAIN", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-            "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
+            "HF_TOKEN", "MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+            "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
 SECRET_VARS = ("HF_TOKEN",)
 SUBPROCESS_TIMEOUT = 5.0
 
@@ -338,9 +338,11 @@ def probe_model(model_dir: Path) -> ModelFolder:
         from glmsetup import modelfiles
     except ImportError as exc:
         return ModelFolder(path=str(model_dir), exists=True, unavailable=f"glmsetup.modelfiles is not available ({exc})")
+    from glmsetup.fetch.verify import expected_sizes
     from glmsetup.output import to_jsonable
 
-    report = modelfiles.inspect_model_dir(model_dir)
+    # complete only when the sizes match the saved manifest or, for the published model, the shipped table
+    report = modelfiles.inspect_model_dir(model_dir, expected_sizes(model_dir))
     report = to_jsonable(report.to_dict() if hasattr(report, "to_dict") else report)
     return ModelFolder(path=str(model_dir), exists=True, report=report)
 

@@ -2,7 +2,8 @@
 
 One HEAD request per source, all at once, short timeouts, redirects not followed, nothing
 downloaded. Endpoints can be overridden (`--endpoint hf=http://127.0.0.1:PORT`), which is how the
-tests point the doctor at a loopback server. HF_ENDPOINT and MODELSCOPE_DOMAIN are honoured.
+tests point the doctor at a loopback server. HF_ENDPOINT and MODELSCOPE_ENDPOINT (or the older
+MODELSCOPE_DOMAIN) are honoured.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def endpoints_from_env(env=None) -> dict:
     out = {}
     if env.get("HF_ENDPOINT"):
         out["hf"] = env["HF_ENDPOINT"]
-    if env.get("MODELSCOPE_DOMAIN"):
-        domain = env["MODELSCOPE_DOMAIN"]
+    domain = env.get("MODELSCOPE_ENDPOINT") or env.get("MODELSCOPE_DOMAIN")  # the SDK's current name, then its older
+    if domain:
         out["modelscope"] = domain if "://" in domain else f"https://{domain}"
     return out
 

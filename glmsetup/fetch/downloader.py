@@ -7,8 +7,11 @@ after another and the running sha256 follows each file's prefix closely. Each fi
 
 Rules, per response: only 206 with the exact Content-Range asked for continues a partial file; a 200 to a
 ranged request means the server ignored Range and the bytes are counted from its start; 416 means the
-partial file is stale and the file starts over; 429 and 5xx wait (Retry-After) and retry; 403 from a
-redirected (CDN) address asks the origin for a fresh address and keeps every byte; an HTML page or an LFS
+partial file is stale and the file starts over; 429 and 5xx wait (Retry-After) and retry; a rate limit
+(429 with Retry-After or HF's RateLimit header) pauses every stream to that host for the window, with a
+countdown on stderr, up to rate_limit_max; 403 from a redirected (CDN) address asks the origin for a fresh
+address and keeps every byte, but a 401, or a 403 that says the repository is gated, is a login problem
+and stops at once (see http.gated); an HTML page or an LFS
 pointer in place of a weight is refused. A stream that delivers less than min_speed over stall_window is cut
 and retried. Bytes are checked (size and sha256) before the atomic rename into place.
 """
@@ -26,7 +29,9 @@ from typing import Callable, Dict, List, Optional
 import httpx
 
 from glmsetup.errors import DownloadError, GlmsetupError, ResourceError
-from glmsetup.fetch.http import Settings, backoff_delay, describe_error, host_of, make_client, open_following, retry_after
+from glmsetup.fetch import status
+from glmsetup.fetch.http import (Settings, backoff_delay, describe_error, gated, host_of, make_client, open_following,
+                                 retry_after)
 from glmsetup.fetch.manifest import FileSpec
 from glmsetup.fetch.partial import PartialFile, Segment, sniff_bytes
 
@@ -54,6 +59,7 @@ class Origin:
     headers: Dict[str, str] = field(default_factory=dict)
     auth_host: Optional[str] = None  # the only host that may see an Authorization header
     retry_on_mismatch: bool = True  # False: wrong bytes are a different version there, not a glitch
+    login_hint: Optional[str] = None  # what to do when the origin answers "not allowed" (401, GatedRepo)
 
 
 class Retry(Exception):
@@ -68,6 +74,17 @@ class Restart(Exception):
 
 class OriginFailed(Exception):
     """This origin cannot give this file (404, gated, changed size): try the next origin."""
+
+
+class RateLimited(Exception):
+    """The host asks every client to wait `wait` seconds (429 with a reset time)."""
+
+    def __init__(self, message: str, wait: float, host: str):
+        super().__init__(message)
+        self.wait, self.host = wait, host
+
+
+MAX_RATE_WAITS = 10  # rate-limit windows one segment waits out before it counts as failing
 
 
 class Stopped(Exception):
@@ -88,6 +105,7 @@ class FileTask:
     error: str = ""
     sha256: str = ""
     errors: List[str] = field(default_factory=list)
+    login: Optional[str] = None  # the hint, when an origin answered "not allowed" (a login, a licence)
 
     @property
     def origin(self) -> Origin:
@@ -113,6 +131,7 @@ class Downloader:
         self.fatal: Optional[BaseException] = None
         self.tasks: List[FileTask] = []
         self.bytes_received = 0
+        self.paused_until: Dict[str, float] = {}  # host -> monotonic time its rate-limit window ends
 
     # ---- scheduling ----------------------------------------------------------------------------
     def run(self, work: List[tuple]) -> List[FileTask]:
@@ -295,6 +314,7 @@ class Downloader:
     def _segment(self, task: FileTask, seg: Segment) -> None:
         attempt = 0
         refreshed = 0
+        rate_waits = 0
         while not seg.complete:
             if self.stop.is_set():
                 raise Stopped()
@@ -303,10 +323,17 @@ class Downloader:
             origin = task.origin
             key = (origin.name, task.spec.path)
             url = self.cdn.get(key) or origin.url_for(task.spec.path)
+            self._wait_for_window(url)
             before = seg.done
             try:
                 with self._slot(origin.url_for(task.spec.path)):  # per source host, CDN included
                     self._stream(task, seg, origin, url, key)
+            except RateLimited as exc:
+                rate_waits += 1
+                task.errors.append(str(exc))
+                if rate_waits > MAX_RATE_WAITS:
+                    raise OriginFailed(f"{exc} (waited out {MAX_RATE_WAITS} windows on {origin.name})")
+                self._rate_limited(exc)
             except Retry as exc:
                 if exc.progress:  # a redirected address expired: ask again at once, bytes kept
                     refreshed += 1
@@ -335,6 +362,26 @@ class Downloader:
         if self.stop.wait(seconds):
             raise Stopped()
 
+    def _rate_limited(self, exc: RateLimited) -> None:
+        """Pause every stream to the host until its window ends; the first to see it shows the countdown."""
+        with self.lock:
+            now = time.monotonic()
+            announce = self.paused_until.get(exc.host, 0.0) <= now
+            if announce:
+                self.paused_until[exc.host] = now + exc.wait
+        if announce:
+            if not status.current().countdown(exc.wait, f"{exc.host} rate-limits downloads (HTTP 429)", self.stop):
+                raise Stopped()
+        else:
+            self._wait_for_window(exc.host)
+
+    def _wait_for_window(self, url: str) -> None:
+        until = self.paused_until.get(host_of(url))
+        if until is not None:
+            left = until - time.monotonic()
+            if left > 0:
+                self._sleep(left)
+
     def _stream(self, task: FileTask, seg: Segment, origin: Origin, url: str, key: tuple) -> None:
         spec, partial = task.spec, task.partial
         whole = seg.start == 0 and seg.end == spec.size
@@ -354,11 +401,24 @@ class Downloader:
         status = response.status_code
         if redirected:
             self.cdn[key] = final_url
+        if status in (401, 403) and gated(response):  # a login problem, wherever a redirect led: never retried
+            self.cdn.pop(key, None)
+            task.login = origin.login_hint or f"the server refused access to {spec.path}: try another --source"
+            raise OriginFailed(f"{spec.path}: {describe_error(response)} from {host_of(final_url)}: the repository "
+                               "needs a login or an accepted licence")
         if status in (401, 403) and key in self.cdn:
             self.cdn.pop(key, None)
             raise Retry(f"{describe_error(response)}: the signed address expired, asking again", progress=True)
         if status == 416:
             raise Restart(f"{spec.path}: the server refused the range (416): the partial file is stale")
+        if status == 429:
+            wait = retry_after(response)
+            host = host_of(final_url)
+            if wait is not None and wait > self.settings.rate_limit_max:
+                raise OriginFailed(f"{spec.path}: {host} rate-limits downloads for another {wait:.0f} s, longer than "
+                                   f"the {self.settings.rate_limit_max:.0f} s glmsetup waits")
+            if wait is not None:
+                raise RateLimited(f"{spec.path}: {describe_error(response)}", wait, host)
         if status in (429, 500, 502, 503, 504, 408):
             raise Retry(f"{spec.path}: {describe_error(response)}", wait=retry_after(response))
         if status not in (200, 206):

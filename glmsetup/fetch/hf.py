@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from glmsetup.errors import DownloadError
 from glmsetup.fetch.downloader import Origin
-from glmsetup.fetch.http import Settings, get_json, host_of
+from glmsetup.fetch.http import Settings, alternatives, get_json, host_of, login_hint
 from glmsetup.fetch.listing import Listing, UnsafeListing, name_problem, printable, show
 from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import HF_ENDPOINT, ModelEntry
@@ -26,9 +26,30 @@ def endpoint(flag: Optional[str] = None) -> str:
     return (flag or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
 
 
+def token() -> Optional[str]:
+    """The user's Hugging Face token: HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN), else the one
+    `hf auth login` saved, found the way huggingface_hub finds it (HF_TOKEN_PATH, HF_HOME). None when there
+    is none, or when HF_HUB_DISABLE_IMPLICIT_TOKEN asks not to use a saved one."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value
+    if os.environ.get("HF_HUB_DISABLE_IMPLICIT_TOKEN", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from huggingface_hub import get_token  # imported only here: it costs a few hundred ms
+    except ImportError:
+        return None
+    try:
+        found = get_token()
+    except Exception:  # a broken token file or login state must not stop a public download
+        return None
+    return found.strip() if isinstance(found, str) and found.strip() else None
+
+
 def _auth() -> Dict[str, str]:
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    value = token()
+    return {"Authorization": f"Bearer {value}"} if value else {}
 
 
 class HFSource:
@@ -43,12 +64,21 @@ class HFSource:
         self.settings = settings or Settings.from_env()
         self.client = client
         self.commit: Optional[str] = None
+        self.notes: list = []
+        self._headers: Optional[Dict[str, str]] = None
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        if self._headers is None:
+            self._headers = _auth()
+        return self._headers
 
     def _get(self, url: str, what: str):
-        return get_json(self.client, url, self.settings, headers=_auth(), auth_host=host_of(self.endpoint),
-                        what=f"{what} from {self.endpoint}",
-                        hint=f"check the model and --revision {self.revision}, or try --endpoint https://hf-mirror.com "
-                             "or --source modelscope")
+        return get_json(self.client, url, self.settings, headers=self.headers, auth_host=host_of(self.endpoint),
+                        what=f"{what} of {self.repo} at {self.revision}", source=NAME, endpoint=self.endpoint,
+                        page=f"{self.endpoint}/{self.repo}",
+                        hint=f"check the model and --revision {self.revision}, or "
+                             f"{alternatives(NAME, self.endpoint)}")
 
     def manifest(self) -> Manifest:
         info, _ = self._get(f"{self.endpoint}/api/models/{self.repo}/revision/{quote(self.revision, safe='')}"
@@ -104,7 +134,8 @@ class HFSource:
     def origin(self) -> Origin:
         rev = quote(self.commit or self.revision, safe="")
         base = f"{self.endpoint}/{self.repo}/resolve/{rev}/"
-        return Origin(NAME, lambda path: base + quote(path), headers=_auth(), auth_host=host_of(self.endpoint))
+        return Origin(NAME, lambda path: base + quote(path), headers=self.headers, auth_host=host_of(self.endpoint),
+                      login_hint=login_hint(NAME, f"{self.endpoint}/{self.repo}"))
 
 
 def _entries(items, listing: Listing):

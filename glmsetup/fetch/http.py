@@ -4,7 +4,11 @@
   signed CDN address can be remembered and asked for again when it expires (403).
 - No conditional headers are ever sent (Seafile answers any If-Modified-Since with 304), and downloads ask
   for `Accept-Encoding: identity` so that byte ranges mean bytes of the file.
-- API calls retry on connection errors, 429 and 5xx with backoff, honouring Retry-After.
+- API calls retry on connection errors, 429 and 5xx with backoff, honouring Retry-After. The metadata
+  phase (listings, revision info) has a deadline of its own (`--timeout`, 20 s): a host that accepts the
+  connection and never answers is named within it, never blamed on the model or the revision.
+- A rate limit (429 with Retry-After, or HF's `RateLimit: "api";r=0;t=55`) is waited out with a countdown
+  on stderr, up to `rate_limit_max` (10 minutes); a longer one is a clear error at once.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import email.utils
 import json
 import os
 import random
+import re
 import time
 import zlib
 from dataclasses import dataclass, fields
@@ -22,7 +27,8 @@ import httpx
 
 from glmsetup import __version__
 from glmsetup.errors import DownloadError
-from glmsetup.fetch.listing import UnsafeListing, printable
+from glmsetup.fetch import status
+from glmsetup.fetch.listing import UnsafeListing, clip, printable
 
 USER_AGENT = f"glmsetup/{__version__}"
 CONDITIONAL = ("if-modified-since", "if-none-match", "if-match", "if-unmodified-since", "if-range")
@@ -45,8 +51,10 @@ class Settings:
     min_speed: float = 1024.0  # bytes per second below which a stream counts as stalled
     flush_seconds: float = 0.1  # progress records are rewritten this often
     probe_bytes: int = 1 << 20  # bytes fetched from each source when --source auto measures speed
-    listing_max_bytes: int = 16 << 20  # the most a listing or other JSON answer may be, decompressed
+    listing_max_bytes: int = 2 << 20  # the most a listing or other JSON answer may be, decompressed (a few kB)
     listing_seconds: float = 120.0  # the longest one listing answer may take to arrive
+    metadata_timeout: float = 20.0  # seconds a host has to answer a listing request (`fetch --timeout`)
+    rate_limit_max: float = 600.0  # the longest rate-limit window glmsetup waits out before giving up
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -81,9 +89,10 @@ def clean_headers(headers: dict, url: str, auth_host: Optional[str]) -> dict:
 
 
 def retry_after(response: httpx.Response) -> Optional[float]:
+    """Seconds the server asks to wait: Retry-After (seconds or a date), else the RateLimit header's reset."""
     value = response.headers.get("retry-after")
     if not value:
-        return None
+        return ratelimit_reset(response.headers.get("ratelimit"), response.headers.get("ratelimit-reset"))
     try:
         return max(0.0, float(value))
     except ValueError:
@@ -95,6 +104,29 @@ def retry_after(response: httpx.Response) -> Optional[float]:
         return None
 
 
+RESET_PARAM = re.compile(r"(?:^|[;\s])(t|r|reset|remaining)\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def ratelimit_reset(value: Optional[str], reset: Optional[str] = None) -> Optional[float]:
+    """Seconds until the window resets, from `RateLimit: "api";r=0;t=55` (the IETF draft HF uses; several
+    policies separated by commas: the longest exhausted one counts), an older `limit=.., remaining=0, reset=55`,
+    or a bare `RateLimit-Reset: 55`. None when nothing parses."""
+    waits = []
+    for item in (value or "").split(",") if value and ";" in value else [value or ""]:
+        params = {k.lower(): float(v) for k, v in RESET_PARAM.findall(item)}
+        left = params.get("r", params.get("remaining"))
+        wait = params.get("t", params.get("reset"))
+        if wait is not None and (left is None or left <= 0):
+            waits.append(wait)
+    if not waits and reset:
+        try:
+            waits.append(float(reset.strip()))
+        except ValueError:
+            pass
+    waits = [w for w in waits if 0 <= w < 10 ** 7]
+    return max(waits) if waits else None
+
+
 def backoff_delay(settings: Settings, attempt: int, hint: Optional[float] = None) -> float:
     if hint is not None:
         return min(hint, settings.retry_after_max)
@@ -103,11 +135,12 @@ def backoff_delay(settings: Settings, attempt: int, hint: Optional[float] = None
 
 
 def open_following(client: httpx.Client, url: str, headers: dict, *, auth_host: Optional[str],
-                   stream: bool = True, method: str = "GET", max_hops: int = 10) -> tuple:
+                   stream: bool = True, method: str = "GET", max_hops: int = 10, timeout=None) -> tuple:
     """Send a request and follow redirects by hand. Returns (response, final_url, redirected)."""
     redirected = False
     for _ in range(max_hops):
-        request = client.build_request(method, url, headers=clean_headers(headers, url, auth_host))
+        extra = {"timeout": timeout} if timeout is not None else {}
+        request = client.build_request(method, url, headers=clean_headers(headers, url, auth_host), **extra)
         response = client.send(request, stream=stream, follow_redirects=False)
         if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
             response.close()
@@ -122,8 +155,24 @@ API_ERRORS = {
     "RepoNotFound": "repository not found",
     "RevisionNotFound": "revision not found",
     "EntryNotFound": "file not found",
-    "GatedRepo": "the repository is gated: accept its terms on the website and set HF_TOKEN",
+    "GatedRepo": "the repository is gated",
 }
+LOGIN_HINT = ("log in (hf auth login, or set HF_TOKEN) and accept the licence on the model page {page}; "
+              "a token is only sent to the --endpoint host, never to a host it redirects to")
+ACCESS_HINT = "the server refused access to {page}: check the model id and that it is public, or {other}"
+
+
+def login_hint(source: str, page: str, other: str = "try another --source") -> str:
+    """What to do about a 401/403 that means "not allowed": a Hugging Face login, or (elsewhere) access."""
+    return LOGIN_HINT.format(page=page) if source in ("hf", "") else ACCESS_HINT.format(page=page, other=other)
+
+
+def gated(response: httpx.Response) -> bool:
+    """A 401/403 that means "not allowed" (gated repo, no or wrong token), not an expired signed address."""
+    code = (response.headers.get("x-error-code") or "").strip()
+    if code in ("GatedRepo", "RepoNotFound"):
+        return True
+    return response.status_code == 401
 
 
 def describe_error(response: httpx.Response) -> str:
@@ -132,6 +181,22 @@ def describe_error(response: httpx.Response) -> str:
     msg = printable(response.headers.get("x-error-message") or text or response.reason_phrase, 200)
     code = printable(code, 60) if code else code
     return f"HTTP {response.status_code}" + (f" ({code}: {msg})" if code else f" ({msg})")
+
+
+def alternatives(source: str, endpoint: Optional[str] = None) -> str:
+    """The other sources to try after `source` (at `endpoint`) failed: never the one that just failed."""
+    mirror = "https://hf-mirror.com"
+    on_mirror = source == "hf" and (endpoint or "").rstrip("/") == mirror
+    options = []
+    if source == "hf" and not on_mirror:
+        options.append(f"--endpoint {mirror}")
+    if source != "modelscope":
+        options.append("--source modelscope")
+    if source != "hf" or on_mirror:
+        options.append("--source hf" + (" without --endpoint" if on_mirror else ""))
+    if source not in ("auto",):
+        options.append("--source auto")
+    return "try " + ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else "try " + options[0]
 
 
 UNKNOWN_HOST_MESSAGES = ("Name or service not known", "nodename nor servname provided", "getaddrinfo failed",
@@ -184,48 +249,100 @@ def read_limited(response: httpx.Response, limit: int, limit_s: float, url: str)
 
 
 def get_json(client: httpx.Client, url: str, settings: Settings, *, headers: Optional[dict] = None,
-             auth_host: Optional[str] = None, what: str = "listing", hint: str = "") -> tuple:
+             auth_host: Optional[str] = None, what: str = "listing", hint: str = "", source: str = "",
+             endpoint: Optional[str] = None, page: Optional[str] = None) -> tuple:
     """GET a JSON document with retries. Returns (data, response); the response is closed.
 
     The body is read with a limit (settings.listing_max_bytes, decompressed) and a deadline
-    (settings.listing_seconds): a gzip bomb or an endless answer is refused, never kept in memory."""
+    (settings.listing_seconds): a gzip bomb or an endless answer is refused, never kept in memory.
+    The host has settings.metadata_timeout seconds to answer (a timeout is not retried: a silent host
+    stays silent); a rate limit is waited out with a countdown, up to settings.rate_limit_max.
+    `source` (and `endpoint`) name what was asked, so that no hint suggests it again."""
     attempt = 0
     last = ""
     headers = {**(headers or {}), "Accept-Encoding": METADATA_ENCODINGS}
+    host = host_of(url)
+    other = alternatives(source, endpoint) if source else "try another --source or --endpoint"
+    limit = settings.metadata_timeout
+    deadline = time.monotonic() + limit
+    waited = 0.0
+    reporter = status.current()
     while True:
         attempt += 1
-        wait = None
-        try:
-            response, _final, _ = open_following(client, url, headers, auth_host=auth_host, stream=True)
-            try:
-                if response.status_code == 200:
-                    if "html" in response.headers.get("content-type", "").lower():
-                        last = "the server answered an HTML page instead of JSON"
-                    else:
-                        try:
-                            body = read_limited(response, settings.listing_max_bytes, settings.listing_seconds, url)
-                            return json.loads(body), response
-                        except zlib.error:
-                            last = "the server answered a corrupt compressed body"
-                        except (ValueError, RecursionError):
-                            last = "the server answered something that is not JSON"
-                elif response.status_code in (429, 500, 502, 503, 504):
-                    last = describe_error(response)
-                    wait = retry_after(response)
-                else:
-                    raise DownloadError(f"{what} failed: {describe_error(response)} for {url}",
-                                        hint=hint or "check the model name, --revision and --endpoint",
-                                        details={"status": response.status_code,
-                                                 "error_code": response.headers.get("x-error-code")})
-            finally:
-                response.close()
-        except httpx.HTTPError as exc:
-            last = f"{exc.__class__.__name__}: {exc}"
-            if unknown_host(exc):  # retrying will not make the name resolve: say so at once
-                raise DownloadError(f"{what} failed: cannot resolve the host of {url} ({exc})",
-                                    hint="check the network or proxy (HTTPS_PROXY), or pick another source: "
-                                         "--endpoint https://hf-mirror.com, --source modelscope") from exc
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DownloadError(f"{what} failed: no usable answer from {host} within {limit:.0f} s ({clip(last, 200)})",
+                                hint=f"raise --timeout, or {other}")
+        timeout = httpx.Timeout(min(settings.read_timeout, left), connect=min(settings.connect_timeout, left))
+        with reporter.waiting(f"asking {host} for the {what}", left) if attempt == 1 else _nothing():
+            outcome, value = _ask(client, url, headers, auth_host, timeout, settings, what, hint, other, host, limit,
+                                  login_hint(source, page or host, other))
+        if outcome == "ok":
+            return value
+        last, wait, rate_limited = value
+        if rate_limited and wait is not None:
+            if waited + wait > settings.rate_limit_max:
+                raise DownloadError(
+                    f"{host} rate-limits these requests for another {wait:.0f} s ({what}); glmsetup waits at most "
+                    f"{settings.rate_limit_max:.0f} s in all",
+                    hint="log in for a higher limit (hf auth login, or set HF_TOKEN) and run the same command "
+                         f"later, or {other}")
+            reporter.countdown(wait, f"{host} rate-limits requests (HTTP 429)")
+            waited += wait
+            deadline = time.monotonic() + limit  # the host answered: its time starts again
+            attempt = 0
+            continue
         if attempt >= settings.retries:
-            raise DownloadError(f"{what} failed after {attempt} attempts: {last} ({url})",
-                                hint=hint or "check the network or try another --source / --endpoint")
-        time.sleep(backoff_delay(settings, attempt, wait))
+            raise DownloadError(f"{what} failed after {attempt} attempts: {clip(last, 300)} ({url})",
+                                hint=hint or f"check the network, or {other}")
+        time.sleep(min(backoff_delay(settings, attempt, wait), max(0.0, deadline - time.monotonic())))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _ask(client, url, headers, auth_host, timeout, settings, what, hint, other, host, limit, denied) -> tuple:
+    """One request: ("ok", (data, response)) or ("retry", (why, wait, rate_limited)); raises what is final."""
+    wait = None
+    try:
+        response, final, _ = open_following(client, url, headers, auth_host=auth_host, stream=True, timeout=timeout)
+        try:
+            code = response.status_code
+            if code == 200:
+                if "html" in response.headers.get("content-type", "").lower():
+                    return "retry", ("the server answered an HTML page instead of JSON", None, False)
+                try:
+                    body = read_limited(response, settings.listing_max_bytes, settings.listing_seconds, url)
+                    return "ok", (json.loads(body), response)
+                except zlib.error:
+                    return "retry", ("the server answered a corrupt compressed body", None, False)
+                except (ValueError, RecursionError):
+                    return "retry", ("the server answered something that is not JSON", None, False)
+            if code in (429, 500, 502, 503, 504):
+                wait = retry_after(response)
+                return "retry", (describe_error(response), wait, code == 429)
+            if code in (401, 403) and gated(response):
+                raise DownloadError(f"{what} refused: {describe_error(response)} from {host_of(final)}",
+                                    hint=denied,
+                                    details={"status": code, "error_code": response.headers.get("x-error-code")})
+            raise DownloadError(f"{what} failed: {describe_error(response)} for {url}",
+                                hint=hint or f"check the model name, --revision and --endpoint, or {other}",
+                                details={"status": code, "error_code": response.headers.get("x-error-code")})
+        finally:
+            response.close()
+    except httpx.TimeoutException as exc:
+        how = ("did not accept a connection" if isinstance(exc, httpx.ConnectTimeout)
+               else "accepted the connection but sent no answer")
+        raise DownloadError(f"{host} did not answer: it {how} within {limit:.0f} s (asked for the {what})",
+                            hint=f"the host is down, blocked or very slow: check the network and proxy (HTTPS_PROXY), "
+                                 f"raise --timeout, or {other}", details={"host": host, "timeout_s": limit}) from exc
+    except httpx.HTTPError as exc:
+        if unknown_host(exc):  # retrying will not make the name resolve: say so at once
+            raise DownloadError(f"{what} failed: cannot resolve the host of {url} ({exc})",
+                                hint=f"check the network or proxy (HTTPS_PROXY), or {other}") from exc
+        return "retry", (f"{exc.__class__.__name__}: {exc}", None, False)

@@ -72,9 +72,30 @@ def name_problem(name) -> Optional[str]:
 
 
 def printable(text, limit: int = 120) -> str:
-    """Text a server sent, safe to print on one line: control and invisible characters become '?', cut."""
-    text = "".join("?" if unicodedata.category(ch) in BAD_CATEGORIES else ch for ch in str(text)[:limit + 1])
-    return text if len(text) <= limit else text[:limit] + "..."
+    """Text a server sent, safe to print on one line: control and invisible characters become '?', cut
+    between words (see `clip`)."""
+    text = str(text)[:limit + LONG_WORD + 1]
+    return clip("".join("?" if unicodedata.category(ch) in BAD_CATEGORIES else ch for ch in text), limit)
+
+
+LONG_WORD = 600  # a word (a URL) straddling the limit is kept whole up to this many characters past it
+
+
+def clip(text, limit: int = 200) -> str:
+    """`text` cut to about `limit` characters between words, never inside one: a URL stays whole (up to
+    LONG_WORD characters past the limit), and the cut is marked with '...'."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    end = min((i for i in (text.find(c, limit) for c in " \t\n") if i >= 0), default=len(text))
+    if end - limit <= LONG_WORD:
+        cut = end
+    else:
+        cut = max(text.rfind(c, 0, limit + 1) for c in " \t\n")
+        if cut <= 0:
+            cut = limit  # one endless word: nothing better to do
+    head = text[:cut].rstrip()
+    return head if cut >= len(text) else head + " ..."
 
 
 def show(name) -> str:

@@ -2,9 +2,10 @@
 
 The share's folders are listed one level at a time with `/api/v2.1/share-links/{token}/dirents/?path=`;
 a file is `/d/{token}/files/?p=/folder/file&dl=1`, which redirects to a file-server address valid for an
-hour or two (asked again when it expires). The share is reported to hold an older version of the weights
-that produces garbage with the current code, so its files are only accepted when their sha256 matches a
-manifest from another route (or the official checksums shipped in models.py).
+hour or two (asked again when it expires). The share holds the weights and tokenizer.model only, and is
+reported to hold an older version of the 6B weights that produces garbage with the current code: the route
+(fetch/share.py) takes the other files and every checksum from a hub, and a share file only when its sha256
+matches.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from urllib.parse import quote
 
 from glmsetup.errors import DownloadError, UsageError
 from glmsetup.fetch.downloader import Origin
-from glmsetup.fetch.http import Settings, get_json
+from glmsetup.fetch.http import Settings, alternatives, get_json
 from glmsetup.fetch.listing import HINT, Listing, UnsafeListing, check_name, printable, show
-from glmsetup.fetch.manifest import FileSpec, Manifest
+from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import TSINGHUA_ENDPOINT, TSINGHUA_SHARE, ModelEntry
 
 NAME = "tsinghua"
@@ -45,8 +46,8 @@ class TsinghuaSource:
 
     def _list(self, folder: str) -> List[dict]:
         url = f"{self.endpoint}/api/v2.1/share-links/{self.share}/dirents/?path={quote(folder)}"
-        data, _ = get_json(self.client, url, self.settings, what=f"share listing from {self.endpoint}",
-                           hint="the Tsinghua share may be unreachable: try --source hf or --source modelscope")
+        data, _ = get_json(self.client, url, self.settings, what=f"share listing of {folder}", source=NAME,
+                           endpoint=self.endpoint, hint=f"the Tsinghua share may be unreachable: {alternatives(NAME)}")
         if not isinstance(data, dict) or not isinstance(data.get("dirent_list"), list):
             raise DownloadError(f"unexpected listing from the Tsinghua share ({printable(data)})")
         return data["dirent_list"]
@@ -94,15 +95,3 @@ class TsinghuaSource:
     def origin(self) -> Origin:
         base = f"{self.endpoint}/d/{self.share}/files/?p="
         return Origin(NAME, lambda path: base + quote(f"/{self.folder}/{path}") + "&dl=1")
-
-
-def official_manifest(model: ModelEntry, listing: Manifest) -> Manifest:
-    """The checksums shipped with glmsetup, for the files the share lists."""
-    files = []
-    for f in listing.files:
-        if f.path in model.official:
-            size, sha = model.official[f.path]
-            files.append(FileSpec(path=f.path, size=size, sha256=sha, lfs=True))
-        else:
-            files.append(FileSpec(path=f.path, size=f.size))
-    return Manifest(model=model.name, source="official", revision="main", files=files)

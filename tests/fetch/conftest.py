@@ -25,11 +25,17 @@ def model_files():
 
 
 @pytest.fixture(autouse=True)
-def fast_settings(monkeypatch):
+def fast_settings(monkeypatch, tmp_path_factory):
     for key, value in FAST.items():
         monkeypatch.setenv(key, value)
-    for key in ("HF_ENDPOINT", "MODELSCOPE_DOMAIN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GLMSETUP_TSINGHUA_ENDPOINT"):
+    for key in ("HF_ENDPOINT", "MODELSCOPE_DOMAIN", "MODELSCOPE_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                "HF_TOKEN_PATH", "GLMSETUP_TSINGHUA_ENDPOINT"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GLMSETUP_HF_MIRROR", "")  # never ask the real hf-mirror.com from a test
+    # no saved login of this machine (huggingface_hub fixes its token path at import: a test of the saved
+    # login runs glmsetup in a process of its own)
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
 
 
 @pytest.fixture

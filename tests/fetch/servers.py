@@ -3,10 +3,17 @@ glmsetup fetch uses (and that huggingface_hub's own client uses), with fault inj
 
 Each server runs in a thread on 127.0.0.1, port 0. `faults.add(kind, path=..., times=1, **params)` makes the
 next matching body request misbehave: drop (close after `after` bytes), ignore_range (200 with the whole
-file), 416, 429 (with Retry-After), expired (403 from the CDN), html (an error page with status 200),
+file), 416, 429 (with Retry-After `seconds`, or with `ratelimit=N`: HF's `RateLimit: "api";r=0;t=N` and no
+Retry-After), expired (403 from the CDN), html (an error page with status 200),
 no_length (no Content-Length, body then close), wrong (corrupted bytes), trickle (a few bytes, slowly),
 bad_range (a 206 whose Content-Range total is not a number).
 `sent` counts the body bytes written per file; `rate` throttles every body (bytes/s per connection).
+
+Real services' shapes: `HFServer.gated` (a token: /resolve/ answers 401 GatedRepo without it, the API stays
+public, as on the hub); `SeafileServer(weights_only=True)` lists and serves only the weights and
+tokenizer.model, as the real Tsinghua share; `ModelScopeServer.revisions` adds revisions whose listings
+differ, `tags` is what the revisions API answers (the pinned revision can be left out: "gone");
+`SilentServer` accepts connections and never answers.
 
 Hostile listings: any name put in `FileStore.files` (`../../x`, an absolute path, a NUL) is listed and served
 by every server in its own format; `FileStore.extra_entries` are raw entries added verbatim to every
@@ -229,7 +236,7 @@ class Handler(BaseHTTPRequestHandler):
         if "If-Modified-Since" in self.headers and self.app.name == "seafile-files":
             return self.send_simple(304)
         if fault and fault.kind == "429":
-            return self.send_simple(429, b"slow down", {"Retry-After": str(fault.params.get("seconds", 1))})
+            return self.send_simple(429, b"slow down", rate_limit_headers(fault.params))
         if fault and fault.kind == "416":
             return self.send_simple(416, b"", {"Content-Range": f"bytes */{size}"})
         if fault and fault.kind == "html":
@@ -298,6 +305,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 HOSTILE_LISTINGS = ("gzip_bomb", "endless", "deep_json")
+
+
+def rate_limit_headers(params: dict) -> dict:
+    """Retry-After as most servers send it, or the headers the Hugging Face hub sends (no Retry-After)."""
+    if "ratelimit" in params:
+        return {"RateLimit": f'"api";r=0;t={params["ratelimit"]}',
+                "RateLimit-Policy": '"fixed window";"api";q=500;w=300'}
+    return {"Retry-After": str(params.get("seconds", 1))}
 
 
 def iter_forever(first: bytes, then: bytes):
@@ -376,6 +391,7 @@ class HFServer(BaseServer):
         self.cdn = CDNServer(store)
         self.revisions = {"main": COMMIT, COMMIT: COMMIT, "v1.0": COMMIT}
         self.truncate_siblings = False
+        self.gated: Optional[str] = None  # a token: files need "Authorization: Bearer <it>" (the API stays public)
 
     def close(self):
         super().close()
@@ -401,7 +417,7 @@ class HFServer(BaseServer):
         if path.startswith("/api/models/"):
             fault = self.store.faults.take("api", ("api429", "api_html"))
             if fault and fault.kind == "api429":
-                return h.send_simple(429, b"rate limited", {"Retry-After": str(fault.params.get("seconds", 1))})
+                return h.send_simple(429, b"rate limited", rate_limit_headers(fault.params))
             if fault:
                 return h.send_simple(200, HTML_PAGE, content_type="text/html")
             rest = path[len("/api/models/"):]
@@ -475,6 +491,9 @@ class HFServer(BaseServer):
             return h.send_error_code(404, "RevisionNotFound")
         if file not in self.store.files:
             return h.send_error_code(404, "EntryNotFound", f"{file} does not exist")
+        if self.gated and h.headers.get("Authorization") != f"Bearer {self.gated}":
+            return h.send_error_code(401, "GatedRepo", f"Access to model {repo} is restricted. You must have access "
+                                                       "to it and be authenticated to access it. Please log in.")
         data = self.store.files[file]
         common = {"X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes"}
         if self.store.is_lfs(file):
@@ -501,26 +520,43 @@ class RedirectingMirror(BaseServer):
 
 
 class ModelScopeServer(BaseServer):
+    """The ModelScope API subset: file list and download at a revision, and the revisions API.
+
+    `revision` serves the store as it is; `revisions[name]` = {path: (size, sha256)} adds a revision whose
+    listing gives those entries (other files as in the store); `tags` is the Tags list of the revisions
+    API (dicts with Revision and CreatedAt), by default the served revisions."""
+
     name = "modelscope"
 
-    def __init__(self, store: FileStore, repo: str = "ZhipuAI/chatglm2-6b", revision: str = "v1.0.12"):
+    def __init__(self, store: FileStore, repo: str = "ZhipuAI/chatglm2-6b", revision: Optional[str] = "v1.0.12"):
         super().__init__(store)
         self.repo, self.revision = repo, revision
         self.error_message: Optional[str] = None
+        self.revisions: Dict[str, Dict[str, tuple]] = {}
+        self.tags: Optional[List[dict]] = None
 
     def route(self, h, method, path, query):
         prefix = f"/api/v1/models/{self.repo}/repo"
         rev = query.get("Revision", [""])[0]
         if not path.startswith(f"/api/v1/models/{self.repo}/"):
             return h.send_json({"Code": 10010205001, "Message": "model not found", "Data": None}, status=404)
-        if rev != self.revision:
+        if path == f"/api/v1/models/{self.repo}/revisions":
+            tags = self.tags if self.tags is not None else [
+                {"Revision": r, "CreatedAt": 1_690_000_000 + i, "Description": ""}
+                for i, r in enumerate([*self.revisions, *([self.revision] if self.revision else [])])]
+            return h.send_json({"Code": 200, "Data": {"RevisionMap": {
+                "Branches": [{"Revision": "master", "CreatedAt": 1_700_000_000}], "Tags": tags}},
+                "Message": "success", "Success": True})
+        if rev != self.revision and rev not in self.revisions:
             return h.send_json({"Code": 10010205001, "Message": f"revision {rev} not found", "Data": None}, status=404)
         if path == prefix + "/files":
             if self.error_message is not None:  # an error answered with status 200, as the API does at times
                 return h.send_json({"Code": 10010205001, "Message": self.error_message, "Data": None})
-            files = [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Size": len(d), "Sha256": self.store.sha256[p],
+            listed = {p: (len(d), self.store.sha256[p]) for p, d in self.store.files.items()}
+            listed.update(self.revisions.get(rev, {}))
+            files = [{"Name": p.rsplit("/", 1)[-1], "Path": p, "Size": size, "Sha256": sha,
                       "Type": "blob", "Revision": COMMIT, "IsLFS": self.store.is_lfs(p)}
-                     for p, d in sorted(self.store.files.items())]
+                     for p, (size, sha) in sorted(listed.items())]
             files += [{"Path": e.get("path"), "Size": e.get("size"), "Type": "blob", **e.get("modelscope", {})}
                       if isinstance(e, dict) else e for e in self.store.extra_entries]
             return h.send_json({"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
@@ -533,14 +569,21 @@ class ModelScopeServer(BaseServer):
 
 
 class SeafileServer(BaseServer):
-    """A Seafile share: non-recursive dirents; downloads redirect to a file server with expiring links."""
+    """A Seafile share: non-recursive dirents; downloads redirect to a file server with expiring links.
+
+    weights_only: list and serve only the weights and tokenizer.model, as the real Tsinghua share does."""
 
     name = "seafile"
 
-    def __init__(self, store: FileStore, token: str = "674208019e314311ab5c", folder: str = "chatglm2-6b"):
+    def __init__(self, store: FileStore, token: str = "674208019e314311ab5c", folder: str = "chatglm2-6b",
+                 weights_only: bool = False):
         super().__init__(store)
         self.token, self.folder = token, folder
-        self.files_server = SeafileFiles(store)
+        self.weights_only = weights_only
+        self.files_server = SeafileFiles(store, self)
+
+    def shared(self, path: str) -> bool:
+        return path in self.store.files and (not self.weights_only or self.store.is_lfs(path))
 
     def close(self):
         super().close()
@@ -552,6 +595,8 @@ class SeafileServer(BaseServer):
             prefix = folder.rstrip("/") + "/"
             dirents, dirs = [], set()
             for p, d in sorted(self.store.files.items()):
+                if not self.shared(p):
+                    continue
                 full = f"/{self.folder}/{p}"
                 if not full.startswith(prefix):
                     continue
@@ -575,7 +620,7 @@ class SeafileServer(BaseServer):
         if path == f"/d/{self.token}/files/":
             p = query.get("p", [""])[0]
             rel = p[len(f"/{self.folder}/"):]
-            if rel not in self.store.files:
+            if not self.shared(rel):
                 return h.send_simple(404, b"<html>File not found</html>", content_type="text/html")
             return h.send_simple(302, b"", {"Location": self.files_server.link(rel)})
         h.send_simple(404)
@@ -584,16 +629,56 @@ class SeafileServer(BaseServer):
 class SeafileFiles(BaseServer):
     name = "seafile-files"
 
+    def __init__(self, store: FileStore, share: Optional["SeafileServer"] = None):
+        super().__init__(store)
+        self.share = share
+
     def link(self, rel: str, ttl: float = 3600) -> str:
         return f"{self.url}/seafhttp/files/{quote(rel)}?exp={time.time() + ttl:.0f}"
 
     def route(self, h, method, path, query):
         rel = unquote(path[len("/seafhttp/files/"):])
-        if rel not in self.store.files:
+        if rel not in self.store.files or (self.share is not None and not self.share.shared(rel)):
             return h.send_simple(404)
         if float(query.get("exp", ["0"])[0]) < time.time() or self.store.faults.take(rel, ("expired",)):
             return h.send_simple(403, b"Token expired")
         h.send_file(rel)
+
+
+class SilentServer:
+    """A host that accepts every connection and never sends a byte (a blackholing proxy, a dead service)."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)  # kept open, never read from, never answered
+
+    def close(self):
+        import socket
+
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
 
 
 def serve_forever(shards: int, shard_bytes: int) -> None:
