@@ -75,3 +75,26 @@ def test_doctor_json_and_text_carry_the_fine_tuning_verdict(cli):
     assert data["finetune"]["settings"]["pre_seq_len"] == 128
     text = cli("doctor").stdout
     assert "fine-tuning (pre_seq_len 128, 64 + 128 tokens, batch 1" in text and " ptuning " in text and " lora " in text
+
+
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_estimate_finetune_with_the_default_profile(cli, method):
+    """`estimate --finetune METHOD` without --profile shows a profile, not "unknown profile 'auto'"."""
+    data = cli.json("estimate", "--finetune", method)["data"]
+    assert data["method"] == method and data["profile"] in {p.name for p in profiles.load_all()}
+    if method == "lora":  # LoRA trains float weights: never an int8/int4 profile
+        assert not profiles.load(data["profile"]).quantization_bits
+    out = cli("estimate", "--finetune", method)
+    assert out.exit_code == 0 and "unknown profile" not in out.stderr and data["profile"] in out.stdout
+
+
+def test_default_finetune_estimate_profile_follows_doctor():
+    from glmsetup.doctor import finetune_estimate_profile
+    from tests.doctor import machines
+
+    # a 24 GB card without peft: LoRA cannot run yet, but its estimate is for the float profile that fits
+    assert finetune_estimate_profile("ptuning", facts=machines.rtx4090()).name == "cuda-fp16"
+    assert finetune_estimate_profile("lora", facts=machines.rtx4090()).name == "cuda-fp16"
+    assert finetune_estimate_profile("ptuning", facts=machines.rtx3070()).name == "cuda-int4"
+    lora = finetune_estimate_profile("lora", facts=machines.rtx3070())  # 8 GB: no float profile on the card
+    assert not lora.quantization_bits and lora.device == "cpu"
