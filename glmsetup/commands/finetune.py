@@ -13,6 +13,7 @@ def finetune_core(settings, *, json_mode: bool) -> dict:
     from glmsetup.errors import GlmsetupError, ResourceError, RuntimeFailure
     from glmsetup.finetune.train import train
 
+    require_training_extras(settings.method)
     if settings.profile == "auto":
         settings.profile = auto_profile(settings)
     try:
@@ -29,6 +30,19 @@ def finetune_core(settings, *, json_mode: bool) -> dict:
                              hint="GLMSETUP_DEBUG=1 shows the traceback") from exc
     result["profile"] = settings.profile
     return result
+
+
+def require_training_extras(method: str) -> None:
+    """MissingDependency (exit 3) with the pip line, before a profile is chosen or the model is loaded."""
+    from glmsetup.errors import EXTRAS_HINT, MissingDependency
+    from glmsetup.launch.plan import RUNTIME_MODULES, missing_modules, not_installed
+
+    gone = missing_modules(RUNTIME_MODULES)
+    if gone:
+        raise MissingDependency(f"fine-tuning needs the model runtime: {not_installed(gone)}",
+                                hint=EXTRAS_HINT["runtime"])
+    if method == "lora" and missing_modules(("peft",)):
+        raise MissingDependency("LoRA needs peft, which is not installed", hint='pip install "glmsetup[finetune]"')
 
 
 def auto_profile(settings) -> str:
