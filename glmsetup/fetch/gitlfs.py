@@ -1,11 +1,21 @@
-"""The git route: clone with LFS skipped, then treat the LFS pointer files as the manifest.
+"""The git route: clone with nothing checked out, check the tree, take out only the model's files; the LFS
+pointer files are the manifest.
 
-`GIT_LFS_SKIP_SMUDGE=1` goes into the child's environment (no shell syntax, so the same on Windows).
-The clone lands in a scratch folder; small files move into the model folder, and each LFS pointer becomes
-a manifest entry (sha256, size). The pointer itself is put in place only until the real weight, fetched
-into a temporary file and checked against it, is renamed over it. The clone's names go through the same
-checks as any listing (fetch/listing.py); links and submodules are refused (git's own tree says which
-entries are links, whatever the filesystem made of them), and links are never even checked out.
+`git clone --no-checkout` writes git's own objects and nothing else; where the server supports it,
+`--filter=blob:limit=...` keeps any blob over MAX_BLOB from being downloaded at all (a server that refuses
+filters is asked again without). The commit's tree is then read with `git ls-tree`, entry by entry, and
+git is stopped at the listing's entry cap, so a tree bomb (a few kB of nested trees that name 10^10 files)
+costs nothing. Every entry goes through the checks of any listing (fetch/listing.py); links and
+submodules are refused (git's tree says which entries are links); a file the model has that is not in
+git-lfs may be at most MAX_BLOB (a config or code file is a few kB, a pointer under 1 kB). Only then are
+the model's files taken out of git with `git cat-file`, as the exact bytes of their blobs (no checkout: no
+attributes, filters, hooks or links), into the scratch folder; nothing else ever leaves git.
+`GIT_LFS_SKIP_SMUDGE=1` stays in every child's environment (no shell syntax, so the same on Windows).
+
+The small files then move into the model folder, after fetch/existing.py has checked that nothing of the
+user's is in the way, and each LFS pointer becomes a manifest entry (sha256, size). The pointer itself is put
+in place only until the real weight, fetched into a temporary file and checked against it, is renamed
+over it.
 """
 from __future__ import annotations
 
@@ -14,15 +24,29 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from contextlib import closing
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from glmsetup.errors import DownloadError, MissingDependency, UsageError
 from glmsetup.fetch.listing import Listing, UnsafeListing, show
 from glmsetup.fetch.manifest import Manifest, ensure_state_dir, hash_file
 from glmsetup.fetch.models import ModelEntry
-from glmsetup.fetch.safefs import remove_tree
+from glmsetup.fetch.safefs import ensure_dir, open_file, remove_tree
 from glmsetup.modelfiles import read_lfs_pointer
+
+MAX_BLOB = 16 << 20  # a file outside git-lfs: config, code, index, README (a few kB); a pointer is < 1 kB
+MAX_ENTRY_BYTES = 64 << 10  # one `ls-tree` entry (a name is at most 1024 characters)
+NOTHING_OUT = "nothing was checked out or moved into the model folder"
+OTHER_SOURCE = "use --source hf or --source modelscope"
+
+
+def _env() -> dict:
+    return {**os.environ, "GIT_LFS_SKIP_SMUDGE": "1", "GIT_TERMINAL_PROMPT": "0"}
+
+
+def _git(tree: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(tree), *args], env=_env(), capture_output=True, **kw)
 
 
 def repo_url(endpoint: str, repo: str) -> str:
@@ -30,70 +54,154 @@ def repo_url(endpoint: str, repo: str) -> str:
 
 
 def clone(url: str, dest: Path, revision: Optional[str] = None) -> str:
-    """Clone `url` into `dest` with LFS smudging off and symlinks never made; returns the commit checked out."""
+    """Clone `url` into `dest` without checking anything out; returns the commit of `revision` (else HEAD)."""
     if shutil.which("git") is None:
         raise MissingDependency("git is not installed", hint="install git (apt install git / brew install git)")
     if revision and revision.startswith("-"):
         raise UsageError(f"--revision {revision!r} is not a branch, tag or commit", hint="check --revision")
-    env = {**os.environ, "GIT_LFS_SKIP_SMUDGE": "1", "GIT_TERMINAL_PROMPT": "0"}
-    # a link in the repository is checked out as a small text file, never as a link (it is refused below)
-    cmd = ["git", "clone", "--quiet", "--config", "core.symlinks=false"]
+    cmd = ["git", "clone", "--quiet", "--no-checkout", "--config", "core.symlinks=false"]
     if url.startswith(("http://", "https://")) and not revision:
         cmd += ["--depth", "1"]
-    result = subprocess.run(cmd + ["--", url, str(dest)], env=env, capture_output=True, text=True)
+    filtered = cmd + [f"--filter=blob:limit={MAX_BLOB + 1}"]  # local paths ignore it (with a warning)
+    result = subprocess.run(filtered + ["--", url, str(dest)], env=_env(), capture_output=True, text=True)
+    if result.returncode != 0 and "filter" in result.stderr.lower():  # a server that refuses filters
+        remove_tree(dest)
+        result = subprocess.run(cmd + ["--", url, str(dest)], env=_env(), capture_output=True, text=True)
     if result.returncode != 0:
         raise DownloadError(f"git clone {url} failed: {result.stderr.strip()[-300:]}",
                             hint="check --endpoint and the network, or use --source hf")
+    for name in ([revision, f"origin/{revision}"] if revision else ["HEAD"]):
+        found = _git(dest, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}", text=True)
+        if found.returncode == 0 and found.stdout.strip():
+            return found.stdout.strip()
     if revision:
-        co = subprocess.run(["git", "-C", str(dest), "checkout", "--quiet", revision, "--"], env=env,
-                            capture_output=True, text=True)
-        if co.returncode != 0:
-            raise DownloadError(f"revision {revision} not found in {url}", hint="check --revision")
-    head = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return head.stdout.strip()
+        raise DownloadError(f"revision {revision} not found in {url}", hint="check --revision")
+    raise DownloadError(f"the git clone of {url} has no commit", hint="check --endpoint, or " + OTHER_SOURCE)
 
 
-def tree_entries(tree: Path) -> List[Tuple[str, str]]:
-    """(mode, path) of every entry of the checked-out commit, from git itself (links included, whatever the
-    filesystem made of them)."""
-    result = subprocess.run(["git", "-C", str(tree), "ls-tree", "-r", "-z", "--full-tree", "HEAD"],
-                            capture_output=True)
-    if result.returncode != 0:
-        raise DownloadError(f"cannot list the clone: {result.stderr.decode('utf-8', 'replace').strip()[-200:]}")
-    out = []
-    for item in result.stdout.split(b"\0"):
-        if item:
-            meta, _, path = item.partition(b"\t")
-            out.append((meta.split(b" ", 1)[0].decode("ascii", "replace"), path.decode("utf-8", "surrogateescape")))
-    return out
+def tree_entries(tree: Path, commit: str = "HEAD") -> Iterator[Tuple[str, str, str]]:
+    """(mode, object id, path) of every file entry of `commit`, links and submodules included, from git's own
+    tree, read as git writes them: the caller stops reading (close the iterator) and git is stopped."""
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(["git", "-C", str(tree), "ls-tree", "-r", "-z", "--full-tree", commit],
+                            stdout=subprocess.PIPE, stderr=errors, env=_env())
+    pending = b""
+    try:
+        while True:
+            block = proc.stdout.read1(1 << 16)
+            if not block:
+                break
+            *items, pending = (pending + block).split(b"\0")
+            for item in items:
+                meta, _, path = item.partition(b"\t")
+                mode, _kind, oid = (meta.decode("ascii", "replace").split(" ") + ["", ""])[:3]
+                yield mode, oid, path.decode("utf-8", "surrogateescape")
+            if len(pending) > MAX_ENTRY_BYTES:
+                raise UnsafeListing(f"the git clone's tree holds a name of more than {MAX_ENTRY_BYTES:,} bytes",
+                                    hint=OTHER_SOURCE)
+        if proc.wait() != 0:
+            errors.seek(0)
+            text = errors.read().decode("utf-8", "replace").strip()[-200:]
+            raise DownloadError(f"cannot list the clone: {text}", hint=OTHER_SOURCE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        errors.close()
 
 
-def read_clone(tree: Path, listing: Listing, url: str) -> List[Tuple[str, Path, Optional[tuple]]]:
+def missing_blobs(tree: Path, commit: str) -> set:
+    """Objects of `commit` the clone's filter left on the server (blobs over MAX_BLOB); never fetches them."""
+    proc = subprocess.Popen(["git", "-C", str(tree), "rev-list", "--objects", "--missing=print", commit],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env())
+    missing = set()
+    with proc:
+        for line in proc.stdout:
+            if line.startswith(b"?"):
+                missing.add(line[1:].strip().decode("ascii", "replace"))
+    return missing
+
+
+def blob_sizes(tree: Path, oids: List[str]) -> dict:
+    """object id -> size, for objects the clone holds (never asked of the server)."""
+    if not oids:
+        return {}
+    result = _git(tree, "cat-file", "--batch-check", input="".join(o + "\n" for o in oids).encode())
+    sizes = {}
+    for line in result.stdout.decode("ascii", "replace").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "blob" and parts[2].isdigit():
+            sizes[parts[0]] = int(parts[2])
+    return sizes
+
+
+def write_blobs(tree: Path, wanted: List[Tuple[str, str]], url: str) -> None:
+    """Write each (name, object id) into `tree` as the exact bytes of the blob; every file is new."""
+    proc = subprocess.Popen(["git", "-C", str(tree), "cat-file", "--batch"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env())
+    try:
+        for name, oid in wanted:
+            proc.stdin.write(oid.encode() + b"\n")
+            proc.stdin.flush()
+            header = proc.stdout.readline().split()
+            if len(header) != 3 or header[1] != b"blob" or not header[2].isdigit() or int(header[2]) > MAX_BLOB:
+                raise DownloadError(f"cannot read {name} from the git clone of {url}", hint=OTHER_SOURCE)
+            left = int(header[2])
+            ensure_dir(tree, (tree / name).parent)
+            try:
+                fd = open_file(tree / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                raise UnsafeListing(f"the git clone of {url} lists {show(name)} twice (or in two spellings that "
+                                    f"are one name here): refusing it; {NOTHING_OUT}", hint=OTHER_SOURCE) from None
+            with os.fdopen(fd, "wb") as out:
+                while left:
+                    block = proc.stdout.read(min(left, 1 << 20))
+                    if not block:
+                        raise DownloadError(f"cannot read {name} from the git clone of {url}", hint=OTHER_SOURCE)
+                    out.write(block)
+                    left -= len(block)
+            proc.stdout.read(1)  # the newline after each object
+    finally:
+        proc.stdin.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def read_clone(tree: Path, listing: Listing, url: str, commit: str = "HEAD") -> List[Tuple[str, Path, Optional[tuple]]]:
     """(relative path, file, (sha256, size) if it is an LFS pointer) for every file of the model in the clone.
 
-    Every name goes through the listing's checks; a symbolic link, a submodule or anything that is not a
-    regular file is refused, and files the model does not have are skipped (left in the scratch folder)."""
-    entries = tree_entries(tree)
-    for mode, rel in entries:
-        if mode not in ("100644", "100755"):
-            kind = {"120000": "a symbolic link", "160000": "a submodule"}.get(mode, f"an entry of mode {mode}")
-            raise UnsafeListing(f"the git clone of {url} holds {show(rel)} as {kind}: glmsetup refuses links and "
-                                "submodules from a clone; nothing was moved into the model folder",
-                                hint="use --source hf or --source modelscope")
+    Every entry of the tree is checked (links, submodules, names, the entry cap) before anything leaves git;
+    files the model does not have are skipped and never leave git."""
+    wanted: List[Tuple[str, str]] = []
+    with closing(tree_entries(tree, commit)) as entries:
+        for mode, oid, rel in entries:
+            if mode not in ("100644", "100755"):
+                kind = {"120000": "a symbolic link", "160000": "a submodule"}.get(mode, f"an entry of mode {mode}")
+                raise UnsafeListing(f"the git clone of {url} holds {show(rel)} as {kind}: glmsetup refuses links and "
+                                    f"submodules from a clone; {NOTHING_OUT}", hint=OTHER_SOURCE)
+            name = listing.accept(rel)
+            if name is not None:
+                wanted.append((name, oid))
+    missing = missing_blobs(tree, commit)
+    sizes = blob_sizes(tree, [oid for _name, oid in wanted if oid not in missing])
+    for name, oid in wanted:
+        size = sizes.get(oid)
+        if size is None or size > MAX_BLOB:
+            what = f"{size:,} bytes" if size is not None else f"more than {MAX_BLOB >> 20} MB"
+            raise UnsafeListing(f"the git clone of {url} holds {show(name)} as a file of {what} outside git-lfs "
+                                f"({listing.model.name}'s files outside git-lfs are a few kB): refusing it; "
+                                f"{NOTHING_OUT}", hint=OTHER_SOURCE)
+    write_blobs(tree, wanted, url)
     out = []
-    for _mode, rel in entries:
-        name = listing.accept(rel)
-        if name is None:
-            continue
+    for name, _oid in wanted:
         file = tree / name
-        try:
-            st = os.lstat(file)
-        except FileNotFoundError:
-            raise DownloadError(f"the git clone of {url} lists {name} but did not check it out",
-                                hint="use --source hf or --source modelscope") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeListing(f"the git clone of {url} checked out {show(name)} as something other than a "
-                                "regular file: refusing it", hint="use --source hf or --source modelscope")
+        st = os.lstat(file)
+        if not stat.S_ISREG(st.st_mode):  # written just above as a new file: never anything else
+            raise UnsafeListing(f"the git clone of {url} gave {show(name)} as something other than a regular file",
+                                hint=OTHER_SOURCE)
         pointer = read_lfs_pointer(file)
         if pointer:
             sha, size = pointer
@@ -106,10 +214,14 @@ def read_clone(tree: Path, listing: Listing, url: str) -> List[Tuple[str, Path, 
 
 
 def clone_manifest(model: ModelEntry, endpoint: str, repo: str, model_dir: Path, revision: Optional[str],
-                   dry_run: bool = False) -> Manifest:
+                   dry_run: bool = False, force: bool = False, notes: Optional[list] = None) -> Manifest:
     """Clone, build the manifest from the clone, and (unless dry_run) move the files into the model folder.
 
-    Every file is checked before the first one is moved."""
+    Every file is checked, and the folder is checked for files of the user's in the way (refused unless
+    `force`, which moves them to .glmsetup/replaced/), before the first one is moved; `notes` gets what
+    was moved aside (or, in a dry run, what a real run would refuse)."""
+    from glmsetup.fetch import existing
+
     scratch_root = Path(tempfile.mkdtemp(prefix="glmsetup-clone-")) if dry_run else ensure_state_dir(model_dir)
     scratch = scratch_root / "clone"
     remove_tree(scratch)
@@ -117,9 +229,15 @@ def clone_manifest(model: ModelEntry, endpoint: str, repo: str, model_dir: Path,
     try:
         commit = clone(url, scratch, revision)
         listing = Listing(model, f"the git clone of {url}")
-        found = read_clone(scratch, listing, url)
+        found = read_clone(scratch, listing, url, commit)
         manifest = listing.manifest("git", revision or "HEAD", commit)
+        specs = manifest.by_path()  # a dry run's plan checks the weights itself
+        check = [specs[rel] for rel, _file, pointer in found if not (dry_run and pointer)]
+        in_way = existing.find(model_dir, check, force=force, dry_run=dry_run, notes=notes, compare=True)
         if not dry_run:
+            moved = existing.move_aside(model_dir, in_way)
+            if notes is not None:
+                notes += moved
             for rel, file, pointer in found:
                 target = Path(model_dir) / rel
                 if pointer and os.path.lexists(target):
