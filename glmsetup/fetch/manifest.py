@@ -10,6 +10,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable, List, Optional, Sequence
@@ -151,10 +152,19 @@ def git_blob_sha1_start(size: int):
 
 
 def hash_file(path: Path, size: Optional[int] = None, chunk: int = 4 << 20) -> tuple:
-    """(sha256, git_sha1) of a file on disk."""
-    size = os.path.getsize(path) if size is None else size
+    """(sha256, git_sha1) of a regular file on disk; a FIFO, a device or a link to one is a ModelError
+    (opened without blocking, never read: a FIFO would hang the hash, /dev/zero never end it)."""
+    from glmsetup.errors import ModelError
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise ModelError(f"{path} is not a regular file (a FIFO, socket or device, or a link to one)",
+                         hint="move it away; glmsetup fetch puts the real file in its place")
+    size = os.fstat(fd).st_size if size is None else size
     s256, s1 = hashlib.sha256(), git_blob_sha1_start(size)
-    with open(path, "rb") as fh:
+    with fh:
         while True:
             block = fh.read(chunk)
             if not block:

@@ -10,6 +10,7 @@ hashes every file and drops the entries of the files it flags (`forget`), so the
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -43,6 +44,8 @@ class VerifiedCache:
             st = target.stat()
         except OSError:
             return False
+        if not stat.S_ISREG(st.st_mode):
+            return False  # a FIFO (or a link to /dev/zero) listed with size 0 would block or never end a hash
         if spec.size is not None and st.st_size != spec.size:
             return False
         if spec.size and sniff(target) in ("pointer", "html") and not spec.path.endswith((".html", ".md")):
