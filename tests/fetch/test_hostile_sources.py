@@ -197,13 +197,25 @@ def test_bombs_and_endless_listings_fail_fast_in_bounded_memory(store, tmp_path,
         server.close()
     assert code == 5, err
     error = json.loads(out)["error"]
-    assert "is larger than 16 MB (decompressed)" in error["message"] and "Traceback" not in err
+    assert "is larger than 2 MB (decompressed)" in error["message"] and "Traceback" not in err
     assert seconds < 30
     assert peak < 200 << 20, f"peak RSS {peak >> 20} MB"  # the bomb inflates to 2 GB, the endless body forever
     assert store.total_sent() == 0
 
 
-def test_a_listing_of_ten_thousand_files_is_refused_under_a_descriptor_limit(model_files, tmp_path):
+def test_a_listing_over_2_mb_is_refused_unless_the_limit_is_raised(cli, store, hf_server, tmp_path, monkeypatch):
+    """A listing is a few kB; parsing 16 MB of JSON took about 400 MB of memory, so the cap is 2 MB."""
+    store.extra_entries.append({"path": "notes.txt", "size": 1, "pad": "x" * (3 << 20)})
+    out = cli.json("fetch", "--endpoint", hf_server.url, "--model-dir", str(tmp_path / "m"), exit_code=5)
+    assert "is larger than 2 MB (decompressed): a listing is a few kB" in out["error"]["message"]
+    assert store.total_sent() == 0
+    monkeypatch.setenv("GLMSETUP_FETCH_LISTING_MAX_BYTES", str(8 << 20))
+    out = cli.json("fetch", "--endpoint", hf_server.url, "--model-dir", str(tmp_path / "m"))
+    assert same_files(tmp_path / "m", store.files) and "notes.txt" in " ".join(out["data"]["notes"])
+
+
+def test_a_listing_of_ten_thousand_files_is_refused_under_a_descriptor_limit(model_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLMSETUP_FETCH_LISTING_MAX_BYTES", str(16 << 20))  # past the size cap: the entry cap
     files = dict(model_files)
     files.update({f"pytorch_model-{i:05d}-of-10000.bin": b"w" * 8 for i in range(1, 10_001)})
     store = FileStore(files)
