@@ -43,7 +43,9 @@ def render_selftest(console, data: dict) -> None:
 
 
 @click.command()
-@click.option("--keep", is_flag=True, help="Keep the tiny checkpoint under $GLMSETUP_HOME/selftest afterwards.")
+@click.option("--keep", is_flag=True,
+              help="Keep the tiny checkpoint under $GLMSETUP_HOME/selftest afterwards (a run without --keep "
+                   "leaves a kept one as it is).")
 @json_option
 @click.pass_context
 def selftest(ctx, keep, json_mode):
@@ -51,7 +53,9 @@ def selftest(ctx, keep, json_mode):
 
     Builds a tiny ChatGLM2 checkpoint (official layout, random weights), loads it the way
     `glmsetup run` does, and drives every front end headlessly. Prints what passed, with timings;
-    exits 1 if anything failed. A front end whose extra is missing is skipped with its pip line.
+    exits 1 if anything failed. Without the runtime extra it stops at once (exit 3, with the pip
+    line); a front end whose extra is missing is skipped with its pip line. Each check is reported as
+    it completes on stderr (a line of plain text when stderr is not a terminal; nothing under --json).
 
     \b
     Examples:
@@ -66,7 +70,11 @@ def selftest(ctx, keep, json_mode):
     console = output.stderr()
 
     def on_check(check):
+        if json_mode:
+            return
         if output.progress_enabled(json_mode):
             console.print(f"{output.status_mark(check.status)} {check.name} ({check.seconds:.2f} s)")
+        else:  # a pipe or a log: one plain line per check, so 20-45 s are not silent
+            click.echo(f"{check.status:<7} {check.name} ({check.seconds:.2f} s)", err=True)
 
     run_command(ctx, "selftest", selftest_core, render_selftest, ok=lambda d: d["ok"], keep=keep, on_check=on_check)

@@ -1,11 +1,12 @@
 """`glmsetup selftest`: one minute of proof, before the 12 GB download, that every front end works here.
 
-It builds the tiny ChatGLM2 checkpoint (random weights, official layout) under
-GLMSETUP_HOME/selftest, loads it through glmsetup.load_chat_model exactly as `run` does, and drives
+It builds the tiny ChatGLM2 checkpoint (random weights, official layout) in a temporary folder
+(moved to GLMSETUP_HOME/selftest with --keep), loads it through glmsetup.load_chat_model exactly as `run` does, and drives
 each front end headlessly: the terminal chat as a real `glmsetup run cli` process fed through a pipe,
 the API over HTTP (a real uvicorn on a free port) in the official and the OpenAI protocol (plain and
 streaming), the Gradio app's predict path, and the Streamlit app under streamlit.testing's AppTest.
-A front end whose extra is not installed is skipped with the pip line that installs it.
+Without the runtime extra it stops at once (MissingDependency, exit 3); a front end whose extra is
+not installed is skipped with the pip line that installs it.
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from glmsetup import paths
-from glmsetup.errors import EXTRAS_HINT, GlmsetupError
-from glmsetup.launch.plan import FRONT_EXTRAS, RUNTIME_MODULES, missing_modules
+from glmsetup.errors import EXTRAS_HINT, GlmsetupError, MissingDependency
+from glmsetup.launch.plan import FRONT_EXTRAS, RUNTIME_MODULES, missing_modules, not_installed
 
 QUERY = "你好"
 MAX_LENGTH = 96  # prompt + answer: random weights rarely say EOS, so keep answers short
@@ -31,6 +33,11 @@ inherits = "cpu"
 [generation]
 max_length = {MAX_LENGTH}
 """
+MODEL_NAME = "chatglm2-6b-tiny"
+PROFILE_NAME = "selftest.toml"
+# the rows, in order; a skipped row names the row it depends on by these names
+BUILD, LOAD, KERNELS, CLI = "tiny checkpoint", "load + chat()", "int8/int4 kernels", "cli (pipe)"
+API, WEB, STREAMLIT = "api (HTTP, both protocols)", "web (Gradio predict)", "streamlit (AppTest)"
 
 
 @dataclass
@@ -52,6 +59,10 @@ class Warn(Skip):
     """The step worked, with something the user should know (it does not fail the selftest)."""
 
 
+class Failed(Exception):
+    """A front end did not do what it should: the message is the row's detail."""
+
+
 def _need(front: str) -> None:
     modules, extra = FRONT_EXTRAS[front]
     gone = missing_modules(modules)
@@ -62,8 +73,8 @@ def _need(front: str) -> None:
 class Selftest:
     def __init__(self, root: Path, on_check: Optional[Callable[[Check], None]] = None, timeout: float = 120):
         self.root = root
-        self.model_dir = root / "chatglm2-6b-tiny"
-        self.profile_path = root / "selftest.toml"
+        self.model_dir = root / MODEL_NAME
+        self.profile_path = root / PROFILE_NAME
         self.checks: list[Check] = []
         self.on_check = on_check
         self.timeout = timeout
@@ -76,7 +87,7 @@ class Selftest:
         start = time.perf_counter()
         try:
             if needs_model and self.model is None:
-                raise Skip("the model did not load", "see the 'load' line")
+                raise Skip("the model did not load", f"see the '{LOAD}' line")
             check.detail = fn() or ""
         except Warn as exc:
             check.status, check.detail, check.hint = "warn", exc.detail, exc.hint
@@ -84,6 +95,8 @@ class Selftest:
             check.status, check.detail, check.hint = "skipped", exc.detail, exc.hint
         except GlmsetupError as exc:
             check.status, check.detail, check.hint = "fail", exc.message, exc.hint
+        except (Failed, AssertionError) as exc:  # what the check saw, not where the code noticed it
+            check.status, check.detail = "fail", (str(exc) or "the check failed")[:400]
         except Exception as exc:  # a front end failing is the result being reported
             check.status, check.detail = "fail", f"{exc.__class__.__name__}: {exc}"[:400]
         check.seconds = round(time.perf_counter() - start, 2)
@@ -99,19 +112,17 @@ class Selftest:
             raise Skip(f"{', '.join(gone)} not installed", EXTRAS_HINT["runtime"])
         from glmsetup.testing.tiny import build_tiny_checkpoint
 
-        if self.model_dir.exists():
-            shutil.rmtree(self.model_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         build_tiny_checkpoint(self.model_dir)
         tmp = self.profile_path.with_suffix(".tmp")
         tmp.write_text(PROFILE_TOML, encoding="utf-8")
         os.replace(tmp, self.profile_path)
         size = sum(p.stat().st_size for p in self.model_dir.iterdir() if p.is_file())
-        return f"{self.model_dir} ({size / 1e6:.1f} MB)"
+        return f"{MODEL_NAME}: 2 layers, official layout ({size / 1e6:.1f} MB)"
 
     def load(self) -> str:
         if not self.model_dir.is_dir():
-            raise Skip("no tiny checkpoint", "see the 'tiny checkpoint' line")
+            raise Skip("no tiny checkpoint", f"see the '{BUILD}' line")
         import glmsetup
         from glmsetup import profiles
 
@@ -119,7 +130,7 @@ class Selftest:
         self.tokenizer, self.model = glmsetup.load_chat_model(str(self.model_dir), profile=self.profile)
         response, history = self.model.chat(self.tokenizer, QUERY, history=[], max_length=MAX_LENGTH)
         if not isinstance(response, str) or history[-1][0] != QUERY:
-            raise AssertionError(f"chat() returned {response!r}, {history!r}")
+            raise Failed(f"chat() returned {response!r}, {history!r}")
         return f"profile {self.profile.name}; chat() answered {len(response)} chars"
 
     def kernels(self) -> str:
@@ -153,19 +164,23 @@ class Selftest:
         """`glmsetup run cli` as a real process, its stdin a pipe: two questions, clear, exit."""
         proc = self._cli
         if proc is None:
-            raise Skip("no tiny checkpoint", "see the 'tiny checkpoint' line")
+            raise Skip("no tiny checkpoint", f"see the '{BUILD}' line")
         try:
             out, err = proc.communicate(f"{QUERY}\nclear\n/set temperature 0\n{QUERY}\nexit\n", timeout=self.timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            raise AssertionError(f"no exit within {self.timeout:.0f} s")
+            raise Failed(f"no exit within {self.timeout:.0f} s")
         wall = time.perf_counter() - self._cli_started
+        if proc.returncode == 3:  # something it needs is not installed: its own error and hint lines
+            lines = [ln.strip() for ln in (err or "").splitlines()]
+            message = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), "a dependency is missing")
+            raise Skip(message, next((ln[len("hint: "):] for ln in lines if ln.startswith("hint: ")), None))
         if proc.returncode != 0:
-            raise AssertionError(f"exit {proc.returncode}: {(err or out).strip()[-300:]}")
+            raise Failed(f"exit {proc.returncode}: {(err or out).strip()[-300:]}")
         answers = out.count("tokens/s")
         if answers != 2:
-            raise AssertionError(f"expected 2 answers with tokens/s, got {answers}: {out[-200:]!r}")
+            raise Failed(f"expected 2 answers with tokens/s, got {answers}: {out[-200:]!r}")
         return f"2 answers (one greedy) and clear through a pipe, then exit; the process ran {wall:.1f} s"
 
     def api(self) -> str:
@@ -184,13 +199,13 @@ class Selftest:
             official.raise_for_status()
             body = official.json()
             if body.get("status") != 200 or not isinstance(body.get("response"), str):
-                raise AssertionError(f"POST / answered {body!r}")
+                raise Failed(f"POST / answered {body!r}")
             req = {"model": "chatglm2-6b", "messages": [{"role": "user", "content": QUERY}], "max_tokens": 16}
             plain = http.post("/v1/chat/completions", json=req)
             plain.raise_for_status()
             choice = plain.json()["choices"][0]
             if choice["message"]["role"] != "assistant":
-                raise AssertionError(f"OpenAI answer {plain.json()!r}")
+                raise Failed(f"OpenAI answer {plain.json()!r}")
             chunks = 0
             done = False
             with http.stream("POST", "/v1/chat/completions", json={**req, "stream": True}) as stream:
@@ -205,7 +220,7 @@ class Selftest:
                     json.loads(data)
                     chunks += 1
             if not done or chunks < 2:
-                raise AssertionError(f"stream ended after {chunks} chunks without [DONE]")
+                raise Failed(f"stream ended after {chunks} chunks without [DONE]")
         return f"{server.url}: /health, POST /, /v1/chat/completions plain and streamed ({chunks} chunks)"
 
     def web(self) -> str:
@@ -214,13 +229,13 @@ class Selftest:
 
         demo = web.build_demo(self.tokenizer, self.model, self.profile)
         if demo is None:
-            raise AssertionError("build_demo returned nothing")
+            raise Failed("build_demo returned nothing")
         steps = 0
         chatbot = history = None
         for chatbot, history, _past in web.predict(self.tokenizer, self.model, QUERY, [], max_length=MAX_LENGTH):
             steps += 1
         if not chatbot or chatbot[-1]["role"] != "assistant" or history[-1][0] != QUERY:
-            raise AssertionError(f"predict ended with {chatbot!r}")
+            raise Failed(f"predict ended with {chatbot!r}")
         return f"Blocks built; predict streamed {steps} updates"
 
     def streamlit(self) -> str:
@@ -240,13 +255,13 @@ class Selftest:
             at = AppTest.from_file(str(streamlit_app_path()), default_timeout=self.timeout)
             at.run()
             if at.exception:
-                raise AssertionError(f"first run raised: {at.exception[0].message}")
+                raise Failed(f"first run raised: {at.exception[0].message}")
             at.chat_input[0].set_value(QUERY).run()
             if at.exception:
-                raise AssertionError(f"answering raised: {at.exception[0].message}")
+                raise Failed(f"answering raised: {at.exception[0].message}")
             messages = len(at.chat_message)
             if messages < 2:
-                raise AssertionError(f"{messages} chat messages after one question")
+                raise Failed(f"{messages} chat messages after one question")
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -256,21 +271,45 @@ class Selftest:
         return f"AppTest: {messages} chat messages after one question"
 
     def run_all(self) -> list[Check]:
-        self.step("tiny checkpoint", self.build, needs_model=False)
+        self.step(BUILD, self.build, needs_model=False)
         self.start_cli()
-        self.step("load + chat()", self.load, needs_model=False)
-        self.step("int8/int4 kernels", self.kernels, needs_model=False)
-        self.step("cli (pipe)", self.cli, needs_model=False)
-        self.step("api (HTTP, both protocols)", self.api)
-        self.step("web (Gradio predict)", self.web)
-        self.step("streamlit (AppTest)", self.streamlit)
+        self.step(LOAD, self.load, needs_model=False)
+        self.step(KERNELS, self.kernels, needs_model=False)
+        self.step(CLI, self.cli, needs_model=False)
+        self.step(API, self.api)
+        self.step(WEB, self.web)
+        self.step(STREAMLIT, self.streamlit)
         return self.checks
 
 
+def require_runtime() -> None:
+    """Nothing can be checked without the runtime extra: one error line and its pip line (exit 3)."""
+    gone = missing_modules(RUNTIME_MODULES)
+    if gone:
+        raise MissingDependency(f"selftest needs the model runtime: {not_installed(gone)}",
+                                hint=EXTRAS_HINT["runtime"])
+
+
+def keep_in(home: Path, built: Path) -> Path:
+    """Move the tiny model and its profile from `built` to `home`, replacing what an earlier --keep left there."""
+    home.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_NAME, PROFILE_NAME):
+        dest = home / name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif dest.exists() or dest.is_symlink():
+            dest.unlink()
+        shutil.move(str(built / name), str(dest))
+    return home / MODEL_NAME
+
+
 def selftest_core(keep: bool = False, on_check: Optional[Callable[[Check], None]] = None) -> dict:
-    root = paths.home() / "selftest"
+    """Run every check on a tiny model built in a temporary folder (a model an earlier --keep left stays as it is)."""
+    require_runtime()
     start = time.perf_counter()
-    test = Selftest(root, on_check)
+    work = Path(tempfile.mkdtemp(prefix="glmsetup-selftest-"))
+    test = Selftest(work, on_check)
+    kept = None
     try:
         checks = test.run_all()
     finally:
@@ -278,11 +317,14 @@ def selftest_core(keep: bool = False, on_check: Optional[Callable[[Check], None]
             test._cli.kill()
             test._cli.communicate()
         test.model = test.tokenizer = None
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
+        try:
+            if keep and test.model_dir.is_dir():
+                kept = keep_in(paths.home() / "selftest", work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     failed = [c.name for c in checks if c.status == "fail"]
     return {
         "ok": not failed, "failed": failed, "seconds": round(time.perf_counter() - start, 2),
-        "model_dir": str(test.model_dir) if keep else None, "kept": keep,
+        "model_dir": str(kept) if kept else None, "kept": kept is not None,
         "checks": [vars(c) for c in checks],
     }

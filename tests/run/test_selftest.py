@@ -112,3 +112,79 @@ def test_a_kernel_not_used_is_a_warning_with_its_cost(tmp_path, monkeypatch):
     monkeypatch.delenv("GLMSETUP_QUANT_KERNELS")
     check = Selftest(tmp_path).step("int8/int4 kernels", Selftest(tmp_path).kernels, needs_model=False)
     assert check.status == "ok" and check.detail == "int8 on cpu: cpu_int8pack; int4 on cpu: cpu_int4pack"
+
+
+def test_missing_runtime_stops_at_once_with_the_pip_line(cli, monkeypatch, glmsetup_home):
+    monkeypatch.setitem(sys.modules, "torch", None)  # importlib then finds no such module: a base install
+    result = cli("selftest")
+    assert result.exit_code == 3, (result.stdout, result.stderr)
+    assert result.stderr.splitlines()[0] == "error: selftest needs the model runtime: torch, which is not installed"
+    assert 'pip install "glmsetup[runtime]"' in result.stderr and result.stdout == ""
+    assert "AssertionError" not in result.stderr and "Traceback" not in result.stderr
+    doc = cli.json("selftest", exit_code=3)
+    assert doc["error"]["code"] == "missing-dependency" or doc["error"]["exit_code"] == 3
+    assert not (glmsetup_home / "selftest").exists()
+
+
+def _only_the_build(self):
+    self.step("tiny checkpoint", self.build, needs_model=False)
+    return self.checks
+
+
+def test_a_kept_model_survives_a_run_without_keep(cli, monkeypatch, glmsetup_home, tmp_path):
+    import tempfile
+
+    from glmsetup.launch import selftest as st
+
+    pytest.importorskip("torch")
+    monkeypatch.setattr(st.Selftest, "run_all", _only_the_build)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    kept = glmsetup_home / "selftest" / "chatglm2-6b-tiny"
+    kept.mkdir(parents=True)
+    (kept / "what-an-earlier-keep-left").write_text("x")  # e.g. docs/finetune.md's worked example uses this folder
+
+    doc = cli.json("selftest")
+    assert doc["data"]["checks"][0]["status"] == "ok" and doc["data"]["kept"] is False
+    assert (kept / "what-an-earlier-keep-left").is_file() and list(scratch.iterdir()) == []
+
+    doc = cli.json("selftest", "--keep")  # --keep replaces it with the new tiny model
+    assert doc["data"]["kept"] is True and doc["data"]["model_dir"] == str(kept)
+    assert (kept / "config.json").is_file() and not (kept / "what-an-earlier-keep-left").exists()
+    assert (glmsetup_home / "selftest" / "selftest.toml").is_file() and list(scratch.iterdir()) == []
+
+
+def test_each_check_is_one_plain_line_on_stderr_in_a_pipe(cli, monkeypatch):
+    from glmsetup.launch import selftest as st
+
+    def fake_run_all(self):
+        self.step("tiny checkpoint", lambda: "built", needs_model=False)
+        self.step("web (Gradio predict)", lambda: (_ for _ in ()).throw(st.Skip("gradio not installed")),
+                  needs_model=False)
+        return self.checks
+
+    monkeypatch.setattr(st.Selftest, "run_all", fake_run_all)
+    result = cli("selftest")  # the runner's stderr is not a terminal
+    assert result.exit_code == 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("ok      tiny checkpoint (") and lines[0].endswith(" s)")
+    assert lines[1].startswith("skipped web (Gradio predict) (")
+    assert cli("selftest", "--json").stderr == ""
+
+
+def test_failures_read_as_what_was_seen_and_skips_name_real_rows(tmp_path):
+    from glmsetup.launch.selftest import Failed, Selftest
+
+    test = Selftest(tmp_path)
+
+    def broken():
+        raise AssertionError("exit 3: something")
+
+    assert test.step("x", broken, needs_model=False).detail == "exit 3: something"
+    check = test.step("y", lambda: (_ for _ in ()).throw(Failed("predict ended with []")), needs_model=False)
+    assert check.status == "fail" and check.detail == "predict ended with []"
+    for step in (test.api, test.cli):  # no model: the hint names the row that explains why, by its name
+        check = test.step(step.__name__, step, needs_model=step == test.api)
+        quoted = check.hint.split("'")[1]
+        assert check.status == "skipped" and quoted in NAMES, check
