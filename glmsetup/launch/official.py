@@ -97,6 +97,8 @@ def plan_official(plan: RunPlan, official: str) -> RunPlan:
                          hint=f"glmsetup run {actual} --official {official}")
     source = script.parent
     work = work_copy_dir(source)
+    # the script runs inside its working copy: a relative --model would be looked for there
+    plan.model_dir = plan.model_dir.resolve()
     target = work / script.name
     if actual == "streamlit":
         command = streamlit_command(target, plan.binding.host, plan.binding.port)

@@ -128,3 +128,24 @@ def test_official_streamlit_demo_starts_with_streamlit_run(tiny_model_dir, glmse
     assert "load_chat_model" in patched and "repetition_penalty" in patched
     assert server.stop() == 0
     assert (FIXTURES / "web_demo2.py").read_text(encoding="utf-8") != patched
+
+
+OFFICIAL_PTUNING = ROOT.parent / "shared" / "fixtures" / "upstream" / "ChatGLM2-6B-repo" / "ptuning"
+
+
+@pytest.mark.parametrize("front", ["cli", "web", "streamlit", "api"])
+def test_a_relative_model_reaches_the_script_as_an_absolute_path(cli, tiny_model_dir, monkeypatch, front):
+    """The script runs inside its working copy, where a relative --model would name nothing."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    data = plan(cli, front, "--official", str(FIXTURES), "--model", tiny_model_dir.name, "--profile", "cpu")["data"]
+    assert data["cwd"] != str(tiny_model_dir.parent)
+    assert data["model_dir"] == str(tiny_model_dir.resolve()) == data["env"]["GLMSETUP_MODEL_DIR"]
+
+
+@pytest.mark.skipif(not (OFFICIAL_PTUNING / "web_demo.py").is_file(), reason="the official ptuning/ fixture is not present")
+def test_the_ptuning_demo_gets_an_absolute_model_argument(cli, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    data = plan(cli, "web", "--official", str(OFFICIAL_PTUNING / "web_demo.py"), "--model", tiny_model_dir.name,
+                "--profile", "cpu")["data"]
+    at = data["command"].index("--model_name_or_path")
+    assert data["command"][at + 1] == str(tiny_model_dir.resolve())
