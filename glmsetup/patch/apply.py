@@ -41,8 +41,9 @@ def resolve_profile(profile):
     return resolved, arg
 
 
-def collect(targets: Iterable) -> list[tuple[Path, bool]]:
-    """(file, named explicitly) for each target: a file, or the *.py entries directly in a folder.
+def collect(targets: Iterable, subfolders: bool = True) -> list[tuple[Path, bool]]:
+    """(file, named explicitly) for each target: a file, or the *.py entries directly in a folder
+    (and, with `subfolders`, in its recognize.SUBFOLDERS: the official ptuning/ folder).
 
     Folder entries are listed whatever they are (links, FIFOs ...) so the report can say why one is
     left alone; a link to a file that is itself listed is dropped as a duplicate.
@@ -51,7 +52,10 @@ def collect(targets: Iterable) -> list[tuple[Path, bool]]:
     for target in targets:
         p = Path(target).expanduser()
         if p.is_dir():
-            found += [(f, False) for f in sorted(p.glob("*.py")) if safeio.kind(f) not in (None, "directory")]
+            folders = [p] + [p / sub for sub in recognize.SUBFOLDERS
+                             if subfolders and safeio.kind(p / sub) == "directory"]  # never through a link
+            found += [(f, False) for d in folders for f in sorted(d.glob("*.py"))
+                      if safeio.kind(f) not in (None, "directory")]
         elif safeio.kind(p) is not None:
             found.append((p, True))
         else:
@@ -108,13 +112,13 @@ def make_context(model, profile, loader: str, listen: bool) -> Context:
 
 
 def patch_paths(targets: Iterable, *, model=None, profile="auto", loader: str = "glmsetup", listen: bool = False,
-                only=None, dry_run: bool = False) -> dict:
-    """Patch the demos among `targets`; returns the report (see docs/patch.md)."""
+                only=None, dry_run: bool = False, subfolders: bool = True) -> dict:
+    """Patch the demos among `targets` (a folder's ptuning/ too, with `subfolders`); returns the report."""
     from glmsetup.patch.rulesets import RULE_SETS
 
     only_set = parse_only(only)
     ctx = make_context(model, profile, loader, listen)
-    files = collect(targets)
+    files = collect(targets, subfolders)
     reports, plans, errors = [], [], []
     for path, explicit in files:
         entry = {"path": str(path), "kind": None, "recognized_as": recognize.describe(None), "changed": False,
@@ -248,4 +252,4 @@ def _summary(reports: list) -> dict:
 
 def patch_folder(src_dir, *, model, profile, loader: str = "glmsetup", listen: bool = False) -> dict:
     """Patch every demo in `src_dir` in place (used by `glmsetup run --official DIR` on a working copy)."""
-    return patch_paths([src_dir], model=model, profile=profile, loader=loader, listen=listen)
+    return patch_paths([src_dir], model=model, profile=profile, loader=loader, listen=listen, subfolders=False)

@@ -19,6 +19,9 @@ KINDS = {
     "utils": "utils.py",
 }
 
+# subfolders of the official repository whose demos a folder patch (and revert) includes
+SUBFOLDERS = ("ptuning",)  # ptuning/web_demo.py: the P-tuning demo, with its own loader rule
+
 _CHATGLM = re.compile(r"chatglm|stream_chat|load_model_on_gpus|load_chat_model", re.I)
 
 

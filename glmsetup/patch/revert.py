@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from glmsetup.errors import PatchError, UsageError
-from glmsetup.patch import backup, safeio
+from glmsetup.patch import backup, recognize, safeio
 
 
 def _files(targets: Iterable) -> list[Path]:
@@ -19,8 +19,11 @@ def _files(targets: Iterable) -> list[Path]:
     for target in targets:
         p = Path(target).expanduser()
         what = safeio.kind(p)
-        if p.is_dir():
+        if p.is_dir():  # the folder's files, and those of its ptuning/ (as a folder patch takes them)
             files += backup.backed_up_in(p)
+            for sub in recognize.SUBFOLDERS:
+                if safeio.kind(p / sub) == "directory":
+                    files += backup.backed_up_in(p / sub)
         elif what == "link":
             raise safeio.link(p, revert=True)
         elif what not in (None, "file"):

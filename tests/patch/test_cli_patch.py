@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
+from ..conftest import ROOT
 from .conftest import MODEL, VARIANTS
 
 
@@ -122,3 +124,42 @@ def test_options_that_would_be_ignored_are_refused(cli, demo_dir, args, words):
     assert result.exit_code == 2
     doc = json.loads(result.stdout)
     assert doc["error"]["code"] == "usage" and words in doc["error"]["message"]
+
+
+UPSTREAM = ROOT.parent / "shared" / "fixtures" / "upstream" / "ChatGLM2-6B-repo"
+
+
+@pytest.mark.skipif(not (UPSTREAM / "ptuning" / "web_demo.py").is_file(), reason="the official repository fixture is absent")
+def test_a_folder_patch_includes_the_ptuning_demo_and_revert_restores_it(cli, tmp_path):
+    repo = tmp_path / "ChatGLM2-6B"
+    shutil.copytree(UPSTREAM, repo)
+    for p in repo.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    doc = cli.json("patch", str(repo), "--profile", "cpu")
+    by_path = {f["path"]: f for f in doc["data"]["files"]}
+    demo = by_path[str(repo / "ptuning" / "web_demo.py")]
+    assert demo["kind"] == "gradio" and demo["written"]
+    assert str(repo / "ptuning" / "main.py") in by_path and not by_path[str(repo / "ptuning" / "main.py")]["kind"]
+    text = (repo / "ptuning" / "web_demo.py").read_text(encoding="utf-8")
+    assert "ptuning_checkpoint=model_args.ptuning_checkpoint" in text and "glmsetup.load_chat_model(" in text
+    assert (repo / "ptuning" / "main.py").read_bytes() == (UPSTREAM / "ptuning" / "main.py").read_bytes()
+    human = cli("patch", str(repo), "--profile", "cpu", "--dry-run").stdout
+    assert f"{repo / 'ptuning' / 'web_demo.py'}  gradio demo" in human
+
+    doc = cli.json("patch", str(repo), "--revert")
+    assert str(repo / "ptuning" / "web_demo.py") in {f["path"] for f in doc["data"]["files"] if f["status"] == "restored"}
+    for f in UPSTREAM.rglob("*.py"):
+        assert (repo / f.relative_to(UPSTREAM)).read_bytes() == f.read_bytes(), f
+
+
+@pytest.mark.skipif(not (UPSTREAM / "ptuning" / "web_demo.py").is_file(), reason="the official repository fixture is absent")
+def test_the_working_copy_of_run_official_patches_only_its_own_folder(tmp_path):
+    from glmsetup.patch import patch_folder
+
+    repo = tmp_path / "work"
+    shutil.copytree(UPSTREAM, repo)
+    for p in repo.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    report = patch_folder(repo, model=MODEL, profile="cpu")
+    assert all(Path(f["path"]).parent == repo for f in report["files"])
+    assert (repo / "ptuning" / "web_demo.py").read_bytes() == (UPSTREAM / "ptuning" / "web_demo.py").read_bytes()
