@@ -59,6 +59,9 @@ def render_patch(console, data: dict) -> None:
 
 
 def render_revert(console, data: dict) -> None:
+    if data.get("nothing_to_revert"):
+        console.print("nothing to revert (the files are the originals already)")
+        return
     for f in data["files"]:
         mark = {"restored": output.status_mark("ok"), "already_original": "[green]=[/]"}.get(f["status"], "[dim]-[/]")
         verb = "would restore" if data["dry_run"] and f["status"] == "restored" else f["status"].replace("_", " ")

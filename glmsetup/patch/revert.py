@@ -93,13 +93,12 @@ def revert_paths(targets: Iterable, *, force: bool = False, dry_run: bool = Fals
         extra = f" (and {len(refusals) - 1} more file(s))" if len(refusals) > 1 else ""
         raise PatchError(f"{message}{extra}; nothing was restored", hint=first.hint,
                          details={"files": reports, "backups_dir": str(backup.root())})
-    if not any(e["status"] in ("restored", "already_original") for e in reports):
-        raise PatchError("nothing to revert: no backup of " + ", ".join(str(Path(t).resolve()) for t in targets),
-                         hint=f"backups live in {backup.root()}; only files patched by glmsetup can be reverted",
-                         details={"files": reports})
-    if not dry_run:
+    nothing = not any(e["status"] in ("restored", "already_original") for e in reports)
+    if not dry_run and not nothing:
         _restore(todo)
-    return {"dry_run": dry_run, "files": reports, "backups_dir": str(backup.root())}
+    # no backup at all (never patched, or reverted already): the files are the originals, which is success
+    return {"dry_run": dry_run, "files": reports, "backups_dir": str(backup.root()), "nothing_to_revert": nothing,
+            "targets": [str(Path(t).expanduser().resolve()) for t in targets]}
 
 
 def _reason(record, left: int) -> str:

@@ -59,7 +59,7 @@ def test_exit_codes(cli, demo_dir, tmp_path):
     assert cli("patch", str(demo_dir), "--only", "colours", "--profile", "cpu").exit_code == 2
     assert cli("patch", str(demo_dir), "--profile", "no-such-profile").exit_code == 2
     assert cli("patch", str(demo_dir), "--loader", "official", "--profile", "cpu-int4").exit_code == 2
-    assert cli("patch", str(demo_dir), "--revert").exit_code == 8  # nothing was patched, nothing to revert
+    assert cli("patch", str(demo_dir), "--revert").exit_code == 0  # nothing was patched: nothing to revert
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli("patch", str(empty), "--profile", "cpu").exit_code == 2
@@ -100,11 +100,17 @@ def test_human_report_says_why_a_rule_has_nothing_to_change(cli, demo_dir):
     assert "compatibility: nothing to change (the model is cached with st.cache_resource)" in text
 
 
-def test_revert_with_nothing_to_revert_names_the_full_path(cli, demo_dir, monkeypatch):
+def test_revert_with_nothing_to_revert_is_success(cli, demo_dir, monkeypatch):
     monkeypatch.chdir(demo_dir)
-    result = cli("patch", "--revert", "--json")
-    assert result.exit_code == 8
-    assert json.loads(result.stdout)["error"]["message"] == f"nothing to revert: no backup of {demo_dir.resolve()}"
+    doc = cli.json("patch", "--revert")
+    assert doc["ok"] and doc["data"]["nothing_to_revert"] is True and doc["data"]["targets"] == [str(demo_dir.resolve())]
+    assert cli("patch", str(demo_dir / "api.py"), "--profile", "cpu").exit_code == 0
+    assert cli("patch", "--revert").exit_code == 0
+    second = cli("patch", "--revert")  # the second revert of the same folder
+    assert second.exit_code == 0 and second.stderr == ""
+    assert second.stdout.strip() == "nothing to revert (the files are the originals already)"
+    named = cli.json("patch", str(demo_dir / "api.py"), "--revert")  # a file named: its row says why
+    assert named["data"]["nothing_to_revert"] and named["data"]["files"][0]["status"] == "no_backup"
 
 
 def test_dry_run_warns_about_a_missing_model_without_saying_it_was_done(cli, demo_dir, tmp_path):
