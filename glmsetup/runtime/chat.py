@@ -130,8 +130,7 @@ class ChatMixin:
         if context >= max_length:
             if store:
                 store.lock.release()
-            raise UsageError(f"the prompt and history take {context} tokens, max_length is {max_length}: "
-                             "no room for an answer", hint="raise max_length or clear the history")
+            raise no_room(context, max_length)
         if store is None:
             room = max_new if max_new is not None else STORE_SLACK
             store = self.new_store(1, min(context + room, max(max_length, context + 1)))
@@ -140,11 +139,7 @@ class ChatMixin:
 
     def _adopt(self, past):
         """Take a PastKeyValues back: reuse its store, rolled back (or recomputed) to the snapshot."""
-        from glmsetup.runtime.modeling import PastKeyValues
-
-        if not isinstance(past, PastKeyValues) or past.store.model_id != id(self):
-            raise UsageError("past_key_values does not come from this model's stream_chat",
-                             hint="pass back what stream_chat(..., return_past_key_values=True) yielded, or None")
+        check_past(self, past)
         store = past.store
         if not store.lock.acquire(blocking=False):  # in use by another stream: work on a copy
             store = self.new_store(1, past.length + STORE_SLACK)
@@ -211,6 +206,20 @@ class _InvalidScoreProcessor:
 
 
 _EMPTY = torch.zeros(1, 0, dtype=torch.long)
+
+
+def no_room(context: int, max_length: int) -> UsageError:
+    return UsageError(f"the prompt and history take {context} tokens, max_length is {max_length}: "
+                      "no room for an answer", hint="raise max_length or clear the history")
+
+
+def check_past(model, past) -> None:
+    """A past_key_values must be a snapshot stream_chat handed out for this very model."""
+    from glmsetup.runtime.modeling import PastKeyValues
+
+    if not isinstance(past, PastKeyValues) or past.store.model_id != id(model):
+        raise UsageError("past_key_values does not come from this model's stream_chat",
+                         hint="pass back what stream_chat(..., return_past_key_values=True) yielded, or None")
 
 
 def _history(history) -> list:

@@ -1,0 +1,111 @@
+"""The batch store of continuous batching: rows of several KVStores put side by side, and taken out again.
+
+A KVStore holds [rows, kv_heads, positions, head_dim] per layer and one shared length; decode_step
+feeds every row one token per step. In the batch store each row's real tokens are the last
+`next_position[row]` positions (left padding before them, marked invalid), so rows of different
+lengths step together: a row's RoPE positions count its own tokens, and the attention mask hides the
+padding. `assemble` builds a new batch store from rows of other stores (a prefill's store, the
+previous batch store) whenever rows join or leave, trimmed to the longest row; `copy_row_back` puts
+a finished row into a batch-1 store (what a later turn can continue from).
+
+Padding positions hold zeros or the keys of a padding token, never uninitialised memory: a masked
+position gets weight 0 in attention, and 0 x NaN would still be NaN.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+PAD_ID = 0  # what a padded prompt position is fed (it is masked out)
+
+
+def row_length(store, row: int) -> int:
+    """The real tokens of a row (its valid positions, the last ones of the store)."""
+    return int(store.next_position[row])
+
+
+def assemble(model, parts: Sequence[tuple], slack: int):
+    """A new store with the given rows, in order: parts is [(store, [row, ...]), ...].
+
+    Rows stay right-aligned: the new store is as long as the longest row, and holds `slack` more
+    positions before it has to grow.
+    """
+    width = max(row_length(store, r) for store, rows in parts for r in rows)
+    total = sum(len(rows) for _store, rows in parts)
+    new = model.new_store(total, width + max(slack, 1))
+    dst = 0
+    for store, rows in parts:
+        n = len(rows)
+        cols = min(width, store.length)  # the last `cols` positions of the source hold every row it gives
+        a, b = store.length - cols, store.length
+        lo = width - cols
+        idx = torch.tensor(rows, dtype=torch.long)
+        contiguous = rows == list(range(rows[0], rows[0] + n))
+        for i in range(len(new.keys)):
+            for src, out in ((store.keys[i], new.keys[i]), (store.values[i], new.values[i])):
+                part = src[rows[0]:rows[0] + n, :, a:b] if contiguous else src[:, :, a:b].index_select(
+                    0, idx.to(src.device))
+                out[dst:dst + n, :, lo:width] = part
+                if lo:
+                    out[dst:dst + n, :, :lo].zero_()
+        valid = store.valid[:, a:b][idx.to(store.valid.device)]
+        new.valid[dst:dst + n, lo:width] = valid.to(new.valid.device)
+        for j, r in enumerate(rows):
+            new.next_position[dst + j] = store.next_position[r]
+        dst += n
+    new.length = width
+    return new
+
+
+def copy_row_back(src, row: int, home, tokens: list) -> None:
+    """Put row `row` of the batch store `src` into the batch-1 store `home`, as if it had been
+    generated there: positions 0..L-1, `tokens` (the row's L real token ids) as its token list."""
+    n = row_length(src, row)
+    if len(tokens) != n:
+        raise RuntimeError(f"a batch row holds {n} positions but {len(tokens)} token ids")
+    a, b = src.length - n, src.length
+    home.length = 0  # nothing of the old content is kept: reserve need not copy it
+    home.reserve(n)
+    for i in range(len(home.keys)):
+        home.keys[i][0, :, :n] = src.keys[i][row, :, a:b]
+        home.values[i][0, :, :n] = src.values[i][row, :, a:b]
+    home.valid[0, :n] = True
+    home.length = n
+    home.tokens[0] = list(tokens)
+    home.next_position[0] = n
+
+
+def left_padded(id_lists: Sequence[list]) -> tuple:
+    """(input_ids, attention_mask or None) for prompts of different lengths, padded on the left."""
+    width = max(len(ids) for ids in id_lists)
+    if all(len(ids) == width for ids in id_lists):
+        return torch.tensor([list(ids) for ids in id_lists]), None
+    ids = [[PAD_ID] * (width - len(x)) + list(x) for x in id_lists]
+    mask = [[0] * (width - len(x)) + [1] * len(x) for x in id_lists]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def prefill_groups(requests: Sequence, length, max_positions: int) -> list[list]:
+    """Requests in groups to prefill together: similar lengths (sorted), at most `max_positions`
+    padded positions a group (a longer prompt goes alone)."""
+    groups: list[list] = []
+    for req in sorted(requests, key=length):
+        n = length(req)
+        if groups and (len(groups[-1]) + 1) * n <= max_positions:
+            groups[-1].append(req)
+        else:
+            groups.append([req])
+    return groups
+
+
+def guard_rows(scores: torch.Tensor) -> torch.Tensor:
+    """sampling.guard_invalid row by row: a row with NaN or +inf (or nothing left to pick) becomes all
+    zeros with token 5 at 5e4; the other rows of the batch are left alone."""
+    bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+    if not bool(bad.any()):
+        return scores
+    scores = scores.clone()
+    scores[bad] = 0.0
+    scores[bad, 5] = 5e4
+    return scores

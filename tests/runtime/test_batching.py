@@ -1,0 +1,255 @@
+"""Continuous batching (runtime/batching.py) on the tiny checkpoint: concurrent chats share decode steps,
+and each answer is the one the request gets alone.
+
+The model is watched from outside (tests/runtime/batch_watch.py): a hook on its embedding sees how
+many rows each decode step feeds. Holding the first model call until every request is queued makes
+the requests of a test decode together; without batching every step feeds one row.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from glmsetup.errors import UsageError
+from glmsetup.runtime.batching import BatchEngine, engine_for
+from glmsetup.runtime.chat import TokenCount
+
+from .batch_watch import NoEos, StepWatch, wait_for
+
+GREEDY = {"do_sample": False, "temperature": 0.0, "max_length": 8192}
+EOS_ID = 2
+
+
+def ban_eos(_context, scores):
+    return scores.index_fill(1, torch.tensor([EOS_ID]), float("-inf"))
+
+
+class Fails:
+    """A logits processor that raises on its n-th call."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, _context, scores):
+        self.n -= 1
+        if self.n <= 0:
+            raise ValueError("this processor gives up")
+        return scores
+
+
+# (query, history, settings): prompts of 13 to over 100 tokens, a history, each request its own settings
+REQUESTS = [
+    ("你好", [], {"max_new_tokens": 30}),
+    ("Hello world", [], {"max_new_tokens": 9, "repetition_penalty": 1.8}),
+    ("机器学习", [], {"max_length": 40}),  # ends at max_length: 15 prompt tokens + 25
+    ("word " * 30, [], {"max_new_tokens": 24}),
+    ("12345", [], {"max_new_tokens": 21, "top_k": 3, "min_new_tokens": 4, "logits_processor": [ban_eos]}),
+    ("今天天气很好", [("你好", "你好👋！我是 ChatGLM2-6B。")], {"max_new_tokens": 17}),
+    ("emoji 😀", [], {"max_new_tokens": 26, "do_sample": True, "temperature": 0.9, "top_p": 1e-9}),  # one token kept
+    ("lazy dog", [], {"max_new_tokens": 1}),
+]
+
+
+def solo(model, tokenizer, query, history=(), settings=None):
+    """The request alone on the model's own stream_chat: (last text, ids generated)."""
+    count = TokenCount()
+    text = ""
+    for text, _history in model.stream_chat(tokenizer, query, list(history), token_count=count,
+                                            **{**GREEDY, **(settings or {})}):
+        pass
+    return text, count.value
+
+
+def together(model, engine, jobs, pause_s: float = 0.0):
+    """Run each job (a function of the engine) on its own thread, all queued before the first model call
+    runs; returns (their results or exceptions, the StepWatch)."""
+    results: dict = {}
+
+    def run(i, job):
+        try:
+            results[i] = job(engine)
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    with StepWatch(model, hold_first=True, pause_s=pause_s) as watch:
+        for t in threads:
+            t.start()
+        assert watch.entered.wait(30)
+        wait_for(lambda: queued(engine) == len(jobs), what="every request to be queued")
+        watch.release.set()
+        for t in threads:
+            t.join(60)
+    return [results[i] for i in range(len(jobs))], watch
+
+
+def queued(engine) -> int:
+    stats = engine.stats()
+    return stats["rows"] + stats["joining"] + stats["waiting"]
+
+
+def ask(tokenizer, query, history=(), settings=None):
+    return lambda engine: solo(engine, tokenizer, query, history, settings)
+
+
+def test_concurrent_requests_share_steps_and_get_their_solo_answers(tiny_model, tiny_tokenizer):
+    expected = [solo(tiny_model, tiny_tokenizer, *r) for r in REQUESTS]
+    assert len({text for text, _n in expected}) == len(REQUESTS)
+    assert (expected[1][1], expected[2][1], expected[7][1]) == (9, 25, 1)  # the limits bite
+    sampled = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.0, "top_p": 0.9}
+    jobs = [ask(tiny_tokenizer, *r) for r in REQUESTS] + [ask(tiny_tokenizer, "你好", (), sampled)]
+    results, watch = together(tiny_model, engine_for(tiny_model), jobs)
+    assert results[:len(REQUESTS)] == expected
+    assert 1 <= results[-1][1] <= 12  # a sampled row beside the greedy ones
+    rows = watch.decode_rows()
+    assert max(rows) == len(REQUESTS), rows  # all but the one-token answer decoded together
+    assert len(rows) < sum(n for _t, n in expected)  # fewer steps than tokens
+    assert {name for _r, _t, name in watch.calls} == {"glmsetup-batch"}  # every model call on one thread
+
+
+def test_a_client_that_stops_reading_leaves_and_the_others_go_on_unchanged(tiny_model, tiny_tokenizer):
+    prompts = ["你好", "Hello world", "机器学习"]
+    stop = threading.Event()
+    pieces: list = []
+
+    def leaver(engine):  # reads three pieces, then goes away (closes the stream)
+        gen = engine.stream_chat(tiny_tokenizer, "word " * 30, [], max_new_tokens=40, **GREEDY)
+        for text, _history in gen:
+            pieces.append(text)
+            if len(pieces) == 3:
+                break
+        gen.close()
+        return "left"
+
+    def stopped(engine):  # its stop_event is set by another thread after five tokens
+        count = TokenCount()
+        text = ""
+        for text, _history in engine.stream_chat(tiny_tokenizer, "lazy dog", [], max_new_tokens=40, stop_event=stop,
+                                                 token_count=count, **GREEDY):
+            if count.value == 5:
+                threading.Thread(target=stop.set).start()
+                threading.Event().wait(0.05)
+        return count.value
+
+    with NoEos(tiny_model):
+        expected = [solo(tiny_model, tiny_tokenizer, p, (), {"max_new_tokens": 40}) for p in prompts]
+        jobs = [ask(tiny_tokenizer, p, (), {"max_new_tokens": 40}) for p in prompts] + [leaver, stopped]
+        results, watch = together(tiny_model, engine_for(tiny_model), jobs, pause_s=0.01)
+    assert results[:3] == expected
+    assert results[3] == "left" and len(pieces) == 3
+    assert 5 <= results[4] <= 7  # ends after the token it was on when the stop came
+    rows = watch.decode_rows()
+    assert max(rows) == 5, rows
+    after = rows[max(i for i, r in enumerate(rows) if r > 3) + 1:]  # both had left; the others went on
+    assert len(after) > 30, rows
+
+
+def test_conversations_continue_from_their_caches(tiny_model, tiny_tokenizer):
+    turns = ["hello", "more", "and then"]
+
+    def conversation(model):
+        past, history, answers = None, [], []
+        for query in turns:
+            for text, history, past in model.stream_chat(tiny_tokenizer, query, history, past_key_values=past,
+                                                         return_past_key_values=True, max_new_tokens=12, **GREEDY):
+                pass
+            answers.append(text)
+        return answers, past
+
+    want, want_past = conversation(tiny_model)
+    results, watch = together(tiny_model, engine_for(tiny_model), [conversation] * 3)
+    for answers, past in results:
+        assert answers == want
+        assert (past.length, past.tokens) == (want_past.length, want_past.tokens)
+    assert max(watch.decode_rows()) == 3
+    # a batched answer's cache goes on with the model's own stream_chat, and the other way round
+    engine = engine_for(tiny_model)
+    _text, history, past = list(engine.stream_chat(tiny_tokenizer, "hello", [], return_past_key_values=True,
+                                                   max_new_tokens=12, **GREEDY))[-1]
+    own = list(tiny_model.stream_chat(tiny_tokenizer, "more", history, past_key_values=past,
+                                      return_past_key_values=True, max_new_tokens=12, **GREEDY))[-1]
+    assert own[0] == want[1]
+    batched = list(engine.stream_chat(tiny_tokenizer, "and then", own[1], past_key_values=own[2],
+                                      max_new_tokens=12, **GREEDY))[-1]
+    assert batched[0] == want[2]
+
+
+def test_rows_beyond_max_batch_wait_for_a_free_row(tiny_model, tiny_tokenizer):
+    prompts = ["你好", "Hello world", "机器学习", "今天天气很好", "12345"]
+    expected = [solo(tiny_model, tiny_tokenizer, p, (), {"max_new_tokens": 8 + 3 * i}) for i, p in enumerate(prompts)]
+    engine = BatchEngine(tiny_model, max_batch=2)
+    results, watch = together(tiny_model, engine, [ask(tiny_tokenizer, p, (), {"max_new_tokens": 8 + 3 * i})
+                                                   for i, p in enumerate(prompts)])
+    assert results == expected
+    assert max(watch.decode_rows()) == 2
+    alone = BatchEngine(tiny_model, max_batch_tokens=1)  # no two rows fit: each request runs alone
+    results, watch = together(tiny_model, alone, [ask(tiny_tokenizer, p, (), {"max_new_tokens": 6}) for p in prompts])
+    assert [r[0] for r in results] == [solo(tiny_model, tiny_tokenizer, p, (), {"max_new_tokens": 6})[0]
+                                       for p in prompts]
+    assert set(watch.decode_rows()) == {1}
+
+
+def test_a_failing_row_fails_alone(tiny_model, tiny_tokenizer):
+    expected = solo(tiny_model, tiny_tokenizer, "你好", (), {"max_new_tokens": 20})
+    jobs = [ask(tiny_tokenizer, "你好", (), {"max_new_tokens": 20}),
+            ask(tiny_tokenizer, "Hello world", (), {"max_new_tokens": 20, "logits_processor": [Fails(6)]}),
+            ask(tiny_tokenizer, "机器学习", (), {"max_new_tokens": 20, "logits_processor": [Fails(1)]})]
+    results, _watch = together(tiny_model, engine_for(tiny_model), jobs)
+    assert results[0] == expected
+    assert isinstance(results[1], ValueError) and isinstance(results[2], ValueError)
+    assert "gives up" in str(results[1])
+    assert solo(engine_for(tiny_model), tiny_tokenizer, "你好", (), {"max_new_tokens": 20}) == expected  # serves on
+
+
+def test_chat_and_refusals_are_the_models(tiny_model, tiny_tokenizer):
+    engine = engine_for(tiny_model)
+    assert engine.chat(tiny_tokenizer, "你好", [], max_new_tokens=20, **GREEDY) == \
+        tiny_model.chat(tiny_tokenizer, "你好", [], max_new_tokens=20, **GREEDY)
+    with pytest.raises(UsageError, match="max_length is 3: no room for an answer"):
+        list(engine.stream_chat(tiny_tokenizer, "hi", [], max_length=3))
+    with pytest.raises(UsageError, match="unknown generation option"):
+        engine.chat(tiny_tokenizer, "hi", [], max_new_token=3)
+    with pytest.raises(UsageError, match="does not come from this model"):
+        list(engine.stream_chat(tiny_tokenizer, "hi", [], past_key_values=("k", "v")))
+    stop = threading.Event()
+    stop.set()  # set before it starts: one token, as stream_chat
+    assert len(list(engine.stream_chat(tiny_tokenizer, "hi", [], stop_event=stop, **GREEDY))) == \
+        len(list(tiny_model.stream_chat(tiny_tokenizer, "hi", [], stop_event=stop, **GREEDY))) == 1
+
+
+def test_only_the_native_model_batches(tiny_model):
+    class Wrapper:  # a front end's wrapper with a stream_chat of its own keeps being called
+        def __init__(self, model):
+            self._model = model
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+    assert engine_for(Wrapper(tiny_model)) is None
+    assert engine_for(tiny_model, max_batch=1) is None
+    assert engine_for(tiny_model) is engine_for(tiny_model)  # one engine a model
+
+
+@pytest.fixture(scope="module")
+def prefix_model(tiny_model_dir, tiny_model, tmp_path_factory):
+    """The tiny model with a P-tuning prefix (random, seeded: it changes the answers)."""
+    import glmsetup
+    from glmsetup.runtime import prefix
+
+    folder = tmp_path_factory.mktemp("ptuning")
+    torch.manual_seed(3)
+    encoder = prefix.new_encoder(tiny_model.config, pre_seq_len=8)
+    prefix.write_checkpoint(folder, encoder, None, tiny_model.config)
+    return glmsetup.load_chat_model(tiny_model_dir, profile="cpu", ptuning_checkpoint=folder, use_cache=False)
+
+
+def test_a_p_tuning_prefix_batches_with_every_row(prefix_model, tiny_model, tiny_tokenizer):
+    tokenizer, model = prefix_model
+    requests = REQUESTS[:6]
+    expected = [solo(model, tokenizer, *r) for r in requests]
+    assert expected[0] != solo(tiny_model, tiny_tokenizer, *requests[0])  # the prefix counts
+    results, watch = together(model, engine_for(model), [ask(tokenizer, *r) for r in requests])
+    assert results == expected
+    assert max(watch.decode_rows()) == len(requests)
