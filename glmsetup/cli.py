@@ -8,6 +8,7 @@ place; set GLMSETUP_DEBUG=1 to see the traceback instead.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
@@ -77,6 +78,17 @@ class Group(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:  # `glmsetup doctr`: the nearest verb as the hint, JSON if asked for
+            if "--json" in args:
+                ctx.meta[JSON_KEY] = True
+            if not getattr(exc, "possibilities", None):  # click looks only among the verbs it has loaded
+                exc.possibilities = difflib.get_close_matches(args[0] if args else "", self.list_commands(ctx), n=1)
+            exc.glmsetup_what = "commands"
+            raise
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -95,6 +107,8 @@ class Group(click.Group):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:  # `glmsetup --bogus`: raised before invoke
+            if "--json" in args:
+                ctx.meta[JSON_KEY] = True
             _fail(ctx, _usage_error(exc))
 
 
@@ -103,7 +117,12 @@ def _usage_error(exc: click.UsageError) -> GlmsetupError:
     from glmsetup.errors import UsageError
 
     where = " ".join(["glmsetup", command_name(exc.ctx)] if exc.ctx and exc.ctx.parent else ["glmsetup"])
-    return UsageError(exc.format_message(), hint=f"{where} --help lists the options")
+    possible = getattr(exc, "possibilities", None)  # click's "Did you mean" goes to the hint
+    message = " ".join((exc.message if possible else exc.format_message()).split())  # one line, always
+    hint = f"{where} --help lists the {getattr(exc, 'glmsetup_what', 'options')}"
+    if possible:
+        hint = f"did you mean {' or '.join(possible)}? {hint}"
+    return UsageError(message, hint=hint)
 
 
 def _fail(ctx: click.Context, exc: GlmsetupError):
@@ -125,7 +144,8 @@ Examples:
   glmsetup run web --profile auto      chat in the browser
   glmsetup selftest                    one-minute end-to-end check with a tiny model
 
-Docs: docs/tutorial.md; every command: docs/reference/. Set GLMSETUP_HOME to move all state.""",
+Docs: the docs/ folder of the glmsetup repository (tutorial.md first), or glmsetup COMMAND --help.
+Set GLMSETUP_HOME to move all state.""",
 )
 @click.version_option(__version__, "-V", "--version", prog_name="glmsetup")
 def main():

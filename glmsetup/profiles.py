@@ -338,9 +338,21 @@ def _resolve_parent(name: str, path: Path, files: dict[str, Path], chain: tuple)
     return _resolve_file(name, builtin, files, chain)
 
 
+def on_cpu_instead(prof: "Profile") -> list[str]:
+    """The built-in CPU profiles to suggest for a CUDA profile on a machine without a GPU, closest first."""
+    same = {4: ["cpu-int4", "cpu-int8"], 8: ["cpu-int8", "cpu-int4"]}.get(prof.quantization_bits or 0, [])
+    first = ["official-cpu"] if prof.backend == "official" else []
+    return list(dict.fromkeys(first + same + ["cpu-int4", "cpu-int8", "cpu-bf16", "cpu"]))
+
+
 def _unknown(name: str, files: dict[str, Path]) -> ProfileError:
+    import difflib
+
+    norm = str(name).strip().lower().replace("_", "-")
+    close = [norm] if norm in files else difflib.get_close_matches(norm, sorted(files), n=2)
+    maybe = f"did you mean {' or '.join(close)}? " if close else ""
     return ProfileError(f"unknown profile '{_show_key(name)}'",
-                        hint=f"known profiles: {', '.join(sorted(files)) or 'none'} (glmsetup profiles)")
+                        hint=f"{maybe}known profiles: {', '.join(sorted(files)) or 'none'} (glmsetup profiles)")
 
 
 def load(name: str) -> Profile:

@@ -140,6 +140,25 @@ def check_backend(plan: RunPlan) -> None:
         from glmsetup.runtime.load import check_native_transformers
 
         check_native_transformers()
+    check_cuda(plan.profile)
+
+
+def check_cuda(prof) -> None:
+    """A CUDA profile where torch sees no GPU: refused before loading, naming the CPU profiles to use instead."""
+    if prof.device != "cuda":
+        return
+    try:
+        import torch
+    except ImportError:  # loading reports the missing runtime with its pip line
+        return
+    if not torch.cuda.is_available():
+        from glmsetup import profiles
+        from glmsetup.errors import ResourceError
+
+        names = profiles.on_cpu_instead(prof)
+        raise ResourceError(f"profile '{prof.name}' needs CUDA, and torch sees no NVIDIA GPU (torch {torch.__version__})",
+                            hint=f"`glmsetup doctor` explains why; on CPU use --profile {', '.join(names[:-1])} "
+                                 f"or {names[-1]}")
 
 
 def _load(glmsetup, plan: RunPlan, status, start: float, what: str):

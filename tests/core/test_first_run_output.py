@@ -15,17 +15,59 @@ def test_bare_glmsetup_prints_the_help_and_succeeds():
     assert result.stdout.startswith("Usage: glmsetup") and "doctor" in result.stdout and "selftest" in result.stdout
 
 
-@pytest.mark.parametrize("args, message, where", [
-    (["profiles", "show"], "Missing argument 'NAME'.", "glmsetup profiles show"),
-    (["fetch", "--bogus"], "No such option '--bogus'.", "glmsetup fetch"),
-    (["--bogus"], "No such option '--bogus'.", "glmsetup"),
-    (["nosuchverb"], "No such command 'nosuchverb'.", "glmsetup"),
+@pytest.mark.parametrize("args, message, hint", [
+    (["profiles", "show"], "Missing argument 'NAME'.", "glmsetup profiles show --help lists the options"),
+    (["fetch", "--bogus"], "No such option '--bogus'.", "glmsetup fetch --help lists the options"),
+    (["--bogus"], "No such option '--bogus'.", "glmsetup --help lists the options"),
+    (["nosuchverb"], "No such command 'nosuchverb'.", "glmsetup --help lists the commands"),
+    (["doctr"], "No such command 'doctr'.", "did you mean doctor? glmsetup --help lists the commands"),
+    (["profiles", "shw"], "No such command 'shw'.", "did you mean show? glmsetup profiles --help lists the commands"),
+    (["doctor", "--jsn"], "No such option '--jsn'.", "did you mean --json? glmsetup doctor --help lists the options"),
+    (["finetune", "--data", "x"], "Missing option '--method'. Choose from: ptuning, lora",
+     "glmsetup finetune --help lists the options"),
 ])
-def test_usage_errors_use_the_error_and_hint_lines(cli, args, message, where):
+def test_usage_errors_use_the_error_and_hint_lines(cli, args, message, hint):
     result = cli(*args)
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == [f"error: {message}", f"hint: {where} --help lists the options"]
+    assert result.stderr.splitlines() == [f"error: {message}", f"hint: {hint}"]
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["bogus", "--json"], ["--bogus", "--json"], ["doctr", "--json"]])
+def test_a_usage_error_before_the_verb_is_known_still_honours_json(cli, args):
+    import json
+
+    result = cli(*args)
+    assert result.exit_code == 2 and result.stderr == ""
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["error"]["code"] == "usage" and doc["error"]["exit_code"] == 2
+
+
+def test_an_unknown_profile_suggests_the_nearest(cli):
+    result = cli("estimate", "--profile", "cpu_int8")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[1].startswith("hint: did you mean cpu-int8? known profiles: cpu, ")
+    assert "did you mean" not in cli("estimate", "--profile", "zzz").stderr
+
+
+def test_top_level_help_points_at_docs_that_exist_after_pip_install(cli):
+    out = " ".join(cli("--help").stdout.split())
+    assert "the docs/ folder of the glmsetup repository" in out and "glmsetup COMMAND --help" in out
+    assert "Docs: docs/tutorial.md" not in out
+
+
+def test_a_cuda_profile_without_a_gpu_offers_the_cpu_profiles(cli, tiny_model_dir):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = cli("run", "cli", "--profile", "cuda-int4", "--model", str(tiny_model_dir))
+    assert result.exit_code == 6, result.stderr
+    hint = result.stderr.splitlines()[-1]
+    assert hint == "hint: `glmsetup doctor` explains why; on CPU use --profile cpu-int4, cpu-int8, cpu-bf16 or cpu"
+    from glmsetup import profiles
+
+    assert profiles.on_cpu_instead(profiles.load("cuda-int8"))[:2] == ["cpu-int8", "cpu-int4"]
+    assert profiles.on_cpu_instead(profiles.load("official-cuda-int4"))[:2] == ["official-cpu", "cpu-int4"]
 
 
 def test_piped_output_is_not_wrapped_at_80_columns(tmp_path):
