@@ -8,6 +8,7 @@ as, so that "N tokens" and usage figures never come from re-encoding the decoded
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 # name -> (type, low, high, what it does)
@@ -17,6 +18,38 @@ SETTINGS: dict[str, tuple[type, float, float, str]] = {
     "temperature": (float, 0.0, 2.0, "randomness; 0 means greedy (always the likeliest token)"),
     "repetition_penalty": (float, 0.5, 2.0, "above 1.0 discourages repeating tokens; 1.0 is off"),
 }
+
+# The longest message a page accepts, in characters: far more than the largest context (32768 tokens)
+# holds, and a quarter of the API's 1 MiB body. Longer ones are refused before they are tokenized
+# (30 MB took the model's only slot for 24 s and 900 MB of memory).
+MAX_QUERY_CHARS = 256 * 1024
+
+
+def check_query(query) -> str:
+    """The message a page sent, refused (UsageError) when it is not text or longer than MAX_QUERY_CHARS."""
+    from glmsetup.errors import UsageError
+
+    if not isinstance(query, str):
+        raise UsageError(f"the message must be text, not {type(query).__name__}", hint="type a message")
+    if len(query) > MAX_QUERY_CHARS:
+        raise UsageError(f"the message has {len(query):,} characters; this page takes at most {MAX_QUERY_CHARS:,}",
+                         hint="shorten it: the model's context holds at most 32768 tokens")
+    return query
+
+
+def check_setting(name: str, value):
+    """A page's value for setting `name`, as SETTINGS' type and within its bounds (UsageError otherwise).
+
+    NaN passes Gradio's slider bounds check (it compares with < and >), and a client can send any JSON.
+    """
+    from glmsetup.errors import UsageError
+
+    typ, low, high, _doc = SETTINGS[name]
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or not math.isfinite(value) or not low <= value <= high:
+        raise UsageError(f"{name} must be a number from {low:g} to {high:g}, not {value!r}",
+                         hint=f"{name}: {_doc}")
+    return typ(value)
 
 
 def defaults(profile=None) -> dict:

@@ -176,7 +176,10 @@ def main() -> None:
             st.markdown(response)
             if i in st.session_state.stats:
                 st.caption(st.session_state.stats[i])
-    query = st.chat_input("Type a message")
+    from glmsetup.apps.generation import MAX_QUERY_CHARS
+
+    # The browser stops typing at max_chars, and Streamlit cuts what a client sends past it there.
+    query = st.chat_input("Type a message", max_chars=MAX_QUERY_CHARS)
     if query and query.strip():
         _answer(st, tokenizer, model, lock, query.strip(), gen_kwargs)
 

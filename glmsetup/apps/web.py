@@ -18,11 +18,12 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
-from glmsetup.apps.generation import SETTINGS, answer_tokens, defaults, token_counter
+from glmsetup.apps.generation import SETTINGS, answer_tokens, check_query, check_setting, defaults, token_counter
 from glmsetup.errors import GlmsetupError, require
 
 TITLE = "ChatGLM2-6B"
 CACHE_TTL_S = 1800
+MAX_UPLOAD = "1mb"  # Gradio's /upload route stays open though the page has no file input
 LATEX_DELIMITERS = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "\\[", "right": "\\]", "display": True},
@@ -61,16 +62,19 @@ def predict(tokenizer, model, query: str, chatbot: Optional[list], max_length: O
     `chatbot` is the page's list of {"role", "content"} messages; `history` the model's list of
     (query, response) pairs; `past_key_values` the cache returned with the previous answer (None to
     start fresh). Setting `stop_event` ends the answer after the current token; what was said so far
-    stays in the history and the cache. Settings left as None are the model's profile's.
+    stays in the history and the cache. Settings left as None are the model's profile's. A setting
+    outside SETTINGS' bounds (NaN included) or a query over MAX_QUERY_CHARS is a UsageError, raised
+    before anything is tokenized.
     """
+    check_query(query)  # before anything is tokenized
+    given = {"max_length": max_length, "top_p": top_p, "temperature": temperature,
+             "repetition_penalty": repetition_penalty}
+    kwargs = {name: check_setting(name, value) for name, value in given.items() if value is not None}
+    kwargs = {**defaults(getattr(model, "profile", None)), **kwargs}
     chatbot = [dict(m) if isinstance(m, dict) else _message_dict(m) for m in (chatbot or [])]
     history = list(history or [])
     chatbot.append({"role": "user", "content": query})
     chatbot.append({"role": "assistant", "content": ""})
-    given = {"max_length": max_length, "top_p": top_p, "temperature": temperature,
-             "repetition_penalty": repetition_penalty}
-    kwargs = {name: SETTINGS[name][0](value) for name, value in given.items() if value is not None}
-    kwargs = {**defaults(getattr(model, "profile", None)), **kwargs}  # a value out of range is the runtime's to refuse
     if stop_event is not None:
         kwargs["stop_event"] = stop_event
     if token_count is not None:
@@ -213,7 +217,14 @@ def _page_error(gr, message: str):
         return gr.Error(message)
 
 
-def launch(demo, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, inbrowser: bool = False):
-    """Serve the page; returns (app, local_url, share_url) when block is False."""
+def launch(demo, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, inbrowser: bool = False,
+           login=None, auth_message: Optional[str] = None):
+    """Serve the page; returns (app, local_url, share_url) when block is False.
+
+    `login`: a glmsetup.apps.web_login.LoginThrottle guarding the page (wrong passwords counted per
+    client address). The page takes no files, but Gradio's upload route is always there: MAX_UPLOAD caps it.
+    """
+    guard = login.launch_kwargs() if login is not None else {}
     return demo.launch(server_name=host, server_port=port, share=False, inbrowser=inbrowser,
-                       prevent_thread_lock=not block, quiet=True, show_error=True)
+                       prevent_thread_lock=not block, quiet=True, show_error=True, max_file_size=MAX_UPLOAD,
+                       auth_message=auth_message, **guard)

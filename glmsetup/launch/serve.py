@@ -129,11 +129,10 @@ def serve_web(tokenizer, model, plan: RunPlan, *, quiet: bool = False) -> None:
     from glmsetup.apps.web_login import LoginThrottle
 
     demo = web.build_demo(tokenizer, model, plan.profile)
-    # repeated wrong passwords are slowed down, then refused for a while (glmsetup.apps.web_login)
-    auth = LoginThrottle(WEB_USER, plan.binding.api_key).attempt if plan.binding.api_key else None
-    demo.launch(server_name=plan.binding.host, server_port=plan.binding.port, share=False, inbrowser=False,
-                auth=auth, auth_message=LOGIN_MESSAGE if auth else None, show_error=True, quiet=True,
-                prevent_thread_lock=True)
+    # repeated wrong passwords from one address are slowed down, then refused for a while (web_login)
+    auth = LoginThrottle(WEB_USER, plan.binding.api_key) if plan.binding.api_key else None
+    web.launch(demo, plan.binding.host, plan.binding.port, block=False, login=auth,
+               auth_message=LOGIN_MESSAGE if auth else None)
     _serve_until_stopped(demo, "" if quiet else f"web page ready: {plan.binding.url}"
                          + (f", log in as '{WEB_USER}' with the API key" if auth else "") + " (Ctrl-C stops it)")
 

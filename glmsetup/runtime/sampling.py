@@ -8,6 +8,7 @@ temperature 0 means greedy (the official code raises an error instead).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -46,6 +47,11 @@ def make_sampling(do_sample, temperature, top_p, logits_processor, kwargs: dict)
                          hint=f"supported: max_length, do_sample, top_p, temperature, logits_processor, {', '.join(KNOWN_KWARGS)}")
     if temperature is None:
         temperature = 0.8
+    for name, value in (("temperature", temperature), ("top_p", top_p),
+                        ("repetition_penalty", kwargs.get("repetition_penalty"))):
+        if value is not None and not _finite_number(value):
+            raise UsageError(f"{name} must be a finite number, not {value!r}",
+                             hint="temperature 0-2 (0.8), top_p in (0, 1] (0.8), repetition_penalty > 0 (1.0)")
     if temperature < 0:
         raise UsageError(f"temperature must be >= 0, not {temperature}", hint="0 means greedy; 0.8 is the official default")
     if top_p is not None and not 0 < top_p <= 1:
@@ -61,6 +67,14 @@ def make_sampling(do_sample, temperature, top_p, logits_processor, kwargs: dict)
         processors=list(logits_processor or []), min_new_tokens=int(kwargs.get("min_new_tokens") or 0),
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),),
     )
+
+
+def _finite_number(value) -> bool:
+    """A real number that is not NaN or infinite (NaN passes every `<` and `>` bounds check)."""
+    try:
+        return not isinstance(value, (bool, str, bytes)) and math.isfinite(value)
+    except TypeError:
+        return False
 
 
 def apply_repetition_penalty(scores: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:

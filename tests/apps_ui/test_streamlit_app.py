@@ -75,6 +75,18 @@ def test_no_room_under_max_length_is_shown_on_the_page(app):
     assert app.session_state.history == []
 
 
+def test_a_message_is_capped_at_the_pages_limit(app):
+    """A 30 MB message used to be tokenized whole while the model waited (24 s, 900 MB)."""
+    from glmsetup.apps.generation import MAX_QUERY_CHARS
+
+    assert app.chat_input[0].max_chars == MAX_QUERY_CHARS  # the browser stops typing there
+    app.chat_input[0].set_value("hello " * (MAX_QUERY_CHARS // 3)).run()  # twice the limit, past the browser
+    assert not app.exception, app.exception
+    shown = messages(app)[0]
+    assert shown[0] == "user" and len(shown[1]) <= MAX_QUERY_CHARS
+    assert "no room for an answer" in app.error[0].value  # far more than max_length, as a long message is
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("GLMSETUP_MODEL_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setenv("GLMSETUP_PROFILE", PROFILE)

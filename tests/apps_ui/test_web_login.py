@@ -18,8 +18,10 @@ gr = pytest.importorskip("gradio")
 USER = "glmsetup"
 
 
-def _login(base: str, password: str, user: str = USER) -> httpx.Response:
-    return httpx.post(f"{base}/login", data={"username": user, "password": password}, timeout=60)
+def _login(base: str, password: str, user: str = USER, source: str = "127.0.0.1", headers=None) -> httpx.Response:
+    """One login attempt over a connection from the loopback address `source` (127.0.0.2 is another machine)."""
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=60) as client:
+        return client.post(f"{base}/login", data={"username": user, "password": password}, headers=headers)
 
 
 def _burst(base: str, passwords) -> list:
@@ -29,16 +31,15 @@ def _burst(base: str, passwords) -> list:
 
 @pytest.fixture
 def page(tiny_chat):
-    """start(throttle) -> the base URL of the chat page behind that throttle's login."""
-    from glmsetup.apps.web import build_demo
+    """start(throttle) -> the base URL of the chat page behind that throttle's login (as `run web` serves it)."""
+    from glmsetup.apps import web
 
     demos = []
 
     def start(throttle) -> str:
-        demo = build_demo(*tiny_chat)
+        demo = web.build_demo(*tiny_chat)
         port = free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                    auth=throttle.attempt)
+        web.launch(demo, "127.0.0.1", port, block=False, login=throttle)
         demos.append(demo)
         return f"http://127.0.0.1:{port}"
 
@@ -63,6 +64,54 @@ def test_a_guessing_burst_locks_the_login_even_for_the_right_password(page):
     ok = _login(base, "right-key")
     assert ok.status_code == 200 and ok.json() == {"success": True}
     assert _login(base, "right-key", user="admin").status_code == 400
+
+
+def test_an_attacker_address_does_not_lock_the_owner_out(page):
+    """Wrong passwords are counted per client address: one guess a minute from elsewhere used to keep
+    the single counter up forever, and the owner's right password was refused unchecked."""
+    from glmsetup.apps.web_login import LoginThrottle
+
+    throttle = LoginThrottle(USER, "right-key", free_failures=2, base_delay=5.0, max_wait=1.0)
+    base = page(throttle)
+    # X-Forwarded-For naming the owner's address is not believed from 127.0.0.2 (uvicorn trusts it
+    # only on connections from 127.0.0.1), so the guesses stay the attacker's own.
+    spoof = {"X-Forwarded-For": "127.0.0.1"}
+    assert all(_login(base, f"guess-{i}", source="127.0.0.2", headers=spoof).status_code == 400 for i in range(4))
+    assert throttle.failures("127.0.0.2") == 3 and throttle.failures("127.0.0.1") == 0
+    started = time.monotonic()
+    assert _login(base, "right-key", source="127.0.0.2").status_code == 400  # that address is locked
+    assert time.monotonic() - started < 1.0, "a locked address is refused at once"
+    ok = _login(base, "right-key", source="127.0.0.1")  # the owner, elsewhere: in at once
+    assert ok.status_code == 200 and ok.json() == {"success": True}
+    assert time.monotonic() - started < 2.0
+    assert _login(base, "right-key", source="127.0.0.2").status_code == 400  # still locked
+
+
+def test_guessing_from_many_addresses_slows_everyone_briefly_and_locks_no_one(page):
+    from glmsetup.apps.web_login import LoginThrottle
+
+    throttle = LoginThrottle(USER, "right-key", base_delay=1.5, attack_failures=4, attack_wait=0.5)
+    base = page(throttle)
+    guesses = [_login(base, "guess", source=f"127.0.0.{i}") for i in range(2, 8)]  # one guess each
+    assert all(r.status_code == 400 for r in guesses) and throttle.under_attack()
+    started = time.monotonic()
+    ok = _login(base, "right-key", source="127.0.0.1")
+    took = time.monotonic() - started
+    assert ok.status_code == 200 and took >= 0.5  # slowed down, not refused
+    assert _login(base, "guess", source="127.0.0.9").status_code == 400  # a new address: no free guesses now
+    started = time.monotonic()
+    assert _login(base, "right-key", source="127.0.0.9").status_code == 200
+    # its one wrong password cost it base_delay (1.5 s from the refusal; the 0.5 s overlaps), not only 0.5 s
+    assert time.monotonic() - started >= 1.2
+
+
+def test_an_ipv6_client_is_its_64_network():
+    from glmsetup.apps.web_login import client_key
+
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7" and client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key(None) is None
 
 
 def test_the_throttle_is_a_coroutine_function_gradio_awaits(page):

@@ -1,6 +1,7 @@
 """The logits pipeline: the invalid-score guard, min_new_tokens, bans by -inf, greedy at temperature 0."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from glmsetup.runtime import sampling
@@ -56,3 +57,17 @@ def test_min_new_tokens_through_chat(tiny_model, tiny_tokenizer):
                               logits_processor=[eos_first])
     assert len(steps) == 5  # four tokens with eos banned, then eos ends the answer at the fifth step
     assert held != ""
+
+
+@pytest.mark.parametrize("setting", [{"temperature": float("nan")}, {"temperature": float("inf")},
+                                     {"top_p": float("nan")}, {"repetition_penalty": float("nan")},
+                                     {"repetition_penalty": float("inf")}])
+def test_non_finite_settings_are_refused_before_generating(tiny_model, tiny_tokenizer, setting):
+    """NaN passes every `<` and `>` bounds check: temperature NaN used to end in torch.multinomial's
+    RuntimeError, repetition_penalty NaN was used as if it were a number."""
+    from glmsetup.errors import UsageError
+
+    name, value = next(iter(setting.items()))
+    with pytest.raises(UsageError) as info:
+        tiny_model.chat(tiny_tokenizer, "hi", max_new_tokens=4, do_sample=True, **setting)
+    assert name in info.value.message and ("finite" in info.value.message or "(0, 1]" in info.value.message)
