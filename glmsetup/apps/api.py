@@ -197,6 +197,7 @@ def _add_routes(app: FastAPI, s: _Settings) -> None:
         if prompt_tokens >= max_length:
             raise ApiError(400, f"the prompt and history take {prompt_tokens} tokens, not less than max_length "
                                 f"{max_length}", param="max_length", code="context_length_exceeded")
+        max_length = min(max_length, prompt_tokens + s.max_tokens_cap)  # no answer is longer than the cap
         stop = threading.Event()
         kwargs = {"max_length": max_length, **_sampling(temperature, top_p), "stop_event": stop}
         response, new_history = await call_watching(
@@ -229,6 +230,8 @@ def _add_routes(app: FastAPI, s: _Settings) -> None:
         elif prompt_tokens >= max_length:
             raise ApiError(400, f"the messages take {prompt_tokens} tokens, not less than max_length {max_length}",
                            param="messages", code="context_length_exceeded")
+        else:  # max_length alone does not lift the cap on max_tokens
+            max_length = min(max_length, prompt_tokens + s.max_tokens_cap)
         temperature = body.temperature if body.temperature is not None else s.defaults["temperature"]
         top_p = body.top_p if body.top_p is not None else s.defaults["top_p"]
         kwargs = {"max_length": max_length, **_sampling(temperature, top_p)}

@@ -14,6 +14,7 @@ ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256  # each stop sequence is searched for after every token
 MAX_REPETITION_PENALTY = 10.0
+MIN_REPETITION_PENALTY = 0.5  # the pages' and profiles' floor: below it a penalty rewards repetition wildly
 
 
 class ApiError(Exception):
@@ -97,7 +98,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: Optional[StrictInt] = Field(default=None, gt=0)
     max_completion_tokens: Optional[StrictInt] = Field(default=None, gt=0)
     max_length: Optional[StrictInt] = Field(default=None, gt=0)
-    repetition_penalty: Optional[StrictFloat] = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    repetition_penalty: Optional[StrictFloat] = Field(default=None, ge=MIN_REPETITION_PENALTY,
+                                                      le=MAX_REPETITION_PENALTY)
     n: Optional[StrictInt] = Field(default=None, ge=1)
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None

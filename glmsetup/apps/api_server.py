@@ -2,10 +2,11 @@
 
 The two middlewares are plain ASGI so that they guard every route (unknown paths included) before
 FastAPI parses anything. StrictJSONRoute parses request bodies as strict JSON (UTF-8, finite numbers,
-no lone surrogates). `serve` blocks like `uvicorn.run`; `ServerThread` runs the same server in a
-background thread on a given or free port (what the tests, the benchmark and `selftest` use). Both
-get uvicorn_config's limits (api_guard): a deadline for request headers, a capped number of
-connections, a keep-alive timeout, a header size limit, and a log that shows a repeated error once.
+no lone surrogates, no key twice in an object). `serve` blocks like `uvicorn.run`; `ServerThread` runs
+the same server in a background thread on a given or free port (what the tests, the benchmark and
+`selftest` use). Both get uvicorn_config's limits (api_guard): a deadline for request headers, a
+capped number of connections, a keep-alive timeout, a header size limit, and a log that shows a
+repeated error once.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ async def _send_json(send, status: int, body: dict, headers: Optional[dict] = No
 
 class BodyLimitMiddleware:
     """Refuse request headers over max_header_bytes with 431, bodies over max_bytes with 413 (whether or
-    not they announce their length), and bodies not all there `timeout` seconds after the headers with 408.
+    not they announce their length), bodies not all there `timeout` seconds after the headers with 408,
+    and compressed bodies (a Content-Encoding other than identity) with 415: they would be parsed raw.
 
     (uvicorn's h11 limit on headers holds only while they are incomplete: a header block that arrives
     in one piece is measured here.)"""
@@ -64,6 +66,11 @@ class BodyLimitMiddleware:
         too_big = error_body(f"the request body is larger than this server's limit of {self.max_bytes} bytes",
                              code="request_too_large")
         for name, value in scope.get("headers", ()):
+            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                shown = value.decode("latin-1")[:40]
+                return await _send_json(send, 415, error_body(
+                    f"this server does not decode request bodies (Content-Encoding: {shown}): send the JSON "
+                    f"uncompressed", code="unsupported_content_encoding"), {"connection": "close"})
             if name == b"content-length":
                 try:
                     declared = int(value)
@@ -149,6 +156,19 @@ def _no_constant(name: str):
     raise _NotJSON(f"{name} is not a JSON number")
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all different: {"max_tokens": 99999999, "max_tokens": 2} would mean
+    one thing to this server (the last wins) and another to a proxy or filter in front of it."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _v in pairs if k in seen or seen.add(k))
+        shown = key.encode("utf-8", "backslashreplace").decode("utf-8")[:40]
+        raise BadBody(f"the key '{shown}' appears twice in one object of the request body: send each key once",
+                      code="duplicate_key")
+    return obj
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -187,14 +207,16 @@ def _lone_surrogate(value: Any) -> Optional[tuple]:
 
 def strict_json(body: bytes) -> Any:
     """Parse a request body as strict JSON: UTF-8 text, no NaN/Infinity, finite numbers, integers of at
-    most MAX_INT_DIGITS digits, no lone surrogates. Raises json.JSONDecodeError or BadBody."""
+    most MAX_INT_DIGITS digits, no lone surrogates, no key twice in an object. Raises
+    json.JSONDecodeError or BadBody."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise json.JSONDecodeError(f"it is not UTF-8: byte 0x{body[exc.start]:02x} at offset {exc.start}",
                                    "", 0) from None
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int,
+                           object_pairs_hook=_unique_keys)
     except _NotJSON as exc:
         raise json.JSONDecodeError(str(exc), text, 0) from None
     except RecursionError:

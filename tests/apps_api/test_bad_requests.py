@@ -37,8 +37,8 @@ BAD = [
      "max_tokens"),
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}', 400, "above this server's cap",
      "max_tokens"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}', 400, "greater than 0",
-     "repetition_penalty"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}', 400,
+     "greater than or equal to 0.5", "repetition_penalty"),
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "'n' must be 1", "n"),
 ]
 
