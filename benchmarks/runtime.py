@@ -6,11 +6,14 @@ is memory-bound, in the official layout (fp16 .bin shards), plus its converted b
 Each measurement runs in a fresh process (so peak RSS is that load's own). Prints one table:
 
 - load time from the .bin shards vs from the converted safetensors, peak RSS vs the model's bytes
+- for the int8/int4 profiles, the first load (quantizes, writes the quantized-weight cache) beside
+  the next one (maps the cache), each in a fresh process with a cache folder of its own
 - decode tokens/s at batch 1 (16-token prompt, N greedy tokens) for each profile, and the weight
   bytes read per second divided by this machine's memory read bandwidth, measured in the same run
 - the anchor: transformers' stock GlmForCausalLM.generate on the same converted folder
 
     .venv/bin/python benchmarks/runtime.py [--layers 8] [--tokens 32] [--dir DIR] [--json]
+    .venv/bin/python benchmarks/runtime.py --profiles cpu-int8,cpu-int4 --bin-only --no-stock   # the cache rows
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -121,8 +125,9 @@ def weight_bytes_per_token(model) -> int:
     return module_bytes(model) - emb.numel() * emb.element_size()
 
 
-def child_measure(src: str, profile: str, tokens: int, stock: bool) -> dict:
-    """Load (timed, imports excluded), then decode with ours and with stock generate, interleaved."""
+def child_measure(src: str, profile: str, tokens: int, stock: bool, cache: bool = False) -> dict:
+    """Load (timed, imports excluded), then decode with ours and with stock generate, interleaved.
+    cache: use the quantized-weight cache under this process's GLMSETUP_HOME (the parent picks it)."""
     import torch
 
     import glmsetup.runtime.modeling  # noqa: F401  (imports torch and transformers before the clock starts)
@@ -131,7 +136,7 @@ def child_measure(src: str, profile: str, tokens: int, stock: bool) -> dict:
 
     base_rss = peak_rss()
     t = time.perf_counter()
-    tok, model = load_chat_model(src, profile=profile, use_cache=False)
+    tok, model = load_chat_model(src, profile=profile, use_cache=cache)
     load_s = time.perf_counter() - t
     rss_load = peak_rss()
     ids = (tok.encode(PROMPT) + [300] * 16)[:16]
@@ -164,6 +169,7 @@ def child_measure(src: str, profile: str, tokens: int, stock: bool) -> dict:
         return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
 
     ours(4)
+    rss_decode = peak_rss()  # every weight read once, before the bandwidth probe's 2 GiB
     if stock:
         generate(4)
     best_ours = best_stock = float("inf")
@@ -173,7 +179,8 @@ def child_measure(src: str, profile: str, tokens: int, stock: bool) -> dict:
         best_ours = min(best_ours, ours(tokens))
         if stock:
             best_stock = min(best_stock, generate(tokens))
-    res = {"load_s": load_s, "peak_rss_load": rss_load, "rss_before_load": base_rss, "model_bytes": module_bytes(model),
+    res = {"load_s": load_s, "peak_rss_load": rss_load, "rss_before_load": base_rss, "peak_rss_run": rss_decode,
+           "quant_cache": model.load_info.get("quant_cache"), "model_bytes": module_bytes(model),
            "read_bytes_per_token": weight_bytes_per_token(model), "tok_s": 1 / best_ours, "bandwidth_gb_s": bw,
            "threads": torch.get_num_threads()}
     if stock:
@@ -191,8 +198,9 @@ def build_and_convert(base: Path, layers: int) -> dict:
     return {"src": str(src), "conv": str(conv)}
 
 
-def spawn(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+def spawn(*args: str, home: Path = None) -> dict:
+    env = dict(os.environ, **({"GLMSETUP_HOME": str(home)} if home else {}))
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -205,6 +213,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where the checkpoints go (default: GLMSETUP_HOME/work/bench)")
     ap.add_argument("--profiles", default="cpu,cpu-bf16,cpu-int8,cpu-int4")
     ap.add_argument("--no-stock", action="store_true", help="skip transformers' generate (the anchor)")
+    ap.add_argument("--bin-only", action="store_true", help="skip the loads from the converted bf16 folder")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
@@ -213,7 +222,7 @@ def main() -> None:
         if kind == "build":
             res = build_and_convert(Path(rest[0]), int(rest[1]))
         else:
-            res = child_measure(rest[0], rest[1], int(rest[2]), rest[3] == "1")
+            res = child_measure(rest[0], rest[1], int(rest[2]), rest[3] == "1", rest[4:] == ["cache"])
         print(json.dumps(res))
         return
 
@@ -230,7 +239,14 @@ def main() -> None:
     for prof in a.profiles.split(","):
         stock = "0" if a.no_stock else "1"
         rows.append({"what": f"{prof}, from .bin", **spawn("measure", src, prof, str(a.tokens), stock)})
-        if prof != "cpu":
+        if "int" in prof:  # the quantized-weight cache: written by a first load, mapped by the next
+            home = base / f"home-{prof}"
+            shutil.rmtree(home, ignore_errors=True)
+            for what in ("first load, writes cache", "cached load"):
+                rows.append({"what": f"{prof}, .bin, {what}",
+                             **spawn("measure", src, prof, str(a.tokens), "0", "cache", home=home)})
+            shutil.rmtree(home, ignore_errors=True)
+        if prof != "cpu" and not a.bin_only:
             rows.append({"what": f"{prof}, from converted bf16", **spawn("measure", conv, prof, str(a.tokens), "0")})
     for r in rows:
         if "tok_s" in r:
@@ -238,21 +254,26 @@ def main() -> None:
             r["limit_tok_s"] = limit
             r["share"] = r["tok_s"] / limit
             r["rss_over_model"] = r["peak_rss_load"] / r["model_bytes"]
+            r["run_rss_over_model"] = r["peak_rss_run"] / r["model_bytes"]  # after decoding, imports included
+            r["added_rss_over_model"] = (r["peak_rss_load"] - r["rss_before_load"]) / r["model_bytes"]
     result = {"layers": a.layers, "tokens": a.tokens, "rows": rows}
     if a.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{a.layers} full-width layers, batch 1, 16-token prompt, {a.tokens} greedy tokens; best of 3; "
           "bandwidth measured in each process")
-    print(f"{'':32} {'load s':>7} {'peak RSS':>9} {'model':>7} {'RSS/model':>9} {'tok/s':>7} {'limit':>6} "
-          f"{'share':>6} {'stock generate':>15}")
+    print("peak RSS: at the end of the load (imports included), its ratio to the model's bytes, the ratio of what "
+          "the load added, and the ratio after the first tokens (decoding reads a mapped entry's pages in)")
+    print(f"{'':40} {'load s':>7} {'peak RSS':>9} {'model':>7} {'RSS/model':>9} {'added':>6} {'run':>5} "
+          f"{'tok/s':>7} {'limit':>6} {'share':>6} {'stock generate':>15}")
     for r in rows:
         if "error" in r:
-            print(f"{r['what']:32} error: {r['error']}")
+            print(f"{r['what']:40} error: {r['error']}")
             continue
         stock = f"{r['stock_tok_s']:.2f} ({r['stock_tok_s'] / r['limit_tok_s']:.0%})" if "stock_tok_s" in r else "-"
-        print(f"{r['what']:32} {r['load_s']:7.2f} {r['peak_rss_load'] / 1e9:8.2f}G {r['model_bytes'] / 1e9:6.2f}G "
-              f"{r['rss_over_model']:9.2f} {r['tok_s']:7.2f} {r['limit_tok_s']:6.2f} {r['share']:6.0%} {stock:>15}")
+        print(f"{r['what']:40} {r['load_s']:7.2f} {r['peak_rss_load'] / 1e9:8.2f}G {r['model_bytes'] / 1e9:6.2f}G "
+              f"{r['rss_over_model']:9.2f} {r['added_rss_over_model']:6.2f} {r['run_rss_over_model']:5.2f} "
+              f"{r['tok_s']:7.2f} {r['limit_tok_s']:6.2f} {r['share']:6.0%} {stock:>15}")
 
 
 if __name__ == "__main__":

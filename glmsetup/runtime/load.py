@@ -213,7 +213,9 @@ def load_model(ckpt, prof: profiles.Profile, lora=None, *, cache: bool = True):
             else:
                 if wbits:
                     weight = ck.dequantize(weight, parts["weight_scale"], wbits)
-                new = quant_cls.from_float(weight, bias, bits, device=dev, dtype=dtype)
+                mapped = weight is parts["weight"] and weight.device.type == "cpu"  # the checkpoint's own pages
+                new = quant_cls.from_float(weight, bias, bits, device=dev, dtype=dtype,
+                                           release=ck.release_pages if mapped else None)
             parent, _, child = mod_name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
         else:
@@ -320,7 +322,7 @@ def _finish(model, prof: profiles.Profile, config, main_dev, layer_devs, info: d
     return model
 
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20  # the transient of a cast copy: a 16 MB slice of the source at a time
 
 
 def _copy_to(tensor, device, dtype):

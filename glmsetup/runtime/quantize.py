@@ -46,13 +46,14 @@ def _row_chunks(rows: int, cols: int, multiple: int = 64, elements: Optional[int
         yield start, min(rows, start + step)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, *, scale_dtype: Optional[torch.dtype] = None):
+def quantize_weight(weight: torch.Tensor, bits: int, *, scale_dtype: Optional[torch.dtype] = None, release=None):
     """The official weight-only quantization of a 2-D weight ``[out, in]``: returns ``(q, scale)``.
 
     ``scale[r] = max|W[r]| / (2**(bits-1) - 1)`` (float32, or rounded to ``scale_dtype`` first, in which
     case ``q`` is computed against the rounded scale), ``q = round(W / scale)`` as int8 in
     ``-qmax..qmax`` (unpacked, also for 4 bits). All-zero rows get scale 0 and q 0. Works in row
-    chunks so a large layer never needs a float32 copy of itself.
+    chunks so a large layer never needs a float32 copy of itself; ``release(rows)`` is called on each
+    chunk of ``weight`` once it is read (the loader gives a memory-mapped source's pages back there).
     """
     top = qmax(bits)
     if weight.dim() != 2:
@@ -73,6 +74,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, *, scale_dtype: Optional[to
         torch.div(chunk, safe[:, None], out=x)  # float32 division, as W.float() / scale
         q[a:b].copy_(x.round_().clamp_(-top, top))
         scale[a:b] = s
+        if release is not None:
+            release(chunk)
     return q, (scale if scale_dtype is None else scale.to(scale_dtype))
 
 
@@ -184,14 +187,31 @@ class WeightOnlyLinear(torch.nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, *, device=None,
-                   dtype: Optional[torch.dtype] = None, backend: Optional[str] = None) -> "WeightOnlyLinear":
-        """Quantize a float weight ``[out, in]`` (any float dtype, may be memory-mapped) for ``device``."""
+                   dtype: Optional[torch.dtype] = None, backend: Optional[str] = None,
+                   release=None) -> "WeightOnlyLinear":
+        """Quantize a float weight ``[out, in]`` (any float dtype, may be memory-mapped) for ``device``;
+        ``release`` as in :func:`quantize_weight`."""
         device = torch.device(device) if device is not None else weight.device
         out_f, in_f = weight.shape
         mod = cls._blank(in_f, out_f, bits, bias is not None, device, dtype or weight.dtype, backend)
         chosen = mod._pick_backend(device)
-        q, scale = quantize_weight(weight, bits, scale_dtype=_scale_dtype(chosen, dtype or weight.dtype))
-        mod._install(q, scale, device, chosen)
+        scale_dtype = _scale_dtype(chosen, dtype or weight.dtype)
+        if chosen == "cpu_int4pack" and weight.device.type == "cpu":
+            # quantized and packed a few MB of rows at a time: the unpacked q of the whole layer (1 byte a
+            # weight, twice the packed result) never exists, which keeps the loader's peak memory down
+            packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8)
+            scale = torch.empty(out_f, dtype=scale_dtype)
+            for a, b in _row_chunks(out_f, in_f, 64):
+                q, scale[a:b] = quantize_weight(weight[a:b], bits, scale_dtype=scale_dtype, release=release)
+                packed[a:b] = int4_layout.cpu_pack(q, _row_chunks)
+            mod.group_size = int4_layout.group_size(in_f)
+            mod.register_buffer("qweight", packed, persistent=False)
+            mod.register_buffer("scales_zeros", int4_layout.scales_zeros(scale, in_f, mod.group_size),
+                                persistent=False)
+            mod.backend = chosen
+        else:
+            q, scale = quantize_weight(weight, bits, scale_dtype=scale_dtype, release=release)
+            mod._install(q, scale, device, chosen)
         mod._set_bias(bias, device)
         return mod
 
