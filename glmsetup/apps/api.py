@@ -7,10 +7,13 @@ Routes:
 - POST /v1/chat/completions   OpenAI chat completions, plain or streamed as server-sent events
 - GET  /health                liveness and queue state (never needs the API key)
 
-The model is used only through model.chat / model.stream_chat, one request at a time behind a bounded
-queue (api_worker.GenerationQueue); prompts are tokenized on a small thread pool, never on the event
-loop. Every request path stops its generation when its client goes away. `glmsetup run api` builds
-the app with create_app and serves it with serve() (api_server, with api_guard's connection limits).
+The model is used only through chat / stream_chat, behind a bounded queue (api_worker.GenerationQueue).
+On the native runtime up to max_batch requests run at once through the model's BatchEngine
+(runtime/batching.py: continuous batching, each request with its own settings); other models (the
+official backend) serve one request at a time. Prompts are tokenized on a small thread pool, never on
+the event loop. Every request path stops its generation when its client goes away. `glmsetup run
+api` builds the app with create_app and serves it with serve() (api_server, with api_guard's
+connection limits).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from glmsetup.apps.api_server import (  # noqa: E402
     BODY_TIMEOUT_S, BearerAuthMiddleware, BodyLimitMiddleware, ServerThread, StrictJSONRoute, serve,
 )
 from glmsetup.apps.api_worker import GenerationQueue, QueueFull  # noqa: E402
+from glmsetup.runtime.batching import MAX_BATCH, engine_for  # noqa: E402
 
 __all__ = ["create_app", "serve", "ServerThread", "MODEL_ID"]
 
@@ -59,9 +63,11 @@ class _Settings:
     """Everything a request handler needs, built once by create_app."""
 
     def __init__(self, tokenizer, model, *, max_tokens_cap: int, max_context: int, model_id: str,
-                 queue: GenerationQueue):
+                 queue: GenerationQueue, engine=None):
         self.tokenizer = tokenizer
         self.model = model
+        self.engine = engine
+        self.chat_model = engine if engine is not None else model  # what chat/stream_chat are called on
         self.max_tokens_cap = max_tokens_cap
         self.max_context = max_context
         self.model_id = model_id
@@ -92,19 +98,22 @@ class _Settings:
 def create_app(tokenizer, model, *, api_key: Optional[str] = None, cors_origins: Optional[Sequence[str]] = None,
                max_queue: int = 8, max_tokens_cap: int = 4096, max_context: int = 32768,
                max_body_bytes: int = 1 << 20, body_timeout: float = BODY_TIMEOUT_S,
-               model_id: str = MODEL_ID) -> FastAPI:
+               model_id: str = MODEL_ID, max_batch: int = MAX_BATCH) -> FastAPI:
     """Build the API app around a loaded (tokenizer, model).
 
     api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
     cors_origins: origins allowed to call from a browser; None keeps CORS off.
-    max_queue: requests that may wait behind the running one; more get 503 with Retry-After.
+    max_batch: requests generated at once, sharing decode steps (the native runtime; 1 serves one at
+    a time, as the official backend always does).
+    max_queue: requests that may wait behind the running ones; more get 503 with Retry-After.
     max_tokens_cap: the largest max_tokens a client may ask for; max_context: the largest max_length
     (prompt plus answer). max_body_bytes: larger request bodies get 413; body_timeout: a body not all
     there this many seconds after the headers gets 408.
     """
-    queue = GenerationQueue(max_queue)
+    engine = engine_for(model, max_batch)
+    queue = GenerationQueue(max_queue, slots=max_batch if engine is not None else 1)
     settings = _Settings(tokenizer, model, max_tokens_cap=max_tokens_cap, max_context=max_context,
-                         model_id=model_id, queue=queue)
+                         model_id=model_id, queue=queue, engine=engine)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -171,7 +180,10 @@ def _sampling(temperature: float, top_p: float) -> dict:
 def _add_routes(app: FastAPI, s: _Settings) -> None:
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": s.model_id, "profile": s.profile_name, "queue": s.queue.stats()}
+        body = {"status": "ok", "model": s.model_id, "profile": s.profile_name, "queue": s.queue.stats()}
+        if s.engine is not None:
+            body["batch"] = s.engine.stats()
+        return body
 
     @app.get("/v1/models")
     async def list_models():
@@ -201,7 +213,7 @@ def _add_routes(app: FastAPI, s: _Settings) -> None:
         stop = threading.Event()
         kwargs = {"max_length": max_length, **_sampling(temperature, top_p), "stop_event": stop}
         response, new_history = await call_watching(
-            request, s.queue, lambda: s.model.chat(s.tokenizer, body.prompt, history, **kwargs), stop)
+            request, s.queue, lambda: s.chat_model.chat(s.tokenizer, body.prompt, history, **kwargs), stop)
         return {"response": response, "history": [list(turn) for turn in new_history], "status": 200,
                 "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
 

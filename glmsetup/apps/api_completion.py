@@ -88,7 +88,7 @@ class Completion:
         self.created = int(time.time())
         self.stop_event = threading.Event()
         self._template = None
-        self.counter = token_counter(s.model, self.kwargs)  # usage counts the generated ids
+        self.counter = token_counter(s.chat_model, self.kwargs)  # usage counts the generated ids
 
     def _answer_tokens(self, text: str) -> int:
         return self.counter.value if self.counter is not None else self.s.answer_tokens(text)
@@ -143,7 +143,7 @@ class Completion:
         else:
             kwargs = dict(self.kwargs, stop_event=self.stop_event)
             text, _history = await call_watching(
-                request, s.queue, lambda: s.model.chat(s.tokenizer, self.query, self.history, **kwargs),
+                request, s.queue, lambda: s.chat_model.chat(s.tokenizer, self.query, self.history, **kwargs),
                 self.stop_event)
             stopped = False
         finish_reason, usage = await s.off_loop(self._ending, text, stopped)
@@ -163,7 +163,7 @@ class Completion:
         kwargs = dict(self.kwargs, stop_event=self.stop_event)
 
         def make_iter():
-            for item in s.model.stream_chat(s.tokenizer, self.query, self.history, **kwargs):
+            for item in s.chat_model.stream_chat(s.tokenizer, self.query, self.history, **kwargs):
                 yield item[0]
 
         return s.queue.stream(make_iter, self.stop_event)

@@ -1,13 +1,16 @@
-"""One model, one generation at a time: a bounded queue in front of a single worker thread.
+"""A bounded queue in front of `slots` worker threads that run the model's blocking chat/stream_chat.
 
-The model's chat/stream_chat are blocking calls; they run on one dedicated thread, so requests never
-interleave inside the model. At most `max_queue` requests wait behind the running one; one more is
-refused at once with QueueFull (the server answers 503 with Retry-After) instead of piling up. Each
-job carries a threading.Event: setting it (the client went away) skips a job still waiting and ends
-a running generation after its current token.
+With one slot (the official backend, or any model that cannot batch) requests run one at a time and
+never interleave inside the model. With more (the native runtime's BatchEngine, runtime/batching.py)
+up to `slots` requests run at once, their decode steps shared by the engine. At most `max_queue`
+requests wait behind the running ones; one more is refused at once with QueueFull (the server
+answers 503 with Retry-After) instead of piling up. Each job carries a threading.Event: setting it
+(the client went away) skips a job still waiting and ends a running generation after its current
+token (a batched one leaves the batch; the other rows go on).
 
-Retry-After is estimated from the queue: what the running request has left of the mean time of the
-last RECENT requests, plus that mean for each waiting one, in whole seconds within [1, 120].
+Retry-After is estimated from the queue: what the longest-running request has left of the mean time
+of the last RECENT requests, plus that mean for each `slots` waiting ones, in whole seconds within
+[1, 120].
 """
 from __future__ import annotations
 
@@ -39,17 +42,20 @@ class Cancelled(Exception):
 
 
 class GenerationQueue:
-    def __init__(self, max_queue: int = 8):
+    def __init__(self, max_queue: int = 8, slots: int = 1):
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
         self.max_queue = max_queue
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmsetup-generate")
+        self.slots = slots
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="glmsetup-generate")
         self._lock = threading.Lock()
         self._admitted = 0  # running + waiting
         self._running = 0
         self._served = 0
         self._durations: deque = deque(maxlen=RECENT)
-        self._running_since: Optional[float] = None
+        self._started: dict[object, float] = {}  # running job -> when it started
         self._stops: set[threading.Event] = set()
 
     # --- bookkeeping --------------------------------------------------------------------------------
@@ -57,7 +63,7 @@ class GenerationQueue:
     def stats(self) -> dict:
         with self._lock:
             return {"running": self._running, "waiting": self._admitted - self._running,
-                    "max_queue": self.max_queue, "served": self._served,
+                    "slots": self.slots, "max_queue": self.max_queue, "served": self._served,
                     "mean_seconds": round(self._mean(), 3) if self._durations else None}
 
     def _mean(self) -> float:
@@ -71,14 +77,14 @@ class GenerationQueue:
     def _retry_after(self, now: float) -> int:
         mean = self._mean()
         waiting = self._admitted - self._running
-        left = mean - (now - self._running_since) if self._running_since is not None else 0.0
-        guess = max(left, 0.0) + mean * waiting
+        left = mean - (now - min(self._started.values())) if self._started else 0.0
+        guess = max(left, 0.0) + mean * waiting / self.slots
         return max(1, min(RETRY_AFTER_MAX_S, math.ceil(guess)))
 
     def _admit(self, stop: threading.Event) -> None:
         with self._lock:
             waiting = self._admitted - self._running
-            if self._admitted >= self.max_queue + 1:
+            if self._admitted >= self.max_queue + self.slots:
                 raise QueueFull(retry_after=self._retry_after(time.perf_counter()), waiting=waiting)
             self._admitted += 1
             self._stops.add(stop)
@@ -93,16 +99,17 @@ class GenerationQueue:
             if stop.is_set():
                 raise Cancelled()
             started = time.perf_counter()
+            key = object()
             with self._lock:
                 self._running += 1
-                self._running_since = started
+                self._started[key] = started
             try:
                 return body()
             finally:
                 elapsed = time.perf_counter() - started
                 with self._lock:
                     self._running -= 1
-                    self._running_since = None
+                    self._started.pop(key, None)
                     self._served += 1
                     self._durations.append(elapsed)  # stopped early or not: how long it held the model
 
@@ -121,7 +128,7 @@ class GenerationQueue:
     # --- the two ways to run the model --------------------------------------------------------------
 
     async def call(self, fn: Callable[[], Any], stop: Optional[threading.Event] = None) -> Any:
-        """Run fn() on the model thread and return its result (raises QueueFull when full)."""
+        """Run fn() on a model thread and return its result (raises QueueFull when full)."""
         stop = stop or threading.Event()
         future = self._submit(fn, stop)
         try:
@@ -131,7 +138,7 @@ class GenerationQueue:
             raise
 
     def stream(self, make_iter: Callable[[], Iterable[Any]], stop: threading.Event) -> "StreamJob":
-        """Start iterating make_iter() on the model thread now; raises QueueFull when full.
+        """Start iterating make_iter() on a model thread now; raises QueueFull when full.
 
         The returned job is an async iterator of the LATEST item whenever the consumer asks (items the
         consumer was too slow to take are folded into the next one: stream_chat yields the whole text so
@@ -155,7 +162,7 @@ class GenerationQueue:
 
 
 class StreamJob:
-    """The consumer side of a stream running on the model thread."""
+    """The consumer side of a stream running on a model thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stop: threading.Event):
         self._loop = loop
@@ -170,7 +177,7 @@ class StreamJob:
             self._stop.set()
 
     def produce(self, make_iter: Callable[[], Iterable[Any]]) -> None:
-        """Runs on the model thread."""
+        """Runs on a model thread."""
         iterator = None
         try:
             iterator = iter(make_iter())

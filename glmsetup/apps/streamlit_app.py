@@ -3,7 +3,9 @@
 The model folder and the profile come from the environment: GLMSETUP_MODEL_DIR (default: where
 `glmsetup fetch` puts the model) and GLMSETUP_PROFILE (a profile name, a .toml file or "auto").
 The model is loaded once per server process (st.cache_resource) and shared by every browser tab;
-each tab keeps its own history and KV cache in st.session_state.
+each tab keeps its own history and KV cache in st.session_state. On the native runtime the tabs'
+answers run at once through the model's BatchEngine (runtime/batching.py: they share decode steps);
+other models answer one tab at a time, behind a lock.
 
 The sidebar has the official Streamlit demo's sliders plus a repetition penalty, with the bounds of
 glmsetup.apps.generation.SETTINGS and the loaded profile's [generation] values as defaults (as every
@@ -68,6 +70,11 @@ def _load(st, model_dir, profile):
 
     try:
         tokenizer, model = load_model(model_dir, profile)
+        from glmsetup.runtime.batching import engine_for
+
+        engine = engine_for(model)  # one per model: every tab's answers share its decode steps
+        if engine is not None:
+            return tokenizer, engine, None
         return tokenizer, model, generation_lock(model_dir, profile)
     except GlmsetupError as exc:
         st.error(exc.message)
@@ -108,8 +115,9 @@ def _answer(st, tokenizer, model, lock, query: str, gen_kwargs: dict) -> None:
 
 
 def _wait_for_turn(lock, placeholder) -> None:
-    """Take the model's lock; while another tab's answer runs, say so (each redraw lets Stop through)."""
-    if lock.acquire(blocking=False):
+    """Take the model's lock; while another tab's answer runs, say so (each redraw lets Stop through).
+    No lock (the model batches): no wait."""
+    if lock is None or lock.acquire(blocking=False):
         return
     while not lock.acquire(timeout=0.25):
         placeholder.markdown("_waiting for another answer to finish ..._")
@@ -124,7 +132,8 @@ def _stream_answer(st, tokenizer, model, lock, query: str, gen_kwargs: dict) -> 
         try:
             _stream_into(st, tokenizer, model, query, gen_kwargs, placeholder)
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
 
 def _stream_into(st, tokenizer, model, query: str, gen_kwargs: dict, placeholder) -> None:

@@ -9,8 +9,10 @@ The sliders are the official web_demo.py's (Maximum length, Top P, Temperature) 
 Penalty, with the bounds of glmsetup.apps.generation.SETTINGS (Temperature 0-2, as `/set` in the
 terminal) and the profile's [generation] values as defaults (what the banner of `glmsetup run`
 prints). Enter sends the message, Shift+Enter starts a new line. Each browser session keeps its own
-history and KV cache in gr.State, so a new turn feeds only the new query to the model. Generation is
-serialised through the queue (one answer at a time per model by default).
+history and KV cache in gr.State, so a new turn feeds only the new query to the model. On the native
+runtime the answers of several tabs run at once through the model's BatchEngine (runtime/batching.py:
+they share decode steps); other models (the official backend, or a wrapper with its own stream_chat)
+answer one tab at a time.
 """
 from __future__ import annotations
 
@@ -59,12 +61,13 @@ def predict(tokenizer, model, query: str, chatbot: Optional[list], max_length: O
             ) -> Iterator[tuple[list, list, Any]]:
     """Stream one answer: yields (chatbot, history, past_key_values) as the answer grows.
 
-    `chatbot` is the page's list of {"role", "content"} messages; `history` the model's list of
-    (query, response) pairs; `past_key_values` the cache returned with the previous answer (None to
-    start fresh). Setting `stop_event` ends the answer after the current token; what was said so far
-    stays in the history and the cache. Settings left as None are the model's profile's. A setting
-    outside SETTINGS' bounds (NaN included) or a query over MAX_QUERY_CHARS is a UsageError, raised
-    before anything is tokenized.
+    `model` is the model or its BatchEngine (the same stream_chat: several predict() calls at once on
+    the engine share decode steps). `chatbot` is the page's list of {"role", "content"} messages;
+    `history` the model's list of (query, response) pairs; `past_key_values` the cache returned with
+    the previous answer (None to start fresh). Setting `stop_event` ends the answer after the current
+    token; what was said so far stays in the history and the cache. Settings left as None are the
+    model's profile's. A setting outside SETTINGS' bounds (NaN included) or a query over
+    MAX_QUERY_CHARS is a UsageError, raised before anything is tokenized.
     """
     check_query(query)  # before anything is tokenized
     given = {"max_length": max_length, "top_p": top_p, "temperature": temperature,
@@ -115,10 +118,17 @@ def _message_dict(message) -> dict:
     return {"role": "user", "content": str(message)}
 
 
-def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, max_queue: int = 32):
-    """The chat page as gr.Blocks (not launched). `concurrency_limit` answers run at once."""
+def build_demo(tokenizer, model, profile=None, *, concurrency_limit: Optional[int] = None, max_queue: int = 32):
+    """The chat page as gr.Blocks (not launched). `concurrency_limit` answers run at once: by default
+    as many as the model's BatchEngine batches (MAX_BATCH), one where the model cannot batch."""
     gr = require("gradio", "web")
+    from glmsetup.runtime.batching import MAX_BATCH, engine_for
+
     start = defaults(profile if profile is not None else getattr(model, "profile", None))
+    engine = engine_for(model, concurrency_limit or MAX_BATCH)
+    chat_model = engine if engine is not None else model  # what the answers are generated on
+    if concurrency_limit is None:
+        concurrency_limit = MAX_BATCH if engine is not None else 1
 
     def submit_text(text: str, stop: StopFlag):
         stop.clear()
@@ -132,9 +142,9 @@ def build_demo(tokenizer, model, profile=None, *, concurrency_limit: int = 1, ma
         started = time.perf_counter()
         response = ""
         counted: dict = {}
-        counter = token_counter(model, counted)
+        counter = token_counter(chat_model, counted)
         try:
-            for update in predict(tokenizer, model, query, chatbot, max_length, top_p, temperature,
+            for update in predict(tokenizer, chat_model, query, chatbot, max_length, top_p, temperature,
                                   repetition_penalty, history, past, stop_event=stop.event, **counted):
                 if stop.epoch != epoch:  # Clear was pressed while this answer streamed
                     yield [], [], None, "", gr.skip()
