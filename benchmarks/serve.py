@@ -1,13 +1,20 @@
-"""Benchmark: what the API server costs, beside a direct stream_chat loop measured in the same run.
+"""Benchmark: the API server with continuous batching, beside its serial mode and a direct stream_chat loop.
 
-For 1, 4 and 16 clients it reports time to first token (TTFT) and tokens/s, once for a direct
-`model.stream_chat` loop and once for c concurrent streaming clients of the API. One child process
-loads the model and serves `glmsetup.apps.api` with uvicorn on a free 127.0.0.1 port; on request it
-also runs the direct loop itself (on a worker thread, the c requests one after another as the server's
-queue serves them), so both sides share process, weights and threads, and the runs are interleaved.
-The clients run in this process. Greedy decoding and the same prompts on both sides, so both produce
-the same tokens; tokens are counted as the API's usage counts them. Besides wall time, the CPU time of
-the model process per token is reported: on a busy machine it is the steadier measure of overhead.
+For 1, 4 and 16 concurrent streaming clients it reports aggregate tokens/s (all tokens / wall time),
+the median time to first token (TTFT), how many requests were served (a full queue answers 503) and
+the CPU time per token, for each mode:
+
+- batched: the API as `glmsetup run api` serves it (create_app's default max_batch: the clients'
+  requests share decode steps, runtime/batching.py);
+- serial: the same API with max_batch=1 (one request at a time, as before continuous batching and as
+  the official backend always runs);
+- direct: a plain `model.stream_chat` loop, the requests one after another (the server's overhead).
+
+One child process loads the model and serves both APIs with uvicorn on free 127.0.0.1 ports; on request
+it also runs the direct loop itself (on a worker thread), so every mode shares process, weights and
+threads, and the modes are interleaved. The clients run in this process. Greedy decoding and the same
+prompts everywhere; tokens are counted as the API's usage counts them. Besides wall time, the CPU time
+of the model process per token is reported: on a busy machine it is the steadier measure.
 
 Checkpoints: `tiny` (the test checkpoint) and `full` (ChatGLM2-6B's widths: hidden 4096, 32 heads of
 128, 2 KV groups, FFN 13696, 65024 padded vocabulary, with only --layers layers and random weights).
@@ -16,7 +23,8 @@ random_state_dict with the widths overridden); it keeps the tiny tokenizer (abou
 output rows past those pieces are zeroed so that greedy decoding picks real pieces.
 
     .venv/bin/python benchmarks/serve.py                       # both checkpoints, 1/4/16 clients
-    .venv/bin/python benchmarks/serve.py --checkpoint tiny --tokens 64 --json
+    .venv/bin/python benchmarks/serve.py --checkpoint full --layers 2 --tokens 32 --profile cpu-bf16
+    .venv/bin/python benchmarks/serve.py --modes batched,serial,direct --json
     .venv/bin/python benchmarks/serve.py --model ~/.glmsetup/models/chatglm2-6b --profile cuda-fp16
 
 Not a test: it prints a table and asserts nothing.
@@ -78,25 +86,24 @@ def gen_kwargs(tokens: int) -> dict:
 
 def direct_run(tokenizer, model, prompts: list, tokens: int) -> dict:
     """Serve `prompts` one after another with stream_chat, all 'arriving' at t0."""
+    from glmsetup.runtime.chat import TokenCount
+
     t0 = time.perf_counter()
-    ttfts, counts, rates = [], [], []
+    ttfts, counts = [], []
     for prompt in prompts:
-        start = time.perf_counter()
         first = None
-        text = ""
-        for text, _history in model.stream_chat(tokenizer, prompt, [], **gen_kwargs(tokens)):
+        count = TokenCount()  # the generated ids, as the API's usage counts them
+        for text, _history in model.stream_chat(tokenizer, prompt, [], token_count=count, **gen_kwargs(tokens)):
             if first is None and text:
                 first = time.perf_counter()
-        end = time.perf_counter()
-        n = len(tokenizer.encode(text, add_special_tokens=False))
-        ttfts.append((first or end) - t0)
-        counts.append(n)
-        rates.append(n / (end - start))
+        ttfts.append((first or time.perf_counter()) - t0)
+        counts.append(count.value)
     wall = time.perf_counter() - t0
-    return {"ttft": ttfts, "tokens": sum(counts), "wall": wall, "per_request_tps": rates}
+    return {"ttft": ttfts, "tokens": sum(counts), "wall": wall}
 
 
 def api_client(url: str, prompt: str, tokens: int, barrier: threading.Barrier) -> tuple:
+    """One streaming client: (start, first text, end, completion tokens, served)."""
     import httpx
 
     body = {"model": "chatglm2-6b", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
@@ -106,6 +113,8 @@ def api_client(url: str, prompt: str, tokens: int, barrier: threading.Barrier) -
         start = time.perf_counter()
         first, usage = None, 0
         with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            if response.status_code == 503:  # the queue was full
+                return start, None, time.perf_counter(), 0, False
             response.raise_for_status()
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -116,7 +125,7 @@ def api_client(url: str, prompt: str, tokens: int, barrier: threading.Barrier) -
                 elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     first = time.perf_counter()
         end = time.perf_counter()
-    return start, first or end, end, usage
+    return start, first or end, end, usage, True
 
 
 def api_run(url: str, prompts: list, tokens: int) -> dict:
@@ -131,40 +140,43 @@ def api_run(url: str, prompts: list, tokens: int) -> dict:
         t.start()
     for t in threads:
         t.join()
+    served = [r for r in results if r[4]]
     t0 = min(r[0] for r in results)
     wall = max(r[2] for r in results) - t0
-    return {"ttft": [r[1] - r[0] for r in results], "tokens": sum(r[3] for r in results), "wall": wall,
-            "per_request_tps": [r[3] / (r[2] - r[1]) if r[2] > r[1] else 0.0 for r in results]}
+    return {"ttft": [r[1] - r[0] for r in served], "tokens": sum(r[3] for r in served), "wall": wall,
+            "served": len(served), "requests": len(results)}
 
 
 class Child:
-    """One process holding the model: it serves the API and, on request, runs the direct loop itself
-    (on a worker thread, as the server's generation runs), so both sides share process and weights."""
+    """One process holding the model: it serves the API twice (batched and serial) and, on request, runs
+    the direct loop itself (on a worker thread), so every mode shares process and weights."""
 
-    def __init__(self, model_dir: Path, profile: str, threads: int, http: str = "auto"):
+    def __init__(self, model_dir: Path, profile: str, threads: int, http: str = "auto", max_batch: int = 16):
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve-child", str(model_dir), "--profile", profile,
-                                      "--http", http],
+                                      "--http", http, "--max-batch", str(max_batch)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT), env=env)
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http://"):
+        line = self.proc.stdout.readline().strip()
+        try:
+            self.urls = json.loads(line)
+        except ValueError:
             self.proc.kill()
-            raise SystemExit(f"the API server did not start: {self.url!r}")
+            raise SystemExit(f"the API server did not start: {line!r}")
 
     def direct(self, prompts: list, tokens: int) -> dict:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "tokens": tokens}) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
-    def measured(self, run) -> dict:
-        """run(), plus the CPU seconds the model process spent meanwhile (all its threads)."""
+    def run(self, mode: str, prompts: list, tokens: int) -> dict:
+        """One run of a mode, plus the CPU seconds the model process spent meanwhile (all its threads)."""
         import psutil
 
         proc = psutil.Process(self.proc.pid)
         before = proc.cpu_times()
-        result = run()
+        result = self.direct(prompts, tokens) if mode == "direct" else api_run(self.urls[mode], prompts, tokens)
         after = proc.cpu_times()
         result["cpu"] = (after.user + after.system) - (before.user + before.system)
         return result
@@ -177,77 +189,78 @@ class Child:
             self.proc.kill()
 
 
-def serve_child(model_dir: str, profile: str, http: str) -> None:
+def serve_child(model_dir: str, profile: str, http: str, max_batch: int) -> None:
     import glmsetup
     from glmsetup.apps.api import ServerThread, create_app
 
     tokenizer, model = glmsetup.load_chat_model(model_dir, profile=profile)
     loop = {"h11": "asyncio", "httptools": "auto"}.get(http, "auto")
-    server = ServerThread(create_app(tokenizer, model, max_queue=64), http=http, loop=loop).start()
-    print(server.url, flush=True)
+    servers = {mode: ServerThread(create_app(tokenizer, model, max_queue=64, max_batch=batch), http=http,
+                                  loop=loop).start() for mode, batch in (("batched", max_batch), ("serial", 1))}
+    print(json.dumps({mode: server.url for mode, server in servers.items()}), flush=True)
     for line in sys.stdin:  # direct-loop requests from the parent, until it closes our stdin
         job = json.loads(line)
         result = {}
 
         def work():
             result.update(direct_run(tokenizer, model, job["prompts"], job["tokens"]))
+            result.update(served=len(job["prompts"]), requests=len(job["prompts"]))
 
         worker = threading.Thread(target=work)
         worker.start()
         worker.join()
         print(json.dumps(result), flush=True)
-    server.stop()
+    for server in servers.values():
+        server.stop()
 
 
 def summarize(run: dict, runs: list) -> dict:
     """Wall-clock figures of the fastest run; CPU per token over all runs (CPU clocks tick coarsely)."""
-    return {"ttft_mean_s": statistics.mean(run["ttft"]), "ttft_max_s": max(run["ttft"]),
-            "tokens": run["tokens"], "tokens_per_s": run["tokens"] / run["wall"],
-            "per_client_tokens_per_s": statistics.mean(run["per_request_tps"]),
+    ttft = run["ttft"] or [float("nan")]
+    return {"ttft_median_s": statistics.median(ttft), "ttft_max_s": max(ttft), "tokens": run["tokens"],
+            "tokens_per_s": run["tokens"] / run["wall"], "served": run["served"], "requests": run["requests"],
             "cpu_ms_per_token": 1000.0 * sum(r["cpu"] for r in runs) / max(1, sum(r["tokens"] for r in runs))}
 
 
 def bench_checkpoint(label: str, model_dir: Path, profile: str, clients: list, tokens: int, repeat: int,
-                     threads: int, http: str = "auto") -> list:
-    child = Child(model_dir, profile, threads, http)
+                     threads: int, http: str = "auto", modes=("batched", "serial"), max_batch: int = 16) -> list:
+    child = Child(model_dir, profile, threads, http, max_batch)
     rows = []
     try:
-        child.direct(PROMPTS[:1], tokens)  # warm-up, both paths
-        api_run(child.url, PROMPTS[:1], tokens)
+        for mode in modes:  # warm-up, every path
+            child.run(mode, PROMPTS[:1], tokens)
         for c in clients:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
-            directs, apis = [], []
-            for _ in range(repeat if c == 1 else 1):  # interleaved, so that machine noise hits both
-                directs.append(child.measured(lambda: child.direct(prompts, tokens)))
-                apis.append(child.measured(lambda: api_run(child.url, prompts, tokens)))
-            direct = summarize(min(directs, key=lambda r: r["wall"]), directs)
-            api = summarize(min(apis, key=lambda r: r["wall"]), apis)
-            overhead = 100.0 * (1 - api["tokens_per_s"] / direct["tokens_per_s"])
-            cpu_overhead = 100.0 * (api["cpu_ms_per_token"] / direct["cpu_ms_per_token"] - 1)
-            rows.append({"checkpoint": label, "clients": c, "tokens_per_request": tokens, "direct": direct,
-                         "api": api, "overhead_pct": overhead, "cpu_overhead_pct": cpu_overhead})
+            runs: dict = {mode: [] for mode in modes}
+            for _ in range(repeat if c == 1 else 1):  # interleaved, so that machine noise hits every mode
+                for mode in modes:
+                    runs[mode].append(child.run(mode, prompts, tokens))
+            for mode in modes:
+                best = summarize(min(runs[mode], key=lambda r: r["wall"]), runs[mode])
+                rows.append({"checkpoint": label, "clients": c, "mode": mode, "tokens_per_request": tokens, **best})
     finally:
         child.close()
+    one = {(r["checkpoint"], r["mode"]): r["tokens_per_s"] for r in rows if r["clients"] == 1}
+    for r in rows:  # aggregate tokens/s against the same mode's one client
+        base = one.get((r["checkpoint"], r["mode"]))
+        r["vs_one_client"] = r["tokens_per_s"] / base if base else None
     return rows
 
 
 def print_table(rows: list) -> None:
-    head = (f"{'checkpoint':<12}{'clients':>8}{'direct TTFT':>13}{'API TTFT':>11}{'direct tok/s':>14}"
-            f"{'API tok/s':>11}{'per-client':>12}{'overhead':>10}{'direct CPU/tok':>16}{'API CPU/tok':>13}"
-            f"{'CPU overhead':>14}")
+    head = (f"{'checkpoint':<12}{'clients':>8}{'mode':>9}{'served':>8}{'tok/s':>9}{'x 1 client':>11}"
+            f"{'median TTFT':>13}{'max TTFT':>10}{'CPU/tok':>10}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        d, a = r["direct"], r["api"]
-        print(f"{r['checkpoint']:<12}{r['clients']:>8}{d['ttft_mean_s'] * 1000:>11.1f}ms{a['ttft_mean_s'] * 1000:>9.1f}ms"
-              f"{d['tokens_per_s']:>14.1f}{a['tokens_per_s']:>11.1f}{a['per_client_tokens_per_s']:>12.1f}"
-              f"{r['overhead_pct']:>9.1f}%{d['cpu_ms_per_token']:>14.2f}ms{a['cpu_ms_per_token']:>11.2f}ms"
-              f"{r['cpu_overhead_pct']:>13.1f}%")
-    print("TTFT: mean over the clients, from sending to the first text (direct: from t0, requests served in turn).")
-    print("tok/s: all tokens / wall time; per-client: one client's tokens / its streaming time; overhead: "
-          "1 - API tok/s / direct tok/s.")
-    print("CPU/tok: CPU time of the model process (all threads; the clients run elsewhere) per token; CPU overhead: "
-          "API CPU/tok / direct CPU/tok - 1 (robust on a busy machine, where wall times are not).")
+        ratio = f"{r['vs_one_client']:.2f}" if r["vs_one_client"] is not None else "-"
+        print(f"{r['checkpoint']:<12}{r['clients']:>8}{r['mode']:>9}{r['served']:>5}/{r['requests']:<2}"
+              f"{r['tokens_per_s']:>9.1f}{ratio:>11}{r['ttft_median_s'] * 1000:>11.0f}ms"
+              f"{r['ttft_max_s'] * 1000:>8.0f}ms{r['cpu_ms_per_token']:>8.1f}ms")
+    print("tok/s: all tokens of the served requests / wall time of the run; x 1 client: against the same mode "
+          "at one client.")
+    print("TTFT: from sending to the first text (direct: from the start, the requests served in turn). CPU/tok: "
+          "CPU time of the model process (all threads; the clients run elsewhere) per token.")
 
 
 def main() -> None:
@@ -258,7 +271,10 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request (default 64)")
     parser.add_argument("--clients", default="1,4,16")
-    parser.add_argument("--repeat", type=int, default=5, help="runs at one client; the fastest counts")
+    parser.add_argument("--modes", default="batched,serial",
+                        help="of batched, serial, direct (default batched,serial)")
+    parser.add_argument("--max-batch", type=int, default=16, help="the batched server's max_batch (default 16)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs at one client; the fastest counts")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads in the model process (OMP_NUM_THREADS; default: torch's choice)")
     parser.add_argument("--full-tokens", type=int, help="max_tokens per request for the full-width checkpoint")
@@ -268,8 +284,12 @@ def main() -> None:
     parser.add_argument("--serve-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_child:
-        return serve_child(args.serve_child, args.profile, args.http)
+        return serve_child(args.serve_child, args.profile, args.http, args.max_batch)
     clients = [int(c) for c in args.clients.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - {"batched", "serial", "direct"}
+    if unknown or not modes:
+        parser.error(f"--modes takes batched, serial and direct, not {', '.join(sorted(unknown)) or 'nothing'}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="glmsetup-bench-") as tmp:
         os.environ.setdefault("GLMSETUP_HOME", str(Path(tmp) / "home"))
@@ -282,7 +302,7 @@ def main() -> None:
             print(f"[{label}] {path}", file=sys.stderr, flush=True)
             tokens = args.full_tokens if (label == "full" and args.full_tokens) else args.tokens
             rows += bench_checkpoint(label, path, args.profile, clients, tokens, args.repeat, args.threads,
-                                     args.http)
+                                     args.http, modes, args.max_batch)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
