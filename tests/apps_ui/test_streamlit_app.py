@@ -67,6 +67,30 @@ def test_chat_keeps_history_and_cache_then_clears(app):
     assert not app.chat_message
 
 
+def test_answers_run_on_the_models_shared_batch_engine(app):
+    """Every tab's answers go through the model's one BatchEngine (they share decode steps), not a lock."""
+    import threading
+
+    import torch
+
+    threads = []
+
+    def seen(module, _args):
+        if isinstance(module, torch.nn.Embedding):
+            threads.append(threading.current_thread().name)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(seen)
+    try:
+        app.sidebar.slider(key="max_length").set_value(60)
+        app.sidebar.slider(key="temperature").set_value(0.0)
+        app.chat_input[0].set_value("hello").run()
+    finally:
+        handle.remove()
+    assert not app.exception, app.exception
+    assert app.session_state.history[-1][0] == "hello"
+    assert threads and set(threads) == {"glmsetup-batch"}
+
+
 def test_no_room_under_max_length_is_shown_on_the_page(app):
     app.sidebar.slider(key="max_length").set_value(1)
     app.chat_input[0].set_value("hello").run()
