@@ -6,7 +6,8 @@ feeds every row one token per step. In the batch store each row's real tokens ar
 lengths step together: a row's RoPE positions count its own tokens, and the attention mask hides the
 padding. `assemble` builds a new batch store from rows of other stores (a prefill's store, the
 previous batch store) whenever rows join or leave, trimmed to the longest row; `copy_row_back` puts
-a finished row into a batch-1 store (what a later turn can continue from).
+a finished row into a batch-1 store (what a later turn can continue from); `pick_tokens` picks every
+row's next token with that row's own sampling settings.
 
 Padding positions hold zeros or the keys of a padding token, never uninitialised memory: a masked
 position gets weight 0 in attention, and 0 x NaN would still be NaN.
@@ -17,7 +18,10 @@ from typing import Sequence
 
 import torch
 
+from glmsetup.runtime import sampling
+
 PAD_ID = 0  # what a padded prompt position is fed (it is masked out)
+_EMPTY = torch.zeros(1, 0, dtype=torch.long)
 
 
 def row_length(store, row: int) -> int:
@@ -109,3 +113,26 @@ def guard_rows(scores: torch.Tensor) -> torch.Tensor:
     scores[bad] = 0.0
     scores[bad, 5] = 5e4
     return scores
+
+
+def pick_tokens(logits: torch.Tensor, rows: Sequence) -> list:
+    """Each row's next token from [rows, vocab] fp32 logits, by sampling.next_tokens with the row's own
+    settings (`row.s`, `row.generated`, `row.context`); None where that failed (`row.error` says why).
+    Rows with the same plain settings (no penalty, processors or min_new_tokens pending) go in one call."""
+    out: list = [None] * len(rows)
+    plain: dict = {}
+    for i, row in enumerate(rows):
+        s = row.s
+        if s.needs_context or row.generated < s.min_new_tokens:
+            try:  # the repetition penalty and the processors see the row's own context
+                out[i] = int(sampling.next_tokens(logits[i:i + 1], torch.tensor([row.context]), s, row.generated)[0])
+            except Exception as exc:  # e.g. a caller's logits processor: only its row fails
+                row.error = exc
+        else:
+            plain.setdefault((True,) if s.greedy else (s.temperature, s.top_k, s.top_p), []).append(i)
+    for idx in plain.values():
+        s = rows[idx[0]].s
+        scores = guard_rows(logits if len(idx) == len(rows) else logits[idx])
+        for i, token in zip(idx, sampling.next_tokens(scores, _EMPTY, s, s.min_new_tokens).tolist()):
+            out[i] = int(token)
+    return out

@@ -35,7 +35,7 @@ import torch
 
 from glmsetup.errors import UsageError
 from glmsetup.runtime import sampling
-from glmsetup.runtime.batch_rows import assemble, copy_row_back, guard_rows, left_padded, prefill_groups, row_length
+from glmsetup.runtime.batch_rows import assemble, copy_row_back, left_padded, pick_tokens, prefill_groups, row_length
 from glmsetup.runtime.chat import REPLACEMENT_CHAR, STORE_SLACK, _history, check_past, no_room, process_response
 
 MAX_BATCH = 16  # rows decoded together
@@ -45,7 +45,6 @@ ROW_SLACK = 256  # positions a rebuilt batch store holds beyond its longest row,
 IDLE_EXIT_S = 5.0  # the scheduler thread ends after this long without work (and starts again on demand)
 RELEASE_WAIT_S = 120.0
 _ENGINES_LOCK = threading.Lock()
-_EMPTY = torch.zeros(1, 0, dtype=torch.long)
 _END = object()
 
 
@@ -298,7 +297,7 @@ class BatchEngine:
             return []
         joined = []
         reqs = [item[0] for item in started]
-        for (req, store, row, _logits), token in zip(started, self._pick(torch.cat([x[3] for x in started]), reqs)):
+        for (req, store, row, _logits), token in zip(started, pick_tokens(torch.cat([x[3] for x in started]), reqs)):
             req.context = list(req.prefix)
             req.budget = self._room(req, row_length(store, row))
             if req.budget <= 0 or token is None:
@@ -350,32 +349,11 @@ class BatchEngine:
             self._steps += 1
         for req in rows:
             req.context.append(req.last)
-        for req, token in zip(rows, self._pick(logits, rows)):
+        for req, token in zip(rows, pick_tokens(logits, rows)):
             if token is None:
                 req.done = True
             else:
                 self._emit(req, token)
-
-    def _pick(self, logits: torch.Tensor, rows: list[_Request]) -> list:
-        """Each row's next token from [rows, vocab] logits, with its own settings; None where that failed."""
-        out: list = [None] * len(rows)
-        plain: dict = {}
-        for i, req in enumerate(rows):
-            s = req.s
-            if s.needs_context or req.generated < s.min_new_tokens:
-                try:  # the repetition penalty and processors see the row's own context
-                    out[i] = int(sampling.next_tokens(logits[i:i + 1], torch.tensor([req.context]), s,
-                                                      req.generated)[0])
-                except Exception as exc:  # e.g. a caller's logits processor: only its row fails
-                    req.error = exc
-            else:
-                plain.setdefault((True,) if s.greedy else (s.temperature, s.top_k, s.top_p), []).append(i)
-        for idx in plain.values():
-            s = rows[idx[0]].s
-            scores = guard_rows(logits if len(idx) == len(rows) else logits[idx])
-            for i, token in zip(idx, sampling.next_tokens(scores, _EMPTY, s, s.min_new_tokens).tolist()):
-                out[i] = int(token)
-        return out
 
     @staticmethod
     def _emit(req: _Request, token: int) -> None:
