@@ -7,4 +7,7 @@
 - chat.py        chat() / stream_chat() with the official signatures and behaviour
 - load.py        load_chat_model(path, profile): shard-by-shard loading into the profile's device and dtype
 - convert.py     the converted folder (safetensors, model_type glm) and its cache
+- quantize.py    int8/int4 weight-only layers on torch's kernels (int4_layout.py: the byte layouts)
+- quant_cache.py the quantized-weight cache: quantized once, memory-mapped at every later start
+- kernels.py     which int8/int4 kernel runs where, and what a fallback costs (run, doctor --deep, selftest)
 """
