@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
