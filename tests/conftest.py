@@ -20,6 +20,11 @@ def glmsetup_home(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("GLMSETUP_HOME", str(home))
     monkeypatch.setenv("GLMSETUP_NO_PROGRESS", "1")
     monkeypatch.delenv("GLMSETUP_DEBUG", raising=False)
+    monkeypatch.delenv("COLUMNS", raising=False)  # output width is the test's own choice, not the terminal's
+    import glmsetup.output
+
+    monkeypatch.setattr(glmsetup.output, "_stdout", None)  # no console (and width) left over from another test
+    monkeypatch.setattr(glmsetup.output, "_stderr", None)
     return home
 
 

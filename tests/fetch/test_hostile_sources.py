@@ -163,13 +163,17 @@ def test_json_nested_deeper_than_the_parser_is_an_error_not_a_traceback(cli, sto
 # ---- resources: memory, descriptors ---------------------------------------------------------------------
 
 # Runs `python -m glmsetup ARGS` in a child that applies the descriptor limit and reports its own peak RSS
-# when it exits (ru_maxrss of RUSAGE_SELF: the child's alone, whatever other children this process had).
+# when it exits: VmHWM, the peak of its own memory image. (Not ru_maxrss: Linux carries the high-water mark
+# of the image before exec over, which is the forking test worker's, hundreds of MB with a model loaded.)
 CHILD = """
-import atexit, resource, runpy, sys
+import atexit, re, resource, runpy, sys
 nofile = int(sys.argv.pop(1))
 if nofile:
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-atexit.register(lambda: sys.stderr.write("\\nPEAK_RSS_KB %d\\n" % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+def peak():
+    with open("/proc/self/status") as f:
+        sys.stderr.write("\\nPEAK_RSS_KB %s\\n" % re.search(r"VmHWM:\\s+(\\d+)", f.read()).group(1))
+atexit.register(peak)
 sys.argv[0] = "glmsetup"
 runpy.run_module("glmsetup", run_name="__main__")
 """
