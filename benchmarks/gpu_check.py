@@ -535,10 +535,11 @@ def main() -> None:
     a.prefill = a.prefill or (16 if a.smoke else 512)
     a.decode = a.decode or (4 if a.smoke else 64)
     dev = Device(a.smoke)
+    scratch = None
     if a.work is None:
         from glmsetup import paths
 
-        a.work = Path(tempfile.mkdtemp(prefix="gpu-check-")) if a.smoke else paths.work_dir() / "gpu-check"
+        scratch = a.work = Path(tempfile.mkdtemp(prefix="gpu-check-")) if a.smoke else paths.work_dir() / "gpu-check"
     a.work.mkdir(parents=True, exist_ok=True)
     os.environ["GLMSETUP_HOME"] = str(a.work / "home")  # the quantized-weight cache of this run
     started = time.perf_counter()
@@ -574,6 +575,10 @@ def main() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2, default=str) + "\n")
         say(f"wrote {target}")
+    if a.smoke and scratch is not None:  # the smoke run's own temporary folder
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
