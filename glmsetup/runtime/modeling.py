@@ -156,8 +156,8 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
         return self.model.norm.weight.dtype
 
     def _inv_freq(self, device) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_glmsetup_inv_freq", {})
         """RoPE frequencies of the rotated dims, divided by the linear scaling factor (rope_ratio)."""
+        cache = self.__dict__.setdefault("_glmsetup_inv_freq", {})
         if device not in cache:
             theta, partial, factor = rope_settings(self.config)
             rot = int(self.config.head_dim * partial)
