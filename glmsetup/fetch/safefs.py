@@ -9,12 +9,12 @@ folder and it is checked to be a real folder; anything else is refused with the 
 """
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from pathlib import Path
 from typing import Optional
 
+from glmsetup import nofollow
 from glmsetup.errors import ModelError
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -27,12 +27,14 @@ def refuse(path: Path, what: str) -> ModelError:
                       hint=f"it was not made by glmsetup; remove it (rm {path}) and run the command again")
 
 
+def _describe(kind: str) -> str:
+    """How `refuse` names what nofollow.kind_of calls `kind`."""
+    return {"link": "a symbolic link", "directory": "a folder"}.get(
+        kind, "not a regular file (a FIFO, socket or device)")
+
+
 def _kind(st: os.stat_result) -> str:
-    if stat.S_ISLNK(st.st_mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(st.st_mode):
-        return "a folder"
-    return "not a regular file (a FIFO, socket or device)"
+    return _describe(nofollow.kind_of(st.st_mode))
 
 
 def _lstat(path: Path) -> Optional[os.stat_result]:
@@ -86,7 +88,7 @@ def open_file(path: Path, flags: int, mode: int = 0o644) -> int:
     try:
         fd = os.open(path, flags | EXTRA_FLAGS, mode)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, getattr(errno, "EMLINK", -1), getattr(errno, "EFTYPE", -1)):
+        if exc.errno in nofollow.LINK_ERRNOS:
             raise refuse(path, "a symbolic link") from exc
         raise
     st = os.fstat(fd)
@@ -98,21 +100,13 @@ def open_file(path: Path, flags: int, mode: int = 0o644) -> int:
 
 def read_bytes(path: Path, limit: int = READ_LIMIT) -> bytes:
     """The content of a bookkeeping file (FileNotFoundError when absent)."""
-    fd = open_file(path, os.O_RDONLY)
     try:
-        chunks, total = [], 0
-        while total <= limit:
-            block = os.read(fd, 1 << 20)
-            if not block:
-                break
-            chunks.append(block)
-            total += len(block)
-        if total > limit:
-            raise ModelError(f"{path} is larger than {limit >> 20} MB: not a file glmsetup wrote",
-                             hint=f"remove it (rm {path}) and run the command again")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+        return nofollow.read_regular(path, limit)
+    except nofollow.NotRegular as exc:
+        raise refuse(Path(path), _describe(exc.kind)) from None
+    except nofollow.TooLarge:
+        raise ModelError(f"{path} is larger than {limit >> 20} MB: not a file glmsetup wrote",
+                         hint=f"remove it (rm {path}) and run the command again") from None
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import tempfile
 import tokenize
 from pathlib import Path
 from typing import Optional
 
+from glmsetup import nofollow
 from glmsetup.errors import PatchError
 
 MAX_DEMO_BYTES = 256 * 1024  # 25 times the largest official demo
 MAX_BACKUP_BYTES = 64 * 1024 * 1024  # what a backup or a file being reverted may weigh at most
 
-_KINDS = ((stat.S_ISLNK, "link"), (stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
-          (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"))
 _DESCRIBE = {"directory": "a folder", "FIFO": "a FIFO (named pipe)", "socket": "a socket", "device": "a device"}
 
 
@@ -44,7 +42,7 @@ def kind(path) -> Optional[str]:
         return None
     except OSError:
         return "file"  # e.g. a folder we may not search: opening it reports why
-    return next((name for test, name in _KINDS if test(mode)), "special file")
+    return nofollow.kind_of(mode)
 
 
 def not_regular(path, what: str) -> Unfit:
@@ -67,36 +65,14 @@ def too_large(path, size: int, limit: int = MAX_DEMO_BYTES) -> Unfit:
 
 def read_regular(path, limit: int = MAX_DEMO_BYTES) -> bytes:
     """The bytes of a regular file, opened without following a final link and without blocking (Unfit)."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        what = kind(path)
-        if what == "link":
-            raise link(path) from None
-        if what not in (None, "file"):
-            raise not_regular(path, what) from None
-        raise Unfit(path, f"cannot be read ({exc.strerror or exc})", "check the file's permissions") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise not_regular(path, next((n for t, n in _KINDS if t(st.st_mode)), "special file"))
-        if st.st_size > limit:
-            raise too_large(path, st.st_size, limit)
-        chunks, total = [], 0
-        while total <= limit:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:  # it grew while being read
-            raise too_large(path, total, limit)
-        return b"".join(chunks)
+        return nofollow.read_regular(path, limit)
+    except nofollow.NotRegular as exc:
+        raise (link(path) if exc.kind == "link" else not_regular(path, exc.kind)) from None
+    except nofollow.TooLarge as exc:
+        raise too_large(path, exc.size, limit) from None
     except OSError as exc:
         raise Unfit(path, f"cannot be read ({exc.strerror or exc})", "check the file's permissions") from None
-    finally:
-        os.close(fd)
 
 
 def binary_problem(path, data: bytes) -> Optional[Unfit]:
