@@ -20,15 +20,19 @@ over it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 from glmsetup.errors import DownloadError, MissingDependency, UsageError
+from glmsetup.fetch.http import Settings
 from glmsetup.fetch.listing import Listing, UnsafeListing, show
 from glmsetup.fetch.manifest import Manifest, ensure_state_dir, hash_file
 from glmsetup.fetch.models import ModelEntry
@@ -39,6 +43,8 @@ MAX_BLOB = 16 << 20  # a file outside git-lfs: config, code, index, README (a fe
 MAX_ENTRY_BYTES = 64 << 10  # one `ls-tree` entry (a name is at most 1024 characters)
 NOTHING_OUT = "nothing was checked out or moved into the model folder"
 OTHER_SOURCE = "use --source hf or --source modelscope"
+# what git (through curl) says when http.lowSpeedLimit/lowSpeedTime gave up on a transfer
+STALLED = re.compile(r"operation too slow", re.IGNORECASE)
 
 
 def _env() -> dict:
@@ -49,26 +55,67 @@ def _git(tree: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(tree), *args], env=_env(), capture_output=True, **kw)
 
 
+def _run_clone(cmd: list, url: str, deadline: float, settings: Settings) -> subprocess.CompletedProcess:
+    """Run one `git clone`; past `deadline` git and its helpers (git-remote-https) are killed together."""
+    proc = subprocess.Popen(cmd, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=hasattr(os, "killpg"))
+    try:
+        out, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise DownloadError(f"git clone {url} was still running after {settings.clone_seconds:.0f} s: stopped",
+                            hint="the server is too slow or stalling: try again later, or another --endpoint, or "
+                                 "--source hf (GLMSETUP_FETCH_CLONE_SECONDS allows longer)") from None
+    except BaseException:  # Ctrl-C: no git left behind writing into the scratch folder
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except OSError:  # already gone
+        pass
+    proc.communicate()
+
+
 def repo_url(endpoint: str, repo: str) -> str:
     return endpoint.rstrip("/") + "/" + repo
 
 
-def clone(url: str, dest: Path, revision: Optional[str] = None) -> str:
-    """Clone `url` into `dest` without checking anything out; returns the commit of `revision` (else HEAD)."""
+def clone(url: str, dest: Path, revision: Optional[str] = None, settings: Optional[Settings] = None) -> str:
+    """Clone `url` into `dest` without checking anything out; returns the commit of `revision` (else HEAD).
+
+    Over HTTP(S) git itself gives up on a transfer slower than settings.min_speed over settings.stall_window
+    (the downloader's stall rule); any clone is stopped after settings.clone_seconds in all."""
     if shutil.which("git") is None:
         raise MissingDependency("git is not installed", hint="install git (apt install git / brew install git)")
     if revision and revision.startswith("-"):
         raise UsageError(f"--revision {revision!r} is not a branch, tag or commit", hint="check --revision")
-    cmd = ["git", "clone", "--quiet", "--no-checkout", "--config", "core.symlinks=false"]
+    settings = settings or Settings.from_env()
+    stall = (max(1, int(settings.min_speed)), max(1, round(settings.stall_window)))
+    cmd = ["git", "-c", f"http.lowSpeedLimit={stall[0]}", "-c", f"http.lowSpeedTime={stall[1]}",
+           "clone", "--quiet", "--no-checkout", "--config", "core.symlinks=false"]
     if url.startswith(("http://", "https://")) and not revision:
         cmd += ["--depth", "1"]
     filtered = cmd + [f"--filter=blob:limit={MAX_BLOB + 1}"]  # local paths ignore it (with a warning)
-    result = subprocess.run(filtered + ["--", url, str(dest)], env=_env(), capture_output=True, text=True)
-    if result.returncode != 0 and "filter" in result.stderr.lower():  # a server that refuses filters
+    deadline = time.monotonic() + settings.clone_seconds
+    result = _run_clone(filtered + ["--", url, str(dest)], url, deadline, settings)
+    refused = "filter" in result.stderr.lower() and not STALLED.search(result.stderr)
+    if result.returncode != 0 and refused:  # a server that refuses filters (not one that warned, then stalled)
         remove_tree(dest)
-        result = subprocess.run(cmd + ["--", url, str(dest)], env=_env(), capture_output=True, text=True)
+        result = _run_clone(cmd + ["--", url, str(dest)], url, deadline, settings)
     if result.returncode != 0:
-        raise DownloadError(f"git clone {url} failed: {result.stderr.strip()[-300:]}",
+        if STALLED.search(result.stderr):
+            raise DownloadError(f"git clone {url} stalled: less than {stall[0]} bytes/s for {stall[1]} s, stopped",
+                                hint="the server is stalling: try again later, or another --endpoint, or "
+                                     "--source hf")
+        last = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.strip()), "no message")
+        raise DownloadError(f"git clone {url} failed: {last[-300:]}",
                             hint="check --endpoint and the network, or use --source hf")
     for name in ([revision, f"origin/{revision}"] if revision else ["HEAD"]):
         found = _git(dest, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}", text=True)
@@ -214,7 +261,8 @@ def read_clone(tree: Path, listing: Listing, url: str, commit: str = "HEAD") -> 
 
 
 def clone_manifest(model: ModelEntry, endpoint: str, repo: str, model_dir: Path, revision: Optional[str],
-                   dry_run: bool = False, force: bool = False, notes: Optional[list] = None) -> Manifest:
+                   dry_run: bool = False, force: bool = False, notes: Optional[list] = None,
+                   settings: Optional[Settings] = None) -> Manifest:
     """Clone, build the manifest from the clone, and (unless dry_run) move the files into the model folder.
 
     Every file is checked, and the folder is checked for files of the user's in the way (refused unless
@@ -227,7 +275,7 @@ def clone_manifest(model: ModelEntry, endpoint: str, repo: str, model_dir: Path,
     remove_tree(scratch)
     url = repo_url(endpoint, repo)
     try:
-        commit = clone(url, scratch, revision)
+        commit = clone(url, scratch, revision, settings)
         listing = Listing(model, f"the git clone of {url}")
         found = read_clone(scratch, listing, url, commit)
         manifest = listing.manifest("git", revision or "HEAD", commit)

@@ -49,6 +49,7 @@ class Settings:
     read_timeout: float = 30.0  # no byte at all for this long: stalled
     stall_window: float = 30.0  # seconds over which min_speed is measured
     min_speed: float = 1024.0  # bytes per second below which a stream counts as stalled
+    clone_seconds: float = 1800.0  # the longest the git route's `git clone` may take in all
     flush_seconds: float = 0.1  # progress records are rewritten this often
     probe_bytes: int = 1 << 20  # bytes fetched from each source when --source auto measures speed
     listing_max_bytes: int = 2 << 20  # the most a listing or other JSON answer may be, decompressed (a few kB)

@@ -99,7 +99,7 @@ def build_work(req: FetchRequest, model: ModelEntry, model_dir: Path, settings: 
 
         endpoint = req.endpoint or os.environ.get("GLMSETUP_GIT_ENDPOINT") or hf.endpoint(None)
         manifest = gitlfs.clone_manifest(model, endpoint, model.hf_repo, model_dir, req.revision,
-                                         dry_run=req.dry_run, force=req.force, notes=notes)
+                                         dry_run=req.dry_run, force=req.force, notes=notes, settings=settings)
         notes += skipped_note(manifest, "git")
         if req.weights_from == "hf":
             src = hf.HFSource(model, req.revision, None, settings, client)
