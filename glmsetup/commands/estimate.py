@@ -58,10 +58,9 @@ def finetune_estimate_core(profile: str, method: str, pre_seq_len: int, max_sour
     s = requirements.FinetuneSettings(method=method, pre_seq_len=pre_seq_len, max_source_length=max_source_length,
                                       max_target_length=max_target_length, batch_size=batch_size, lora_rank=lora_rank)
     if profile == "auto":  # the profile doctor's fine-tuning line names for this method (LoRA: a float one)
-        from glmsetup.doctor import finetune_estimate_profile
-        from glmsetup.output import to_jsonable
+        from glmsetup.doctor import finetune_profile
 
-        prof = finetune_estimate_profile(method, {**to_jsonable(s), "lora_targets": s.lora_targets})
+        prof = finetune_profile(method, s, must_run=False)
     else:
         prof = profiles.resolve(profile)
     data = requirements.finetune_estimate(prof, s).to_dict()

@@ -47,16 +47,12 @@ def require_training_extras(method: str) -> None:
 
 def auto_profile(settings) -> str:
     try:
-        from glmsetup.doctor import auto_finetune_profile
+        from glmsetup.doctor import finetune_profile
     except ImportError as exc:  # no doctor in this install: the profile that runs anywhere
         if not (exc.name or "").startswith("glmsetup"):
             raise
         return "cpu"
-    lengths = {"pre_seq_len": settings.pre_seq_len, "prefix_projection": settings.prefix_projection,
-               "lora_rank": settings.lora_rank, "lora_targets": tuple(settings.lora_targets),
-               "max_source_length": settings.max_source_length, "max_target_length": settings.max_target_length,
-               "batch_size": settings.batch_size, "gradient_checkpointing": settings.gradient_checkpointing}
-    return auto_finetune_profile(settings.method, lengths).name
+    return finetune_profile(settings.method, settings).name
 
 
 class Progress:

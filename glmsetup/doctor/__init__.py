@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["auto_profile", "auto_finetune_profile", "finetune_estimate_profile", "diagnose", "LIGHT_PROBES"]
+__all__ = ["auto_profile", "finetune_profile", "diagnose", "LIGHT_PROBES"]
 
 # What `auto_profile` needs: no subprocesses, no disk walk, no network.
 LIGHT_PROBES = ("system", "nvidia", "torch", "memory", "packages")
@@ -46,39 +46,34 @@ def auto_profile(context: int = 2048, facts=None):
     return profiles.load(name)
 
 
-def auto_finetune_profile(method: str, settings: Optional[dict] = None, facts=None):
-    """The best profile for fine-tuning with `method` here (like auto_profile, for the table's second column)."""
-    from glmsetup import profiles
+def finetune_profile(method: str, settings=None, facts=None, *, must_run: bool = True):
+    """The profile to fine-tune with `method` here: the one doctor's fine-tuning line names.
+
+    `settings` holds what the memory depends on (lengths, rank, batch ...): a dict or an object with the
+    fields of requirements.FinetuneSettings (both commands' settings have them); None: train.sh's.
+    The best profile that fits and runs; when none runs, `must_run` (what `glmsetup finetune` trains with)
+    raises ResourceError, else (what `estimate --finetune` shows) the nearest one the method can use at
+    all (LoRA: float weights only), whether or not torch or peft are installed yet: an estimate is about memory.
+    """
+    import dataclasses
+
+    from glmsetup import profiles, requirements
     from glmsetup.doctor import probes
     from glmsetup.doctor.verdict import finetune_verdict
     from glmsetup.errors import ResourceError
 
+    if settings is not None and not isinstance(settings, dict):
+        names = [f.name for f in dataclasses.fields(requirements.FinetuneSettings) if f.name != "method"]
+        settings = {name: getattr(settings, name) for name in names if hasattr(settings, name)}
     if facts is None:
         facts = probes.gather(Path("."), only=LIGHT_PROBES)
     verdict = finetune_verdict(facts, profiles.load_all(), settings)
     rows = next(m for m in verdict["methods"] if m["method"] == method)
     name = rows["best"] or next((p["name"] for p in rows["profiles"] if p["runnable"]), None)
-    if name is None:
+    if name is None and must_run:
         raise ResourceError(f"no profile fits fine-tuning with {method} on this machine",
                             hint=f"glmsetup doctor shows what each profile needs; glmsetup estimate --finetune {method}")
-    return profiles.load(name)
-
-
-def finetune_estimate_profile(method: str, settings: Optional[dict] = None, facts=None):
-    """The profile `estimate --finetune METHOD` shows by default: the one doctor's fine-tuning line names.
-
-    The best that fits and runs; else the nearest one the method can use at all (LoRA: float weights
-    only), whether or not torch or peft are installed yet: an estimate is about memory.
-    """
-    from glmsetup import profiles
-    from glmsetup.doctor import probes
-    from glmsetup.doctor.verdict import finetune_verdict
-
-    if facts is None:
-        facts = probes.gather(Path("."), only=LIGHT_PROBES)
-    verdict = finetune_verdict(facts, profiles.load_all(), settings)
-    rows = next(m for m in verdict["methods"] if m["method"] == method)
-    usable = [p for p in rows["profiles"] if p.get("usable", True)]
-    name = (rows["best"] or next((p["name"] for p in usable if p["runnable"]), None)
-            or next((p["name"] for p in usable if p["fit"] != "no"), None) or next((p["name"] for p in usable), None))
+    if name is None:
+        usable = [p for p in rows["profiles"] if p.get("usable", True)]
+        name = next((p["name"] for p in usable if p["fit"] != "no"), None) or next((p["name"] for p in usable), None)
     return profiles.load(name or "cpu")

@@ -89,8 +89,11 @@ def test_estimate_finetune_with_the_default_profile(cli, method):
 
 
 def test_default_finetune_estimate_profile_follows_doctor():
-    from glmsetup.doctor import finetune_estimate_profile
+    from glmsetup.doctor import finetune_profile
     from tests.doctor import machines
+
+    def finetune_estimate_profile(method, facts):
+        return finetune_profile(method, facts=facts, must_run=False)
 
     # a 24 GB card without peft: LoRA cannot run yet, but its estimate is for the float profile that fits
     assert finetune_estimate_profile("ptuning", facts=machines.rtx4090()).name == "cuda-fp16"
@@ -98,3 +101,27 @@ def test_default_finetune_estimate_profile_follows_doctor():
     assert finetune_estimate_profile("ptuning", facts=machines.rtx3070()).name == "cuda-int4"
     lora = finetune_estimate_profile("lora", facts=machines.rtx3070())  # 8 GB: no float profile on the card
     assert not lora.quantization_bits and lora.device == "cpu"
+
+
+def test_finetune_and_estimate_pick_through_one_function():
+    """`finetune` (its Settings object) and `estimate --finetune` (a FinetuneSettings) pick with the same
+    settings; finetune needs a profile that runs here, estimate falls back to the nearest usable one."""
+    import pytest
+
+    from glmsetup import requirements
+    from glmsetup.doctor import finetune_profile
+    from glmsetup.errors import ResourceError
+    from glmsetup.finetune.train import Settings
+    from tests.doctor import machines
+
+    card = machines.rtx3070()  # 8 GB
+    assert finetune_profile("ptuning", facts=card).name == "cuda-int4"
+    longer = {"batch_size": 4, "max_source_length": 256, "max_target_length": 256}  # too much for the card
+    run = Settings(method="ptuning", data="d.json", model="m", output="o", **longer)
+    estimate = requirements.FinetuneSettings(method="ptuning", **longer)
+    assert finetune_profile("ptuning", run, facts=card).name == "cpu-int8"
+    assert finetune_profile("ptuning", estimate, facts=card).name == "cpu-int8"
+    assert finetune_profile("ptuning", longer, facts=card).name == "cpu-int8"
+    with pytest.raises(ResourceError, match="no profile fits fine-tuning with lora"):
+        finetune_profile("lora", facts=card)  # no peft, no float profile on the card
+    assert finetune_profile("lora", facts=card, must_run=False).name == "cpu-bf16"
