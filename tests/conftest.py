@@ -58,6 +58,18 @@ def run_glmsetup(*args: str, env: dict | None = None, timeout: float = 120, **kw
 
 
 @pytest.fixture(scope="session")
+def one_torch_thread():
+    """torch on one thread for the rest of the session: tiny tensors gain nothing from more, and OpenMP threads
+    spinning would fight the other test worker. tests/runtime and tests/finetune turn it on for every test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny real ChatGLM2 checkpoint in the official layout, built once per test worker (read-only use)."""
     from glmsetup.testing.tiny import build_tiny_checkpoint

@@ -5,14 +5,8 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread avoids OpenMP spinning against the other test worker."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def torch_on_one_thread(one_torch_thread):
+    """Every test here: see one_torch_thread in tests/conftest.py."""
 
 
 @pytest.fixture(scope="session")
