@@ -345,6 +345,12 @@ def on_cpu_instead(prof: "Profile") -> list[str]:
     return list(dict.fromkeys(first + same + ["cpu-int4", "cpu-int8", "cpu-bf16", "cpu"]))
 
 
+def no_gpu_hint(prof: "Profile") -> str:
+    """The hint when `prof` needs CUDA and torch sees no GPU: doctor, and the CPU profiles of on_cpu_instead."""
+    names = on_cpu_instead(prof)
+    return f"`glmsetup doctor` explains why; on CPU use --profile {', '.join(names[:-1])} or {names[-1]}"
+
+
 def _unknown(name: str, files: dict[str, Path]) -> ProfileError:
     import difflib
 

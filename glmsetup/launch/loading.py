@@ -155,10 +155,8 @@ def check_cuda(prof) -> None:
         from glmsetup import profiles
         from glmsetup.errors import ResourceError
 
-        names = profiles.on_cpu_instead(prof)
         raise ResourceError(f"profile '{prof.name}' needs CUDA, and torch sees no NVIDIA GPU (torch {torch.__version__})",
-                            hint=f"`glmsetup doctor` explains why; on CPU use --profile {', '.join(names[:-1])} "
-                                 f"or {names[-1]}")
+                            hint=profiles.no_gpu_hint(prof))
 
 
 def _load(glmsetup, plan: RunPlan, status, start: float, what: str):

@@ -115,7 +115,7 @@ def _torch_device_plan(prof: profiles.Profile, num_layers: int):
         if not torch.cuda.is_available():
             raise ResourceError(f"profile '{prof.name}' needs CUDA, and torch sees no NVIDIA GPU "
                                 f"(torch {torch.__version__})",
-                                hint="`glmsetup doctor` explains why; on CPU use --profile cpu or cpu-bf16")
+                                hint=profiles.no_gpu_hint(prof))
         n = prof.num_gpus
         if torch.cuda.device_count() < n:
             raise ResourceError(f"profile '{prof.name}' splits the model over {n} GPUs, torch sees "

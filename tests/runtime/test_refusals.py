@@ -106,3 +106,18 @@ def test_truncated_converted_safetensors(tiny_model_dir, tmp_path):
     shard = dst / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-1000])
     _refused(dst, shard.name, "truncated", "glmsetup verify")
+
+
+def test_a_cuda_profile_without_a_gpu_names_the_cpu_profiles_closest_to_it(tiny_model_dir):
+    """The runtime's own refusal (load_chat_model called directly, as the apps and Python users do) offers
+    the same CPU profiles as `glmsetup run`, the quantized one closest to the CUDA profile's first."""
+    import torch
+
+    from glmsetup.errors import ResourceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ResourceError) as info:
+        load_chat_model(tiny_model_dir, profile="cuda-int8")
+    assert "needs CUDA" in info.value.message and info.value.exit_code == 6
+    assert info.value.hint == "`glmsetup doctor` explains why; on CPU use --profile cpu-int8, cpu-int4, cpu-bf16 or cpu"
