@@ -10,7 +10,7 @@ from glmsetup.launch.binding import FRONTS
 
 
 def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_key, insecure: bool, cors: tuple,
-              official, engine: str, tensor_parallel_size: int, dry_run: bool):
+              official, engine: str, tensor_parallel_size: int, dry_run: bool, vllm_python=None):
     """Everything decided before a model loads: the plan `--dry-run` prints."""
     from glmsetup.errors import UsageError
     from glmsetup.launch import plan as planning
@@ -24,6 +24,8 @@ def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_
     if engine != "vllm" and tensor_parallel_size != 1:
         raise UsageError("--tensor-parallel-size applies to --engine vllm only",
                          hint="native multi-GPU is a profile: --profile multi-gpu")
+    if engine != "vllm" and vllm_python:
+        raise UsageError("--vllm-python applies to --engine vllm only", hint="add --engine vllm")
     # vLLM brings its own stack; a dry run needs no extra at all
     plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
                                api_key=api_key, insecure=insecure, cors=cors, engine=engine,
@@ -31,7 +33,7 @@ def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_
     if engine == "vllm":
         from glmsetup.launch import vllm
 
-        return vllm.plan_vllm(plan, tensor_parallel_size=tensor_parallel_size, dry_run=dry_run)
+        return vllm.plan_vllm(plan, tensor_parallel_size=tensor_parallel_size, dry_run=dry_run, python=vllm_python)
     if official:
         from glmsetup.launch import official as official_demo
 
@@ -180,11 +182,14 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
               help="vllm: serve the converted model with vLLM's OpenAI server (api only).")
 @click.option("--tensor-parallel-size", "tensor_parallel_size", type=click.IntRange(1, 64), default=1,
               show_default=True, help="GPUs for --engine vllm.")
+@click.option("--vllm-python", metavar="PYTHON", type=click.Path(dir_okay=False),
+              help="The Python that has vLLM, for --engine vllm (default: $GLMSETUP_VLLM_PYTHON, this "
+                   "environment, or the `vllm` on PATH).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the command; load and start nothing.")
 @json_option
 @click.pass_context
 def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors, official, ptuning_checkpoint,
-        adapter, engine, tensor_parallel_size, dry_run, json_mode):
+        adapter, engine, tensor_parallel_size, vllm_python, dry_run, json_mode):
     """Run a demo: cli (terminal chat), web (Gradio), streamlit, or api (official + OpenAI protocol).
 
     Prints the resolved profile and its memory estimate first, then loads the model once with a
@@ -199,6 +204,7 @@ def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors,
       glmsetup run streamlit --port 8502
       glmsetup run web --official ~/ChatGLM2-6B
       glmsetup run api --engine vllm --tensor-parallel-size 2 --dry-run
+      glmsetup run api --engine vllm --profile cpu --vllm-python ~/venv-vllm/bin/python
       glmsetup run api --ptuning-checkpoint out/adgen-pt
       glmsetup run web --official ~/ChatGLM2-6B/ptuning/web_demo.py --ptuning-checkpoint out/adgen-pt
     """
@@ -208,7 +214,7 @@ def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors,
 
     plan = plan_core(front, profile=profile, model=model, host=host, port=port, listen=listen, api_key=api_key,
                      insecure=insecure, cors=cors, official=official, engine=engine,
-                     tensor_parallel_size=tensor_parallel_size, dry_run=dry_run)
+                     tensor_parallel_size=tensor_parallel_size, dry_run=dry_run, vllm_python=vllm_python)
     apply_tuning(plan, ptuning_checkpoint, adapter)
     if dry_run:
         if not json_mode:

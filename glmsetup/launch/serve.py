@@ -23,15 +23,17 @@ _SAFE_PATH_BOOT = ("import runpy, sys; del sys.path[0]; sys.argv.pop(0); "
                    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
 
 
-def python_module_command(module: str) -> list:
+def python_module_command(module: str, python: Optional[str] = None, version: Optional[tuple] = None) -> list:
     """`python -m MODULE` that imports the installed packages whatever the current folder holds.
 
     Plain `-m` puts the current folder first on sys.path, so a clone of glmsetup in it (run from
-    the folder above the clone, say) would shadow the installed package in the child.
+    the folder above the clone, say) would shadow the installed package in the child. `python` and
+    its `version` (major, minor) name another interpreter; the default is this one.
     """
-    if sys.version_info >= (3, 11):
-        return [sys.executable, "-P", "-m", module]
-    return [sys.executable, "-c", _SAFE_PATH_BOOT, module]
+    python, version = (python, tuple(version)) if python else (sys.executable, sys.version_info[:2])
+    if version >= (3, 11):
+        return [python, "-P", "-m", module]
+    return [python, "-c", _SAFE_PATH_BOOT, module]
 
 
 def streamlit_app_path() -> Path:

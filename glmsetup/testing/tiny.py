@@ -73,8 +73,13 @@ def train_tiny_tokenizer(dest: Path) -> Path:
     return out
 
 
-def tiny_config(num_layers: int, vocab: int, quantization_bit: int = 0, rope_ratio: float = 1) -> dict:
-    """The official config.json fields; `vocab` = sentencepiece pieces (the model's rows: those + 5 specials)."""
+def tiny_config(num_layers: int, vocab: int, quantization_bit: int = 0, rope_ratio: float = 1,
+                dims: dict | None = None) -> dict:
+    """The official config.json fields; `vocab` = sentencepiece pieces (the model's rows: those + 5 specials).
+
+    dims: widths to use instead of TINY_DIMS (same keys), e.g. a head size an engine's kernels accept.
+    """
+    dims = {**TINY_DIMS, **(dims or {})}
     cfg = {
         "_name_or_path": "THUDM/chatglm2-6b-32k" if rope_ratio != 1 else "THUDM/chatglm2-6b",
         "model_type": "chatglm",
@@ -93,15 +98,15 @@ def tiny_config(num_layers: int, vocab: int, quantization_bit: int = 0, rope_rat
         "attention_dropout": 0.0,
         "attention_softmax_in_fp32": True,
         "bias_dropout_fusion": True,
-        "ffn_hidden_size": TINY_DIMS["ffn_hidden_size"],
+        "ffn_hidden_size": dims["ffn_hidden_size"],
         "fp32_residual_connection": False,
         "hidden_dropout": 0.0,
-        "hidden_size": TINY_DIMS["hidden_size"],
-        "kv_channels": TINY_DIMS["kv_channels"],
+        "hidden_size": dims["hidden_size"],
+        "kv_channels": dims["kv_channels"],
         "layernorm_epsilon": 1e-05,
         "multi_query_attention": True,
-        "multi_query_group_num": TINY_DIMS["multi_query_group_num"],
-        "num_attention_heads": TINY_DIMS["num_attention_heads"],
+        "multi_query_group_num": dims["multi_query_group_num"],
+        "num_attention_heads": dims["num_attention_heads"],
         "num_layers": num_layers,
         "original_rope": True,
         "padded_vocab_size": vocab + 5,
@@ -205,19 +210,26 @@ def _save(path: Path, tensors: dict) -> int:
 
 
 def build_tiny_checkpoint(dest: Path, *, num_layers: int = 2, seed: int = 0, shards: int = 2,
-                          quantization_bit: int = 0, rope_ratio: float = 1) -> Path:
+                          quantization_bit: int = 0, rope_ratio: float = 1,
+                          tokenizer_model: Path | None = None, dims: dict | None = None) -> Path:
     """Write a tiny ChatGLM2 model folder in the official layout into `dest`; returns `dest`.
+
+    tokenizer_model: a sentencepiece file to use instead of the tiny one trained here (the real
+    chatglm2-6b tokenizer.model, say); the vocabulary follows it. dims: see tiny_config.
 
     shards=1 writes a single pytorch_model.bin (as the chatglm2-6b-int4 repo has); more writes
     pytorch_model-0000N-of-0000M.bin plus pytorch_model.bin.index.json, the layers spread evenly.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    train_tiny_tokenizer(dest)
+    if tokenizer_model is None:
+        train_tiny_tokenizer(dest)
+    else:
+        _write_bytes(dest / "tokenizer.model", Path(tokenizer_model).read_bytes())
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(dest / "tokenizer.model")).vocab_size()
-    cfg = tiny_config(num_layers, vocab, quantization_bit, rope_ratio)
+    cfg = tiny_config(num_layers, vocab, quantization_bit, rope_ratio, dims)
     sd = random_state_dict(cfg, seed)
     _write_json(dest / "config.json", cfg)
     _write_json(dest / "tokenizer_config.json", TOKENIZER_CONFIG)
