@@ -7,6 +7,7 @@ import click
 
 from glmsetup.cli import JSON_KEY, json_option
 from glmsetup.launch.binding import FRONTS
+from glmsetup.launch.plan import API_MAX_BATCH, API_MAX_BATCH_LIMIT, apply_max_batch
 
 
 def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_key, insecure: bool, cors: tuple,
@@ -118,6 +119,8 @@ def _pre_seq_len(folder) -> int:
 
 def render_plan(console, data: dict) -> None:
     console.print("[bold]dry run[/]: nothing was loaded or started")
+    if data.get("max_batch"):
+        console.print(f"batching: up to {data['max_batch']} requests generated at once (--max-batch)")
     cmd = data.get("command_line")
     if cmd:
         from glmsetup import output
@@ -185,11 +188,14 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
 @click.option("--vllm-python", metavar="PYTHON", type=click.Path(dir_okay=False),
               help="The Python that has vLLM, for --engine vllm (default: $GLMSETUP_VLLM_PYTHON, this "
                    "environment, or the `vllm` on PATH).")
+@click.option("--max-batch", "max_batch", type=click.IntRange(1, API_MAX_BATCH_LIMIT), metavar="N",
+              help=f"api: requests generated at once, sharing decode steps (1-{API_MAX_BATCH_LIMIT}; default "
+                   f"{API_MAX_BATCH}; 1 answers one at a time).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the command; load and start nothing.")
 @json_option
 @click.pass_context
 def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors, official, ptuning_checkpoint,
-        adapter, engine, tensor_parallel_size, vllm_python, dry_run, json_mode):
+        adapter, engine, tensor_parallel_size, vllm_python, max_batch, dry_run, json_mode):
     """Run a demo: cli (terminal chat), web (Gradio), streamlit, or api (official + OpenAI protocol).
 
     Prints the resolved profile and its memory estimate first, then loads the model once with a
@@ -216,6 +222,7 @@ def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors,
                      insecure=insecure, cors=cors, official=official, engine=engine,
                      tensor_parallel_size=tensor_parallel_size, dry_run=dry_run, vllm_python=vllm_python)
     apply_tuning(plan, ptuning_checkpoint, adapter)
+    apply_max_batch(plan, max_batch)
     if dry_run:
         if not json_mode:
             loading.print_banner(plan)

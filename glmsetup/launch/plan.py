@@ -27,6 +27,8 @@ FRONT_EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
 RUNTIME_MODULES = ("torch", "transformers", "sentencepiece")
 NATIVE_KINDS = ("chatglm2", "chatglm2-int4", "glm-converted")
 ESTIMATE_CONTEXT = 2048
+API_MAX_BATCH = 16  # requests `run api` generates at once by default: runtime.batching.MAX_BATCH (torch-free here)
+API_MAX_BATCH_LIMIT = 64  # the most `--max-batch` allows
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RunPlan:
     official: Optional[dict] = None
     ptuning_checkpoint: Optional[Path] = None  # a P-tuning v2 checkpoint to serve with (run --ptuning-checkpoint)
     adapter: Optional[Path] = None  # a peft LoRA adapter merged while loading (run --adapter)
+    max_batch: Optional[int] = None  # requests the API server generates at once (run api --max-batch)
 
     @property
     def shown_command(self) -> Optional[list]:
@@ -80,6 +83,7 @@ class RunPlan:
             "official": self.official, "notes": list(self.notes), "warnings": list(self.warnings),
             "ptuning_checkpoint": str(self.ptuning_checkpoint) if self.ptuning_checkpoint else None,
             "adapter": str(self.adapter) if self.adapter else None,
+            "max_batch": self.max_batch,
         }
 
 
@@ -245,4 +249,28 @@ def build_plan(front: str, *, profile: str = "auto", model: Optional[str] = None
     memory_notes(plan)
     if profile == "auto":
         plan.notes.append(f"--profile auto chose {prof.name} for this machine (`glmsetup doctor` shows why)")
+    return plan
+
+
+def apply_max_batch(plan: RunPlan, max_batch: Optional[int]) -> RunPlan:
+    """`run api --max-batch N`: how many requests glmsetup's API server generates at once (None: the default).
+
+    Only `run api` on the native engine batches, and only a native profile (the official remote code answers
+    one request at a time: the plan says 1). Other fronts and engines leave max_batch None."""
+    if max_batch is not None:
+        if plan.front != "api":
+            raise UsageError(f"--max-batch applies to `run api` only, not `run {plan.front}`",
+                             hint="glmsetup run api --max-batch N")
+        if plan.engine != "native":
+            raise UsageError("--max-batch applies to the native engine; vLLM batches requests on its own",
+                             hint="drop --max-batch, or drop --engine vllm")
+        if plan.official:
+            raise UsageError("--max-batch applies to glmsetup's API server, not to the official api.py",
+                             hint="drop --official to serve with glmsetup's server, or drop --max-batch")
+        if plan.profile.backend != "native" and max_batch > 1:
+            raise UsageError(f"profile '{plan.profile.name}' runs the official remote code, which answers one request "
+                             f"at a time: --max-batch {max_batch} cannot apply",
+                             hint="use a native profile (cpu, cuda-fp16, ...) to batch, or drop --max-batch")
+    if plan.front == "api" and plan.engine == "native" and not plan.official:
+        plan.max_batch = max_batch or (API_MAX_BATCH if plan.profile.backend == "native" else 1)
     return plan

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from glmsetup.errors import RuntimeFailure, UsageError
 from glmsetup.launch.binding import WEB_USER
-from glmsetup.launch.plan import RunPlan
+from glmsetup.launch.plan import API_MAX_BATCH, RunPlan
 
 STREAMLIT_APP = "glmsetup.apps.streamlit_app"
 # Python < 3.11 has no -P: drop the current folder from sys.path by hand, then run the module as -m would.
@@ -163,7 +163,8 @@ def make_api(tokenizer, model, plan: RunPlan):
     from glmsetup.errors import require
 
     api = require("glmsetup.apps.api", "api")
-    return api.create_app(tokenizer, model, api_key=plan.binding.api_key, cors_origins=plan.binding.cors or None)
+    return api.create_app(tokenizer, model, api_key=plan.binding.api_key, cors_origins=plan.binding.cors or None,
+                          max_batch=plan.max_batch or API_MAX_BATCH)
 
 
 def stderr_log_config(uvicorn) -> dict:

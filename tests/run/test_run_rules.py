@@ -230,3 +230,28 @@ def test_model_dir_is_an_alias_of_model(cli, tiny_model_dir):
     """fetch and convert speak of --model-dir; run accepts it too."""
     data = dry(cli, "cli", "--profile", "cpu", "--model-dir", str(tiny_model_dir))["data"]
     assert data["model_dir"] == str(tiny_model_dir)
+
+
+def test_max_batch_is_planned_bounded_and_for_the_api_only(cli, tiny_model_dir):
+    batching = pytest.importorskip("glmsetup.runtime.batching")
+    model = ("--model", str(tiny_model_dir))
+    default = dry(cli, "api", "--profile", "cpu", *model)["data"]
+    assert default["max_batch"] == batching.MAX_BATCH == 16  # the plan's default is the runtime's own
+    assert dry(cli, "api", "--profile", "cpu", *model, "--max-batch", "4")["data"]["max_batch"] == 4
+    text = cli("run", "api", "--profile", "cpu", *model, "--max-batch", "4", "--dry-run")
+    assert text.exit_code == 0 and "up to 4 requests generated at once" in text.stdout
+    assert dry(cli, "web", "--profile", "cpu", *model)["data"]["max_batch"] is None
+    assert dry(cli, "api", "--profile", "official-cpu", *model)["data"]["max_batch"] == 1  # one at a time
+    for value in ("0", "65", "-3", "x"):
+        result = cli("run", "api", "--profile", "cpu", *model, "--max-batch", value, "--dry-run")
+        assert result.exit_code == 2, (value, result.stderr)
+        assert result.stderr.splitlines() == [
+            result.stderr.splitlines()[0], "hint: glmsetup run --help lists the options"]
+        assert "Invalid value for '--max-batch'" in result.stderr
+    refusals = ((("web",), "--max-batch applies to `run api` only, not `run web`"),
+                (("api", "--engine", "vllm"), "--max-batch applies to the native engine"),
+                (("api", "--profile", "official-cpu"), "profile 'official-cpu' runs the official remote code"))
+    for args, message in refusals:
+        profile = () if "--profile" in args else ("--profile", "cpu")
+        doc = dry(cli, *args, *profile, *model, "--max-batch", "4", exit_code=2)
+        assert doc["error"]["message"].startswith(message) and "--max-batch" in doc["error"]["hint"]

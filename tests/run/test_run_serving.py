@@ -26,9 +26,11 @@ def runtime():
 def test_run_api_serves_both_protocols_with_a_key(runtime, tiny_model_dir, server_factory):
     port = free_port()
     server = server_factory("run", "api", "--model", str(tiny_model_dir), "--profile", "cpu", "--port", str(port),
-                            "--api-key", "test-key", "--json")
+                            "--api-key", "test-key", "--max-batch", "3", "--json")
     base = f"http://127.0.0.1:{port}"
-    assert server.wait_http(f"{base}/health").status_code == 200
+    health = server.wait_http(f"{base}/health")
+    assert health.status_code == 200
+    assert health.json()["queue"]["slots"] == 3  # --max-batch reached the server: 3 requests run at once
     body = {"prompt": "你好", "history": [], "max_length": 48}
     assert httpx.post(f"{base}/", json=body, timeout=60).status_code == 401
     auth = {"Authorization": "Bearer test-key"}
@@ -42,6 +44,7 @@ def test_run_api_serves_both_protocols_with_a_key(runtime, tiny_model_dir, serve
     assert server.stop() == 0
     doc = json.loads(server.stdout)  # exactly one JSON document on stdout
     assert doc["ok"] and doc["data"]["status"] == "serving" and doc["data"]["binding"]["url"] == base
+    assert doc["data"]["max_batch"] == 3
     assert "test-key" not in server.stdout + server.stderr
 
 
