@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from glmsetup import nofollow
+
 POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 POINTER_MAX_BYTES = 1024
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".model", ".pt", ".pth")
@@ -71,21 +73,15 @@ def unfinished_fetch(folder) -> Optional[str]:
     once every file is in place; partial files (`*.part.json`) left by a fetch tell the same."""
     folder = Path(folder)
     fallback = "glmsetup fetch --model-dir " + shlex.quote(str(folder))
-    mark = folder / RUN_MARK
-    try:
-        fd = os.open(mark, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:  # never through a link, never a FIFO (which would hang a plain open), at most MAX_MARK_BYTES
+        data = nofollow.read_regular(folder / RUN_MARK, MAX_MARK_BYTES)
+    except nofollow.Refused:
+        return fallback
     except OSError:
-        fd = None
-    if fd is not None:
+        data = None
+    if data is not None:
         try:
-            info = os.fstat(fd)
-            data = os.read(fd, MAX_MARK_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""
-        except OSError:
-            data = b""
-        finally:
-            os.close(fd)
-        try:
-            command = json.loads(data.decode("utf-8")).get("command") if len(data) <= MAX_MARK_BYTES else None
+            command = json.loads(data.decode("utf-8")).get("command")
         except (ValueError, AttributeError, RecursionError):
             command = None
         ok = isinstance(command, str) and command.startswith("glmsetup fetch ") and command.isprintable() \

