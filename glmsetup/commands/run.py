@@ -1,6 +1,7 @@
 """glmsetup run {cli,web,streamlit,api}: one command per demo, safe by default."""
 from __future__ import annotations
 
+import os
 import shlex
 
 import click
@@ -27,6 +28,10 @@ def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_
                          hint="native multi-GPU is a profile: --profile multi-gpu")
     if engine != "vllm" and vllm_python:
         raise UsageError("--vllm-python applies to --engine vllm only", hint="add --engine vllm")
+    if vllm_python and os.path.isdir(os.path.expanduser(vllm_python)):  # a venv, as people call it
+        inside = os.path.join(vllm_python, "Scripts" if os.name == "nt" else "bin", "python")
+        raise UsageError(f"--vllm-python: {vllm_python} is a folder, not a Python interpreter",
+                         hint=f"name the interpreter in it: --vllm-python {shlex.quote(inside)}")
     # vLLM brings its own stack; a dry run needs no extra at all
     plan = planning.build_plan(front, profile=profile, model=model, host=host, port=port, listen=listen,
                                api_key=api_key, insecure=insecure, cors=cors, engine=engine,
@@ -46,6 +51,18 @@ def plan_core(front: str, *, profile: str, model, host, port, listen: bool, api_
     return plan
 
 
+def refuse_for_vllm(ptuning_checkpoint, adapter, max_batch) -> None:
+    """What --engine vllm cannot serve, refused before its plan converts the checkpoint (minutes for the 6B)."""
+    from glmsetup.errors import UsageError
+
+    if ptuning_checkpoint or adapter:
+        raise UsageError("--engine vllm serves the converted model as it is, without a P-tuning prefix or an adapter",
+                         hint="drop --engine vllm: the native engine serves them")
+    if max_batch is not None:
+        raise UsageError("--max-batch applies to the native engine; vLLM batches requests on its own",
+                         hint="drop --max-batch, or drop --engine vllm")
+
+
 PTUNING_DEMO_MARK = "ptuning_checkpoint"  # what tells ptuning/web_demo.py from the other web demos
 
 
@@ -62,9 +79,6 @@ def apply_tuning(plan, ptuning_checkpoint, adapter):
     from glmsetup.runtime import lora, prefix
 
     is_ptuning_demo = bool(plan.official) and _is_ptuning_demo(Path(plan.official["source"]) / plan.official["script"])
-    if (ptuning_checkpoint or adapter) and plan.engine == "vllm":
-        raise UsageError("--engine vllm serves the converted model as it is, without a P-tuning prefix or an adapter",
-                         hint="drop --engine vllm: the native engine serves them")
     if plan.official and adapter:
         raise UsageError("the official demos cannot load a LoRA adapter", hint="drop --official: glmsetup run "
                          f"{plan.front} --adapter {adapter}")
@@ -149,6 +163,10 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
                 summary = report.get("summary", {}) if isinstance(report, dict) else {}
                 output.stderr().print(f"patched {summary.get('written', '?')} of {summary.get('demos', '?')} demo "
                                       f"files in the working copy {plan.official['work_dir']}", highlight=False)
+        if plan.engine == "vllm" and not json_mode:
+            output.stderr().print(f"starting vLLM: it loads and compiles the model first (a minute or more on a CPU, "
+                                  f"with quiet spells in its log); it serves {plan.binding.url}/v1 once it logs "
+                                  f"'Application startup complete'. Ctrl-C stops it.", highlight=False)
         announce()
         serve.run_child(plan, "vLLM" if plan.engine == "vllm" else f"`run {plan.front}`", json_mode=json_mode)
         return
@@ -185,7 +203,7 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
               help="vllm: serve the converted model with vLLM's OpenAI server (api only).")
 @click.option("--tensor-parallel-size", "tensor_parallel_size", type=click.IntRange(1, 64), default=1,
               show_default=True, help="GPUs for --engine vllm.")
-@click.option("--vllm-python", metavar="PYTHON", type=click.Path(dir_okay=False),
+@click.option("--vllm-python", metavar="PYTHON", type=click.Path(),
               help="The Python that has vLLM, for --engine vllm (default: $GLMSETUP_VLLM_PYTHON, this "
                    "environment, or the `vllm` on PATH).")
 @click.option("--max-batch", "max_batch", type=click.IntRange(1, API_MAX_BATCH_LIMIT), metavar="N",
@@ -218,6 +236,8 @@ def run(ctx, front, profile, model, host, port, listen, api_key, insecure, cors,
     from glmsetup.errors import UsageError
     from glmsetup.launch import loading
 
+    if engine == "vllm" and front == "api" and not official:
+        refuse_for_vllm(ptuning_checkpoint, adapter, max_batch)
     plan = plan_core(front, profile=profile, model=model, host=host, port=port, listen=listen, api_key=api_key,
                      insecure=insecure, cors=cors, official=official, engine=engine,
                      tensor_parallel_size=tensor_parallel_size, dry_run=dry_run, vllm_python=vllm_python)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 
 import pytest
@@ -100,3 +101,20 @@ def test_no_chat_template_is_an_error(cli, converted, glmsetup_home):
     template = data["command"][data["command"].index("--chat-template") + 1]
     assert template.startswith(str(glmsetup_home / "work" / "vllm"))
     assert any("tokenizer_config.json" in n for n in data["notes"])
+
+
+@pytest.mark.parametrize("extra", [["--max-batch", "4"], ["--adapter", "lora-out"], ["--ptuning-checkpoint", "pt-out"]])
+def test_what_vllm_cannot_serve_is_refused_before_converting(cli, tiny_model_dir, glmsetup_home, extra):
+    # a real start (not --dry-run): the refusal comes before looking for vLLM or converting the checkpoint
+    result = cli("run", "api", "--engine", "vllm", "--model", str(tiny_model_dir), "--profile", "cpu", *extra, "--json")
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert "drop" in json.loads(result.stdout)["error"]["hint"]
+    assert not (glmsetup_home / "converted").exists()
+
+
+def test_vllm_python_naming_a_venv_folder_names_its_interpreter(cli, converted, tmp_path):
+    venv = tmp_path / "venv-vllm"
+    (venv / "bin").mkdir(parents=True)
+    doc = dry(cli, "--model", str(converted), "--profile", "cpu", "--vllm-python", str(venv), exit_code=2)
+    assert "is a folder" in doc["error"]["message"]
+    assert doc["error"]["hint"].endswith(str(venv / ("Scripts" if os.name == "nt" else "bin") / "python"))
