@@ -77,23 +77,34 @@ def run_child(plan: RunPlan, name: str, *, json_mode: bool = False) -> int:
     """Run plan.command in the foreground until it ends; Ctrl-C and SIGTERM are passed on to it.
 
     Stopping a server with Ctrl-C is the normal way to end it, so that is exit 0 here too. Under
-    --json the child's stdout goes to stderr: stdout carries the one envelope.
+    --json the child's stdout goes to stderr: stdout carries the one envelope. vLLM's server starts
+    engine and worker processes of its own that outlive it when it is killed: it runs in a session
+    of its own, every signal goes to all of it (a hangup as SIGTERM), and what is left of it when the
+    server ends is ended too.
     """
     env = {**os.environ, **plan.env}
+    group = plan.engine == "vllm" and hasattr(os, "killpg")
     try:
         proc = subprocess.Popen(plan.command, env=env, cwd=str(plan.cwd) if plan.cwd else None,
-                                stdout=sys.stderr if json_mode else None)
+                                stdout=sys.stderr if json_mode else None, start_new_session=group)
     except OSError as exc:
         raise RuntimeFailure(f"cannot start {name}: {exc}", hint="check that it is installed in this environment")
 
-    def forward(signum, _frame=None):
-        if proc.poll() is None:
-            try:
+    def send(signum) -> None:
+        try:
+            if group:
+                os.killpg(proc.pid, signum)
+            elif proc.poll() is None:
                 proc.send_signal(signum)
-            except (ValueError, OSError):  # Windows: the console already sent Ctrl-C to the child
-                pass
+        except (ValueError, OSError):  # gone already; Windows: the console already sent Ctrl-C to the child
+            pass
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    def forward(signum, _frame=None):
+        send(signal.SIGTERM if signum == getattr(signal, "SIGHUP", None) else signum)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+    if group and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
     try:
         try:
             code = proc.wait()
@@ -102,17 +113,41 @@ def run_child(plan: RunPlan, name: str, *, json_mode: bool = False) -> int:
             try:
                 code = proc.wait(timeout=15)
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                proc.terminate()
+                send(signal.SIGTERM)
                 try:
                     code = proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    send(signal.SIGKILL)
                     code = proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if group:
+            _end_group(proc.pid)
     if code in (0, -signal.SIGINT, -signal.SIGTERM, 130, 143):
         return 0
     raise RuntimeFailure(f"{name} exited with code {code}", hint="its own messages are printed above")
+
+
+def _end_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM to what is left of a child's process group, SIGKILL to what is left after `grace_s`."""
+    import time
+
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except OSError:  # no process left in it: the usual case
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def serve_cli(tokenizer, model, plan: RunPlan, stdin=None, stdout=None) -> None:

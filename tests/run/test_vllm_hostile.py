@@ -187,3 +187,54 @@ def test_a_fifo_as_tokenizer_config_does_not_hang(converted, tmp_path, glmsetup_
         pytest.fail("glmsetup hung reading the FIFO named tokenizer_config.json")
     assert done.returncode == 4 and "has no chat template" in done.stderr, done.stderr
     assert sys.executable  # the child ran this interpreter's glmsetup
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+@pytest.mark.parametrize("how", ["the server is killed", "glmsetup is terminated"])
+def test_no_vllm_process_outlives_its_server(converted, tmp_path, glmsetup_home, how):  # noqa: F811
+    """vLLM's server starts an engine process (and that its workers) which stay when the server is killed:
+    here the server is a shell that starts `sleep` as its engine, then waits."""
+    import psutil
+
+    from .conftest import free_port
+
+    pids = tmp_path / "pids"
+    python = fake_python(tmp_path / "python", f"""if [ "$1" = "-I" ]; then echo '{ANSWER}'; exit 0; fi
+sleep 300 &
+echo "$$ $!" > {pids}.tmp && mv {pids}.tmp {pids}
+wait""")
+    with open(tmp_path / "log", "wb") as log:
+        glmsetup = subprocess.Popen([sys.executable, "-m", "glmsetup", "run", "api", "--engine", "vllm", "--model",
+                                     str(converted), "--profile", "cpu", "--vllm-python", str(python), "--port",
+                                     str(free_port())], stdout=log, stderr=subprocess.STDOUT)
+    engine = None
+    try:
+        deadline = time.monotonic() + 60
+        while not pids.exists():
+            assert glmsetup.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.1)
+        server, engine = (int(x) for x in pids.read_text().split())
+        if how == "the server is killed":  # what the OOM killer, or glmsetup's own last resort, does
+            os.kill(server, 9)
+        else:
+            glmsetup.terminate()
+        glmsetup.wait(timeout=30)
+
+        def alive(pid):
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        deadline = time.monotonic() + 10
+        while alive(engine) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(engine), f"the engine ({engine}) outlived the server"
+    finally:
+        for pid in (glmsetup.pid, engine):
+            if pid:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+        glmsetup.wait()
