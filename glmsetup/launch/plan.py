@@ -247,6 +247,12 @@ def build_plan(front: str, *, profile: str = "auto", model: Optional[str] = None
                    estimate=memory_estimate(prof, ESTIMATE_CONTEXT),
                    estimate_max=memory_estimate(prof, prof.generation.max_length), engine=engine)
     memory_notes(plan)
+    if check_extras and front == "streamlit" and engine == "native":
+        # Streamlit's own process loads the model on the first page view: a backend this environment's
+        # transformers cannot run (or a GPU that is not there) is refused now, before it starts.
+        from glmsetup.launch.loading import check_backend  # loading imports this module
+
+        check_backend(plan)
     if profile == "auto":
         plan.notes.append(f"--profile auto chose {prof.name} for this machine (`glmsetup doctor` shows why)")
     return plan

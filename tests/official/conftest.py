@@ -23,6 +23,7 @@ UPSTREAM = ROOT.parent / "shared" / "fixtures" / "upstream"  # as CI lays it out
 VENV = Path(os.environ.get("GLMSETUP_OFFICIAL_VENV", ROOT / ".venv-official"))
 REMOTE_CODE = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py")
 PROBE = Path(__file__).with_name("official_probe.py")
+STREAMLIT_PROBE = Path(__file__).with_name("streamlit_probe.py")
 
 
 
@@ -70,9 +71,9 @@ def official_env(hf_home, glmsetup_home) -> dict:
     return process_env(hf_home, glmsetup_home)
 
 
-def run_probe(python, request: dict, *backends: str, env: dict, timeout: float = 300) -> dict:
-    """official_probe.py in a process of `python`: {backend: result}."""
-    result = subprocess.run([str(python), str(PROBE), *backends], input=json.dumps(request), capture_output=True,
+def run_probe(python, request: dict, *backends: str, env: dict, timeout: float = 300, script: Path = PROBE) -> dict:
+    """official_probe.py (or another probe `script`) in a process of `python`: {backend: result}."""
+    result = subprocess.run([str(python), str(script), *backends], input=json.dumps(request), capture_output=True,
                             text=True, timeout=timeout, env=env, cwd=str(ROOT))
     lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE-JSON ")]
     assert result.returncode == 0 and lines, f"the probe failed ({result.returncode}):\n{result.stderr[-6000:]}"
