@@ -171,7 +171,7 @@ def find_vllm(python: Optional[str] = None) -> Optional[VllmInstall]:
     """Where vLLM is: --vllm-python, $GLMSETUP_VLLM_PYTHON, this environment, or a `vllm` on PATH."""
     for given, source in ((python, "--vllm-python"), (os.environ.get(PYTHON_ENV), PYTHON_ENV)):
         if given:
-            found = probe(str(Path(given).expanduser()), source)
+            found = probe(str(Path(given).expanduser().absolute()), source)
             if found is None:
                 raise MissingDependency(f"{source}: {given} has no vLLM", hint=INSTALL_HINT)
             return found
@@ -311,6 +311,10 @@ def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = F
             plan.notes.append(f"would first convert {plan.model_dir} to {target} (glmsetup convert "
                               f"{shlex.quote(str(plan.model_dir))}{' --dtype ' + dtype if dtype else ''})")
         else:
+            if plan.binding.host is not None:  # a taken port is said before minutes of converting, not after
+                from glmsetup.launch.serve import check_port_free
+
+                check_port_free(plan.binding.host, plan.binding.port)
             folder = convert(plan.model_dir, dtype)
     template, source = chat_template(folder, dry_run)
     if source:
@@ -321,6 +325,12 @@ def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = F
     if plan.profile.quantization_bits:
         plan.notes.append(f"vLLM serves the {VLLM_DTYPES[plan.profile.dtype]} weights: profile {plan.profile.name}'s "
                           f"int{plan.profile.quantization_bits} quantization is the native engine's")
+    plan.notes.append("the memory estimate above is the native engine's; vLLM holds the "
+                      f"{VLLM_DTYPES[plan.profile.dtype]} weights and its own KV cache"
+                      + (" (--kv-cache-memory-bytes)" if plan.profile.device == "cpu" else ""))
+    if tensor_parallel_size > 1 and plan.profile.device == "cpu":
+        plan.notes.append(f"--tensor-parallel-size {tensor_parallel_size} on a CPU profile: vLLM's CPU build splits "
+                          "the model over NUMA nodes, not GPUs")
     if tensor_parallel_size > 1 and plan.profile.num_gpus not in (1, tensor_parallel_size):
         plan.notes.append(f"--tensor-parallel-size {tensor_parallel_size} differs from the profile's "
                           f"num_gpus {plan.profile.num_gpus}; the flag wins")

@@ -204,3 +204,17 @@ def test_finds_vllm_in_another_environment(cli, vllm_python, model_dir, tmp_path
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
     # 2 layers x (k, v) x 1 KV head x 64 dims x 2 bytes x 8192 tokens x 4 sequences = 16 MiB: the 256 MiB floor
     assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(256 << 20)
+
+
+def test_a_taken_port_is_said_before_converting(cli, vllm_python, tiny_model_dir, glmsetup_home):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("run", "api", "--engine", "vllm", "--model", str(tiny_model_dir), "--profile", "cpu",
+                     "--port", str(port), "--vllm-python", str(vllm_python))
+    assert result.exit_code == 9, (result.stdout, result.stderr)
+    assert "--port" in result.stderr and "Traceback" not in result.stderr
+    assert not (glmsetup_home / "converted").exists()  # nothing converted for a server that cannot start
