@@ -12,29 +12,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${GLMSETUP_OFFICIAL_VENV:-.venv-official}"
-PY="${PYTHON:-python3}"
 TORCH="torch==2.13.0"
 TRANSFORMERS="transformers==4.33.3"
 GRADIO="gradio==6.17.3"
 
-mkdir -p "$VENV"
-exec 9>"$VENV/.lock"
-flock 9  # pytest workers may ask for it at the same time: one builds, the others wait
-
-stamp="$(cat "$0" pyproject.toml | sha256sum | cut -d' ' -f1)"
-if [ -f "$VENV/.glmsetup-stamp" ] && [ "$(cat "$VENV/.glmsetup-stamp")" = "$stamp" ] \
-   && "$VENV/bin/python" -c "import importlib.util as u, sys
-sys.exit(any(u.find_spec(m) is None for m in ('glmsetup', 'torch', 'transformers', 'fastapi', 'gradio', 'streamlit')))" 2>/dev/null; then
-  exit 0
-fi
-rm -f "$VENV/.glmsetup-stamp"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
+. scripts/venv_lib.sh
+stamp="$(cat "$0" scripts/venv_lib.sh pyproject.toml | sha256sum | cut -d' ' -f1)"
+venv_open "$VENV" "$stamp" \
+  glmsetup torch transformers fastapi gradio streamlit
 echo "building $VENV ($TRANSFORMERS, $TORCH, $GRADIO, glmsetup[official,api,web,streamlit]) ..." >&2
 # the CPU build, as scripts/test.sh installs it (GLMSETUP_TORCH_INDEX names another index)
 "$VENV/bin/python" -m pip install -q --no-compile --retries 1 "$TORCH" \
   --extra-index-url "${GLMSETUP_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 "$VENV/bin/python" -m pip install -q --no-compile "$TRANSFORMERS" "$GRADIO" -e ".[official,api,web,streamlit]"
 "$VENV/bin/python" -c "import glmsetup, torch, transformers, gradio, streamlit; assert transformers.__version__ == '${TRANSFORMERS#*==}'"
-echo "$stamp" > "$VENV/.glmsetup-stamp"
+venv_close "$VENV" "$stamp"

