@@ -3,6 +3,7 @@
 - tokenizer.py   the official tokenizer rebuilt on plain sentencepiece (same ids, prompts, decoding)
 - checkpoint.py  reading model folders: refusals, config mapping, official -> GlmForCausalLM key mapping
 - modeling.py    GlmForCausalLM with the chat API and a lean decode path (KV cache allocated once)
+- cpu_linear.py  the CPU linear kernel for steps of several rows (oneDNN; bf16 upcast without bf16 hardware)
 - sampling.py    the official logits pipeline (repetition penalty, NaN/inf guard, temperature, top-k, top-p)
 - chat.py        chat() / stream_chat() with the official signatures and behaviour
 - load.py        load_chat_model(path, profile): shard-by-shard loading into the profile's device and dtype

@@ -37,6 +37,7 @@ from glmsetup.errors import UsageError
 from glmsetup.runtime import sampling
 from glmsetup.runtime.batch_rows import assemble, copy_row_back, left_padded, pick_tokens, prefill_groups, row_length
 from glmsetup.runtime.chat import REPLACEMENT_CHAR, STORE_SLACK, _history, check_past, no_room, process_response
+from glmsetup.runtime.cpu_linear import linear_kernel
 
 MAX_BATCH = 16  # rows decoded together
 MAX_BATCH_TOKENS = 32768  # rows x the longest row: a newcomer waits while the batch would be wider
@@ -123,9 +124,13 @@ class BatchEngine:
         return self.model.device
 
     def stats(self) -> dict:
+        """The batch now; linear_kernel: what the model's 16/32-bit linear layers run on for a step of
+        several rows (runtime/cpu_linear.py; quantized block linears keep their own kernels)."""
+        head = self.model.lm_head.weight
         with self._cond:
             return {"rows": len(self._rows), "joining": self._joining, "waiting": len(self._pending),
-                    "max_batch": self.max_batch, "steps": self._steps}
+                    "max_batch": self.max_batch, "steps": self._steps,
+                    "linear_kernel": linear_kernel(head.dtype, head.device)}
 
     # -- the chat API (caller threads) --------------------------------------------------------------
     def stream_chat(self, tokenizer, query: str, history=None, past_key_values=None, max_length: Optional[int] = None,

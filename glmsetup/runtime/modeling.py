@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import GlmForCausalLM
 
 from glmsetup.runtime.chat import ChatMixin
+from glmsetup.runtime.cpu_linear import linear
 
 try:  # torch >= 2.5 handles grouped KV heads inside SDPA
     F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4),
@@ -214,9 +215,9 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
                 mask = mask.to(dev)
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, nh, hd).transpose(1, 2)
-            k = attn.k_proj(h).view(B, T, nkv, hd).transpose(1, 2)
-            v = attn.v_proj(h).view(B, T, nkv, hd).transpose(1, 2)
+            q = linear(attn.q_proj, h).view(B, T, nh, hd).transpose(1, 2)
+            k = linear(attn.k_proj, h).view(B, T, nkv, hd).transpose(1, 2)
+            v = linear(attn.v_proj, h).view(B, T, nkv, hd).transpose(1, 2)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             store.keys[i][:, :, start:end] = k
             store.values[i][:, :, start:end] = v
@@ -225,12 +226,12 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
                 K = torch.cat((prefix[i][0].expand(B, -1, -1, -1), K), 2)
                 V = torch.cat((prefix[i][1].expand(B, -1, -1, -1), V), 2)
             o = self._attention(q, K, V, mask, is_causal, attn.scaling)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, nh * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(B, T, nh * hd))
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
         x = x[:, -1]
         norm = self.model.norm
         x = norm(x.to(norm.weight.device))
-        logits = self.lm_head(x.to(self.lm_head.weight.device)).float()
+        logits = linear(self.lm_head, x.to(self.lm_head.weight.device)).float()
 
         ids = input_ids.tolist()
         valid = new_valid.tolist()
@@ -239,6 +240,12 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
             store.next_position[row] += sum(valid[row])
         store.length = end
         return logits
+
+    @staticmethod
+    def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+        """transformers' GlmMLP.forward, its two linears on runtime/cpu_linear.py's kernel choice."""
+        gate, up = linear(mlp.gate_up_proj, x).chunk(2, dim=-1)
+        return linear(mlp.down_proj, up * mlp.activation_fn(gate))
 
     @staticmethod
     def _attention(q, K, V, mask, is_causal, scale):

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from tests.apps_api.conftest import direct_stream, wait_idle
 from tests.runtime.batch_watch import NoEos, StepWatch, wait_for
@@ -122,7 +123,10 @@ def test_sixteen_clients_with_their_own_settings_share_steps(tiny_chat, start_se
     rows = watch.decode_rows()
     assert max(rows) == 16, rows  # one batch
     assert len(rows) < sum(r[2].completion_tokens for r in results[:len(cases)])
-    assert httpx.get(server.url + "/health", timeout=30).json()["queue"]["running"] == 0
+    health = httpx.get(server.url + "/health", timeout=30).json()
+    assert health["queue"]["running"] == 0
+    # the float32 rows went through oneDNN's inner product (runtime/cpu_linear.py), answers unchanged
+    assert health["batch"]["linear_kernel"] == ("onednn" if torch.backends.mkldnn.is_available() else "aten")
 
 
 def test_a_client_leaving_mid_batch_leaves_the_others_unchanged(tiny_chat, start_server):

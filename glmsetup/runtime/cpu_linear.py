@@ -1,0 +1,93 @@
+"""The CPU matrix products of a decode step that feeds several rows at once (continuous batching, prefill).
+
+torch's F.linear on the CPU calls MKL's sgemm. For one row that is a matrix-vector product limited by
+memory bandwidth, and MKL is as fast as anything. For a few rows it should cost little more than one
+(the weight is read once for all of them), but on CPUs where MKL takes its generic code path (AMD's,
+measured on a 2-core AVX2 EPYC: a full-width MLP layer, 20-27 ms for one row, costs 10x that for 16)
+it does not. oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's
+CPU backend uses) on the same plain weight runs those 16 rows in under half the time (3 rows and more;
+for 1-2 rows it is slower than MKL), with no second copy of the weight. oneDNN's prepacked layout is
+15% faster again at 16 rows, but it is a second copy of every weight (or, used alone, one row takes
+46 ms instead of 27): not used.
+
+bfloat16 without hardware support (no AVX-512/AMX, e.g. AVX2 only): torch's bf16 linear converts
+every weight element for every row (16 rows cost 12x one) and oneDNN refuses bf16. There the weight is
+converted to float32 a slice of output rows at a time, once for all rows, and the slice goes
+through oneDNN in float32; the result is rounded back to bfloat16 (the same precision as torch's bf16
+linear, which also accumulates in float32). Where the CPU has bf16 instructions, torch's bf16 linear
+already runs on oneDNN and is left alone.
+
+Below MIN_ROWS rows (a decode step of one conversation) F.linear runs as before. `linear_kernel`
+names what a batch of `dtype` rows gets on this machine (the API's /health shows it).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+MIN_ROWS = 3  # rows (batch x new tokens) from which the CPU path below replaces F.linear
+UPCAST_SLICE = 256  # output rows of a 16-bit weight converted to float32 at a time (4 MB at width 4096)
+ATEN, ONEDNN, ONEDNN_UPCAST = "aten", "onednn", "onednn-upcast"
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_works() -> bool:
+    """oneDNN's float32 inner product exists in this torch and agrees with F.linear (checked once)."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((5, 64), (48, 64), (48,)))
+        got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
+    except Exception:  # torch built without oneDNN, or an op signature of another version
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _native_16bit(dtype: torch.dtype) -> bool:
+    """The CPU runs `dtype` matrix products in hardware (torch's linear then uses oneDNN itself)."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except Exception:
+        return False
+
+
+def linear_kernel(dtype: torch.dtype, device="cpu") -> str:
+    """What a linear layer of `dtype` weights on `device` runs when MIN_ROWS or more rows come at once."""
+    if torch.device(device).type != "cpu" or not _onednn_works():
+        return ATEN
+    if dtype == torch.float32:
+        return ONEDNN
+    if dtype in (torch.bfloat16, torch.float16) and not _native_16bit(dtype):
+        return ONEDNN_UPCAST
+    return ATEN
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for a plain nn.Linear, on the kernel above; anything else is just called."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if rows < MIN_ROWS or type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        return module(x)  # few rows, another kind of layer, or someone watching the call (hooks)
+    weight, bias = module.weight, module.bias
+    kernel = linear_kernel(weight.dtype, weight.device)
+    if kernel == ATEN:
+        return module(x)
+    x2 = x.reshape(rows, x.shape[-1])
+    if kernel == ONEDNN:
+        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    else:
+        out = _upcast_linear(x2, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """x @ weight.T (+ bias) for 16-bit weight and x, in float32 a slice of the weight at a time."""
+    x32 = x.float()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    for lo in range(0, weight.shape[0], UPCAST_SLICE):
+        hi = min(lo + UPCAST_SLICE, weight.shape[0])
+        part_bias = bias[lo:hi].float() if bias is not None else None
+        out[:, lo:hi] = torch.ops.mkldnn._linear_pointwise(x32, weight[lo:hi].float(), part_bias, "none", [], "")
+    return out.to(x.dtype)

@@ -1,0 +1,71 @@
+"""runtime/cpu_linear.py: the linear layers of a decode step with several rows on the CPU.
+
+From MIN_ROWS rows a float32 layer runs oneDNN's inner product on its own weight, and a bfloat16 one
+(on a CPU without bf16 instructions) converts its weight to float32 a slice at a time; fewer rows,
+other modules and hooked modules keep their own forward. Expected values come from torch directly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmsetup.runtime import cpu_linear
+from glmsetup.runtime.cpu_linear import MIN_ROWS, linear, linear_kernel
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def layer(in_f: int, out_f: int, dtype=torch.float32, bias: bool = True) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(in_f, out_f, bias=bias).to(dtype)
+
+
+def onednn(x, mod):
+    return torch.ops.mkldnn._linear_pointwise(x, mod.weight, mod.bias, "none", [], "")
+
+
+def test_the_kernel_each_dtype_gets_is_reported():
+    assert linear_kernel(torch.float32) == "onednn"
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert linear_kernel(torch.bfloat16) == ("aten" if native_bf16 else "onednn-upcast")
+    assert linear_kernel(torch.float32, "meta") == "aten"  # not the CPU: torch's own linear
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_rows_run_on_onednn_and_a_single_row_on_torch(bias):
+    mod = layer(96, 130, bias=bias)
+    with torch.inference_mode():
+        rows = torch.randn(2, MIN_ROWS, 96)  # [batch, tokens, in]: 2 x MIN_ROWS rows
+        got = linear(mod, rows)
+        assert got.shape == (2, MIN_ROWS, 130)
+        assert torch.equal(got, onednn(rows.reshape(-1, 96), mod).view(2, MIN_ROWS, 130))
+        assert torch.allclose(got, F.linear(rows, mod.weight, mod.bias), rtol=1e-5, atol=1e-5)
+        one = torch.randn(1, 1, 96)
+        assert torch.equal(linear(mod, one), F.linear(one, mod.weight, mod.bias))
+
+
+def test_bfloat16_rows_are_the_float32_product_rounded_once():
+    mod = layer(64, 600, torch.bfloat16)  # 600 output rows: three weight slices, the last one short
+    assert 600 > 2 * cpu_linear.UPCAST_SLICE
+    with torch.inference_mode():
+        x = torch.randn(MIN_ROWS + 2, 64).bfloat16()
+        got = linear(mod, x)
+        want = F.linear(x.float(), mod.weight.float(), mod.bias.float())
+    assert got.dtype == torch.bfloat16 and got.shape == (MIN_ROWS + 2, 600)
+    if linear_kernel(torch.bfloat16) == "onednn-upcast":
+        assert torch.equal(got, want.bfloat16())
+    else:  # bf16 instructions: torch's own linear (also accumulates in float32)
+        assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-2)
+
+
+def test_hooked_and_other_modules_keep_their_own_forward():
+    mod = layer(32, 48)
+    seen = []
+    mod.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    x = torch.randn(MIN_ROWS * 2, 32)
+    with torch.inference_mode():
+        assert torch.equal(linear(mod, x), F.linear(x, mod.weight, mod.bias))
+        assert seen == [(MIN_ROWS * 2, 48)]
+        seq = torch.nn.Sequential(layer(32, 48))  # not an nn.Linear: simply called
+        assert torch.equal(linear(seq, x), seq(x))
