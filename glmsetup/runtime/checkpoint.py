@@ -288,6 +288,35 @@ def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[Path, dict]]:
 
 
 _MADVISE = None
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _LIBC
+
+
+def release_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Quantizing a layer allocates and frees a few MB at a time (chunks of rows, torch's temporaries).
+    glibc serves blocks of that size from its heap once a freed one has raised its mmap threshold, and
+    a freed block below a live one stays resident: over a load that was 55-70 MB (1.23x instead of
+    1.20x an 8-layer int4 model's bytes at the peak). Trimming after each quantized layer keeps it
+    under 1 MB.
+    """
+    import sys
+
+    if sys.platform != "linux":
+        return
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only (not musl)
+    if trim is not None:
+        trim(0)
 
 
 def release_pages(source, result=None) -> None:
@@ -308,9 +337,8 @@ def release_pages(source, result=None) -> None:
         return
     if _MADVISE is None:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _libc()
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _MADVISE = libc.madvise
     page = 4096

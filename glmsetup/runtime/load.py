@@ -226,6 +226,7 @@ def load_model(ckpt, prof: profiles.Profile, lora=None, *, cache: bool = True):
         if quant_cls is not None or src_bits:  # the mapped source is not kept
             for t in sources:
                 ck.release_pages(t)
+            ck.release_heap()  # and the quantizer's freed chunks do not stay resident
 
     def linear_ready(mod_name: str, parts: dict) -> bool:
         if "weight" not in parts or (src_bits and "weight_scale" not in parts):
@@ -322,7 +323,7 @@ def _finish(model, prof: profiles.Profile, config, main_dev, layer_devs, info: d
     return model
 
 
-CHUNK_BYTES = 16 << 20  # the transient of a cast copy: a 16 MB slice of the source at a time
+CHUNK_BYTES = 4 << 20  # the transient of a cast copy: a 4 MB slice of the source at a time
 
 
 def _copy_to(tensor, device, dtype):
