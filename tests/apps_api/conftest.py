@@ -114,3 +114,30 @@ def direct_stream(server, tiny_chat, query, history=None, **kw):
                                                 temperature=0.0, **kw):
         pass
     return response
+
+
+# Every way to ask for an answer, each long enough (2000 tokens) to hold a row until its client leaves.
+_HELLO = [{"role": "user", "content": "Hello world"}]
+ABANDONED = {
+    "official": ("/", {"prompt": "Hello world", "history": [], "max_length": 2100, "temperature": 0}),
+    "openai": ("/v1/chat/completions", {"messages": _HELLO, "max_tokens": 2000, "temperature": 0}),
+    "openai-stop": ("/v1/chat/completions", {"messages": _HELLO, "max_tokens": 2000, "temperature": 0,
+                                             "stop": ["never-said"]}),
+    "openai-stream": ("/v1/chat/completions", {"messages": _HELLO, "max_tokens": 2000, "temperature": 0,
+                                               "stream": True}),
+}
+
+
+def abandon(server, kind: str) -> None:
+    """Send the ABANDONED request `kind` and leave: after its first event when streaming, else after 1 s."""
+    import httpx
+
+    path, body = ABANDONED[kind]
+    with httpx.Client(timeout=httpx.Timeout(30, read=1.0)) as c:
+        if body.get("stream"):
+            with c.stream("POST", server.url + path, json=body) as response:
+                assert response.status_code == 200
+                next(response.iter_lines())  # the first event came: the client leaves now
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post(server.url + path, json=body)

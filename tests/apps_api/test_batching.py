@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from tests.apps_api.conftest import direct_stream, wait_idle
+from tests.apps_api.conftest import ABANDONED, abandon, direct_stream, wait_idle
 from tests.runtime.batch_watch import NoEos, StepWatch, wait_for
 
 openai = pytest.importorskip("openai")
@@ -230,31 +230,12 @@ def test_a_tuned_model_batches_its_clients(tuned_models, tiny_chat, start_server
     assert max(watch.decode_rows()) == len(prompts)
 
 
-# Every way to ask for an answer; 2000 tokens at 10 ms a step would hold a row for 20 s.
-ABANDONED = {
-    "official": ("/", {"prompt": "Hello world", "history": [], "max_length": 2100, "temperature": 0}),
-    "openai": (CHAT, {"messages": user("Hello world"), "max_tokens": 2000, "temperature": 0}),
-    "openai-stop": (CHAT, {"messages": user("Hello world"), "max_tokens": 2000, "temperature": 0,
-                           "stop": ["never-said"]}),
-    "openai-stream": (CHAT, {"messages": user("Hello world"), "max_tokens": 2000, "temperature": 0,
-                             "stream": True}),
-}
-
-
 @pytest.mark.parametrize("kind", list(ABANDONED))
 def test_an_abandoned_request_leaves_the_batch(tiny_chat, start_server, kind):
     tokenizer, model = tiny_chat
     server = start_server(tokenizer, model)
-    path, body = ABANDONED[kind]
-    with NoEos(model), StepWatch(model, pause_s=0.01) as watch:
-        with httpx.Client(timeout=httpx.Timeout(30, read=1.0)) as c:
-            if body.get("stream"):
-                with c.stream("POST", server.url + path, json=body) as response:
-                    assert response.status_code == 200
-                    next(response.iter_lines())  # the first event came: the client leaves now
-            else:
-                with pytest.raises(httpx.ReadTimeout):
-                    c.post(server.url + path, json=body)
+    with NoEos(model), StepWatch(model, pause_s=0.01) as watch:  # 2000 tokens at 10 ms would take 20 s
+        abandon(server, kind)
         wait_for(lambda: httpx.get(server.url + "/health", timeout=30).json()["queue"]["running"] == 0,
                  what="the abandoned request to end")
         steps = len(watch.decode_rows())

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.apps_api.conftest import SlowModel, wait_idle
+from tests.apps_api.conftest import ABANDONED, SlowModel, abandon, wait_idle
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "Hello world"}]
@@ -57,15 +57,6 @@ def servers():
 
 # --- abandoned requests ---------------------------------------------------------------------------
 
-# Every way to ask for an answer; 2000 tokens at 20 ms each would hold the model for 40 s.
-ABANDONED = {
-    "official": ("/", {"prompt": "Hello world", "history": [], "max_length": 2100, "temperature": 0}),
-    "openai": (CHAT, {"messages": USER, "max_tokens": 2000, "temperature": 0}),
-    "openai-stop": (CHAT, {"messages": USER, "max_tokens": 2000, "temperature": 0, "stop": ["never-said"]}),
-    "openai-stream": (CHAT, {"messages": USER, "max_tokens": 2000, "temperature": 0, "stream": True}),
-}
-
-
 @pytest.mark.parametrize("kind", list(ABANDONED))
 def test_an_abandoned_request_stops_its_generation(tiny_chat, servers, kind):
     from glmsetup.apps.api import create_app
@@ -73,15 +64,7 @@ def test_an_abandoned_request_stops_its_generation(tiny_chat, servers, kind):
     tokenizer, model = tiny_chat
     slow = EndlessModel(model, delay=0.02)
     server = servers(create_app(tokenizer, slow))
-    path, body = ABANDONED[kind]
-    with httpx.Client(timeout=httpx.Timeout(30, read=1.0)) as c:
-        if body.get("stream"):
-            with c.stream("POST", server.url + path, json=body) as response:
-                assert response.status_code == 200
-                next(response.iter_lines())  # the first event came: the client leaves now
-        else:
-            with pytest.raises(httpx.ReadTimeout):
-                c.post(server.url + path, json=body)
+    abandon(server, kind)  # 2000 tokens at 20 ms each would hold the model for 40 s
     left = time.monotonic()
     assert slow.finished.wait(10), "the generation kept running after its client left"
     assert slow.yielded < 500
