@@ -168,8 +168,12 @@ def serve_web(tokenizer, model, plan: RunPlan, *, quiet: bool = False) -> None:
     demo = web.build_demo(tokenizer, model, plan.profile)
     # repeated wrong passwords from one address are slowed down, then refused for a while (web_login)
     auth = LoginThrottle(WEB_USER, plan.binding.api_key) if plan.binding.api_key else None
-    web.launch(demo, plan.binding.host, plan.binding.port, block=False, login=auth,
-               auth_message=LOGIN_MESSAGE if auth else None)
+    try:  # the page may serve before launch returns (slowly on a busy machine): Ctrl-C then is a stop too
+        web.launch(demo, plan.binding.host, plan.binding.port, block=False, login=auth,
+                   auth_message=LOGIN_MESSAGE if auth else None)
+    except KeyboardInterrupt:
+        demo.close(verbose=False)
+        return
     _serve_until_stopped(demo, "" if quiet else f"web page ready: {plan.binding.url}"
                          + (f", log in as '{WEB_USER}' with the API key" if auth else "") + " (Ctrl-C stops it)")
 

@@ -109,3 +109,14 @@ def test_run_web_with_a_key_asks_for_a_login(runtime, tiny_model_dir, server_fac
     assert server.stop() == 0
     assert "the web page asks for a login" in server.stderr.replace("\n", " ")
     assert f"web page ready: {base}," in server.stderr and "share=True" not in server.stderr + server.stdout
+
+
+def test_run_web_stopped_as_soon_as_the_page_answers(runtime, tiny_model_dir, server_factory):
+    """The page serves before Gradio's launch returns; Ctrl-C in that moment is a stop too (exit 0), not an
+    interrupted command (exit 130, "run the same command again")."""
+    pytest.importorskip("gradio")
+    port = free_port()
+    server = server_factory("run", "web", "--model", str(tiny_model_dir), "--profile", "cpu", "--port", str(port))
+    assert server.wait_http(f"http://127.0.0.1:{port}/").status_code == 200
+    assert server.stop() == 0, server.stderr
+    assert "interrupted" not in server.stderr and "Traceback" not in server.stderr
