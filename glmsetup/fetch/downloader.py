@@ -23,7 +23,6 @@ from glmsetup.errors import DownloadError, GlmsetupError, ResourceError
 from glmsetup.fetch.http import Settings
 from glmsetup.fetch.partial import PartialFile
 from glmsetup.fetch.segments import FileTask, OriginFailed, Restart, SegmentFetcher, Stopped
-from glmsetup.fetch.segments import Origin  # noqa: F401 (the sources import it from here)
 
 SOCKET_READ = int(os.environ.get("GLMSETUP_FETCH_SOCKET_READ", 1 << 20))
 

@@ -12,11 +12,11 @@ from typing import Dict, Optional
 from urllib.parse import quote
 
 from glmsetup.errors import DownloadError
-from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, alternatives, get_json, host_of, login_hint
 from glmsetup.fetch.listing import Listing, UnsafeListing, name_problem, printable, show
 from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import HF_ENDPOINT, ModelEntry
+from glmsetup.fetch.segments import Origin
 
 NAME = "hf"
 MAX_PAGES = 100  # of the paginated tree (the hub pages by 1,000 entries; a ChatGLM2 repo has about 20)

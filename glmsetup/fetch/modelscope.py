@@ -14,11 +14,11 @@ from typing import List, Optional
 from urllib.parse import quote
 
 from glmsetup.errors import DownloadError
-from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, alternatives, get_json, login_hint
 from glmsetup.fetch.listing import Listing, UnsafeListing, name_problem, printable, show
 from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import MODELSCOPE_ENDPOINT, ModelEntry
+from glmsetup.fetch.segments import Origin
 
 NAME = "modelscope"
 MAX_CANDIDATES = 12  # revisions tried when the pinned one is gone (one listing each)

@@ -192,7 +192,7 @@ class SegmentFetcher:
                 self._sleep(left)
 
     def _stream(self, task: FileTask, seg: Segment, origin: Origin, url: str, key: tuple) -> None:
-        spec, partial = task.spec, task.partial
+        spec = task.spec
         whole = seg.start == 0 and seg.end == spec.size
         headers = dict(origin.headers)
         headers["Accept-Encoding"] = "identity"
@@ -260,7 +260,7 @@ class SegmentFetcher:
             raise OriginFailed(f"{spec.path}: the server's file has {total} bytes, the manifest says {spec.size}")
 
     def _copy(self, task: FileTask, seg: Segment, response: httpx.Response, skip: int) -> None:
-        partial, spec = task.partial, task.spec
+        spec = task.spec
         window_start, window_bytes = time.monotonic(), 0
         buf, buffered, last_write = [], 0, window_start
         first = seg.done == 0 and skip == 0 and seg.start == 0

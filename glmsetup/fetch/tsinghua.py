@@ -13,11 +13,11 @@ from typing import List, Optional
 from urllib.parse import quote
 
 from glmsetup.errors import DownloadError, UsageError
-from glmsetup.fetch.downloader import Origin
 from glmsetup.fetch.http import Settings, alternatives, get_json
 from glmsetup.fetch.listing import HINT, Listing, UnsafeListing, check_name, printable, show
 from glmsetup.fetch.manifest import Manifest
 from glmsetup.fetch.models import TSINGHUA_ENDPOINT, TSINGHUA_SHARE, ModelEntry
+from glmsetup.fetch.segments import Origin
 
 NAME = "tsinghua"
 OLDER_VERSION = ("the Tsinghua cloud share holds an older, incompatible version of {path} (sha256 {got}, expected "

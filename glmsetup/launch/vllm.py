@@ -84,7 +84,7 @@ def _installed_version() -> str:
 
 def probe(python: str, source: str) -> Optional[VllmInstall]:
     """The vLLM that `python` imports, or None; a path that is not a working interpreter is a UsageError."""
-    hint = f"name a Python interpreter that has vLLM installed, e.g. --vllm-python ~/venv-vllm/bin/python"
+    hint = "name a Python interpreter that has vLLM installed, e.g. --vllm-python ~/venv-vllm/bin/python"
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise UsageError(f"{source}: {python} is not an executable file", hint=hint)
     try:

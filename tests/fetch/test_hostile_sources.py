@@ -238,7 +238,8 @@ DOWNLOAD_MANY = """
 import json, resource, sys
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-from glmsetup.fetch.downloader import Downloader, Origin
+from glmsetup.fetch.downloader import Downloader
+from glmsetup.fetch.segments import Origin
 from glmsetup.fetch.http import Settings
 from glmsetup.fetch.manifest import FileSpec
 url, folder, specs = json.loads(sys.stdin.read())
