@@ -496,7 +496,7 @@ def where_lines(dev: Device) -> list:
     """What runs where: the probes here, and what the docs say for the cards this one is not."""
     from glmsetup.runtime.kernels import probe_report
 
-    lines = [f"kernels here: {r['device']} int{r['bits']} -> {r['backend']}" + (f" ({r['message']})" if r["message"]
+    lines = [f"kernels here: {r['device']} {r['label']} -> {r['backend']}" + (f" ({r['message']})" if r["message"]
                                                                                else "")
              for r in probe_report([dev.device])]
     lines.append("elsewhere (docs/runtime.md, What runs where): NVIDIA sm80+ runs torch's int4 kernel; sm75 and "

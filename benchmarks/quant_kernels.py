@@ -1,8 +1,9 @@
 """Benchmark: one ChatGLM2 MLP layer (27392 x 4096, dense_h_to_4h) at batch 1 on CPU, bf16 vs int8 vs int4.
 
 Times, in one run and interleaved round by round: the bf16 matrix-vector product (F.linear on the
-16-bit weight), glmsetup's WeightOnlyLinear forward at 8 and 4 bits (torch's _weight_int8pack_mm /
-_weight_int4pack_mm_for_cpu under it), and the raw kernels without the module around them. For each,
+16-bit weight, and glmsetup's AVX2 kernel where it runs), WeightOnlyLinear's forward at 8 and 4 bits on
+each CPU backend (glmsetup's AVX2 kernels, and torch's _weight_int8pack_mm /
+_weight_int4pack_mm_for_cpu), and torch's raw kernels without the module around them. For each,
 the median milliseconds, the weight bytes read per second and that rate as a share of this
 machine's memory read bandwidth, measured in the same run (a sum over a 512 MiB float32 tensor,
 the physical limit for a matrix-vector product). A 128 MiB read before every timed call keeps one
@@ -14,6 +15,7 @@ these rates bound the decode speed of the whole model.
 
 Not a test: it prints a table and asserts nothing. Expectation (chatglm2.md section 9): int8 >= 2x
 and int4 >= 3x faster than bf16, bf16 and int8 near the bandwidth limit.
+The AVX2 kernel's bf16 case includes rounding its float32 result to bf16, as the model does.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from glmsetup.runtime.quantize import WeightOnlyLinear, module_bytes  # noqa: E402
+from glmsetup.runtime import native_cpu  # noqa: E402
+from glmsetup.runtime.quantize import NATIVE, WeightOnlyLinear, module_bytes  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -58,23 +61,32 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(args.rows, args.cols, generator=gen) * 0.02).to(torch.bfloat16)
     x = torch.randn(1, args.cols, generator=gen).to(torch.bfloat16)
-    int8 = WeightOnlyLinear.from_float(weight, None, 8, device="cpu", dtype=torch.bfloat16)
-    int4 = WeightOnlyLinear.from_float(weight, None, 4, device="cpu", dtype=torch.bfloat16)
+    def layer(bits, backend):
+        return WeightOnlyLinear.from_float(weight, None, bits, device="cpu", dtype=torch.bfloat16, backend=backend)
+
+    int8, int4 = layer(8, "cpu_int8pack"), layer(4, "cpu_int4pack")
+    native = native_cpu.supports(args.cols)
+    if not native:
+        print(f"glmsetup's AVX2 kernels do not run here: {native_cpu.status().reason or 'in_features % 32'}")
     aten = torch.ops.aten
     probe, probe_bytes = bandwidth_probe()
     evict, _ = bandwidth_probe(128)
 
-    cases = {
-        "bf16 F.linear": (lambda: F.linear(x, weight), weight.numel() * 2),
-        f"int8 WeightOnlyLinear ({int8.backend})": (lambda: int8(x), module_bytes(int8)),
-        "int8 raw _weight_int8pack_mm": (lambda: aten._weight_int8pack_mm(x, int8.qweight, int8.scale),
-                                         module_bytes(int8)),
-        f"int4 WeightOnlyLinear ({int4.backend})": (lambda: int4(x), module_bytes(int4)),
-        "int4 raw _weight_int4pack_mm_for_cpu": (
-            lambda: aten._weight_int4pack_mm_for_cpu(x, int4.qweight, int4.group_size, int4.scales_zeros),
-            module_bytes(int4)),
-        "memory read (sum of 512 MiB)": (probe, probe_bytes),
-    }
+    cases = {"bf16 F.linear": (lambda: F.linear(x, weight), weight.numel() * 2)}
+    if native:
+        cases["bf16 glmsetup AVX2 (glm_gemv_w16)"] = (lambda: native_cpu.gemv16(x, weight).bfloat16(),
+                                                      weight.numel() * 2)
+    for bits, torch_layer, raw_name, raw in (
+            (8, int8, "_weight_int8pack_mm", lambda: aten._weight_int8pack_mm(x, int8.qweight, int8.scale)),
+            (4, int4, "_weight_int4pack_mm_for_cpu",
+             lambda: aten._weight_int4pack_mm_for_cpu(x, int4.qweight, int4.group_size, int4.scales_zeros))):
+        if native:
+            ours = layer(bits, NATIVE[bits])
+            cases[f"int{bits} WeightOnlyLinear ({ours.backend})"] = (lambda m=ours: m(x), module_bytes(ours))
+        cases[f"int{bits} WeightOnlyLinear ({torch_layer.backend})"] = (lambda m=torch_layer: m(x),
+                                                                        module_bytes(torch_layer))
+        cases[f"int{bits} raw {raw_name}"] = (raw, module_bytes(torch_layer))
+    cases["memory read (sum of 512 MiB)"] = (probe, probe_bytes)
     samples = {name: [] for name in cases}
     with torch.inference_mode():
         for fn, _ in cases.values():  # warm up

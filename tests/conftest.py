@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def glmsetup_home(tmp_path_factory, monkeypatch) -> Path:
     """All state of glmsetup goes to a fresh folder for each test."""
     home = tmp_path_factory.mktemp("glmsetup-home")
+    # the compiled CPU kernels (runtime/native_cpu.py) are shared: built once per test process, not per test
+    shared_kernels = tmp_path_factory.getbasetemp() / "shared-kernels"
+    shared_kernels.mkdir(exist_ok=True)
+    (home / "kernels").symlink_to(shared_kernels, target_is_directory=True)
     monkeypatch.setenv("GLMSETUP_HOME", str(home))
     monkeypatch.setenv("GLMSETUP_NO_PROGRESS", "1")
     monkeypatch.delenv("GLMSETUP_DEBUG", raising=False)
@@ -76,6 +80,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def cpu_backends() -> dict:
+    """The backends this machine's CPU runs, by kind: glmsetup's AVX2 kernels where they run (x86-64
+    Linux with AVX2 and a C compiler, as CI's machine: tests/runtime/test_native_cpu.py insists), else
+    torch's."""
+    import torch
+
+    from glmsetup.runtime import cpu_linear, native_cpu
+
+    ours = native_cpu.available()
+    return {"int8": "cpu_avx2_int8" if ours else "cpu_int8pack", "int4": "cpu_avx2_int4" if ours else "cpu_int4pack",
+            "16": "avx2" if ours and not cpu_linear.native_16bit(torch.bfloat16) else "aten"}
 
 
 @pytest.fixture(scope="session")

@@ -213,7 +213,7 @@ def check_kernels(facts: Facts) -> Finding:
     if rows is None:
         why = deep.get("error") or deep.get("kernels_error") or "no answer"
         return Finding("kernels", "gpu", title, "skipped", f"could not check ({why})")
-    ev = [f"int{r['bits']} on {r['device']}: {r['backend']}" + (f" ({r['kernel']})" if r["ok"] else "") for r in rows]
+    ev = [f"{r['label']} on {r['device']}: {r['backend']}" + (f" ({r['kernel']})" if r["ok"] else "") for r in rows]
     slow = [r["message"] for r in rows if r.get("message")]
     if slow:
         more = f" (and {len(slow) - 1} more)" if len(slow) > 1 else ""

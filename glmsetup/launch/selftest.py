@@ -145,7 +145,7 @@ class Selftest:
         if slow:
             raise Warn("; ".join(slow), "the int8/int4 profiles still answer correctly, only slower; "
                                         "docs/runtime.md (Kernels) says what runs where")
-        return "; ".join(f"int{r['bits']} on {r['device']}: {r['backend']}" for r in rows)
+        return "; ".join(f"{r['label']} on {r['device']}: {r['backend']}" for r in rows)
 
     def start_cli(self) -> None:
         """Start `glmsetup run cli` early: its imports overlap with the in-process checks."""

@@ -315,7 +315,7 @@ def _finish(model, prof: profiles.Profile, config, main_dev, layer_devs, info: d
     if prof.num_gpus > 1:
         _dispatch(model, main_dev, layer_devs)
     info.pop("facts", None)
-    if prof.quantization_bits:
+    if prof.quantization_bits or prof.device == "cpu":  # what the matrix products run on, fallbacks said
         from glmsetup.runtime.kernels import model_kernels
 
         info["kernels"] = model_kernels(model)

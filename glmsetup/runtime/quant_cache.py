@@ -123,8 +123,10 @@ def _header(path: Path) -> tuple:
 def _expected_shapes(backend: str, bits: int, out_f: int, in_f: int, dtype) -> dict:
     """name -> (dtype, shape or None when only the element count is known) of a layer's tensors."""
     scale = (_scale_dtype(backend, dtype), (out_f,))
-    if backend in ("cpu_int8pack", "cuda_int8pack"):
+    if backend in ("cpu_int8pack", "cuda_int8pack", "cpu_avx2_int8"):
         return {"qweight": (torch.int8, (out_f, in_f)), "scale": scale}
+    if backend == "cpu_avx2_int4":
+        return {"qweight": (torch.int8, (out_f, (in_f + 1) // 2)), "scale": scale}
     if backend == "dequant":
         return {"qweight": (torch.int8, (out_f, in_f) if bits == 8 else (out_f, (in_f + 1) // 2)), "scale": scale}
     group = int4_layout.group_size(in_f)

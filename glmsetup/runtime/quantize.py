@@ -1,12 +1,15 @@
-"""Weight-only int8/int4 linear layers following the official ChatGLM2 scheme, on torch's own kernels.
+"""Weight-only int8/int4 linear layers following the official ChatGLM2 scheme, on fast kernels.
 
 The scheme (chatglm2.md section 7): symmetric, one scale per output row,
 ``scale = max|W_row| / (2**(bits-1) - 1)`` and ``q = round(W / scale)`` stored as int8 (int4 values
 lie in -7..7); activations stay in 16 bits. ``WeightOnlyLinear`` keeps only the form its kernel
-reads (``backend``: ``cpu_int8pack``, ``cpu_int4pack``, ``cuda_int8pack``, ``cuda_int4pack``, or
-``dequant`` for shapes and devices no kernel takes); every kernel is checked once per process on a
-probe layer and replaced by ``dequant`` if it disagrees with the dequantized product. On CPU the
-kernels run in bf16 (the only vectorized dtype on x86) with per-row scales held in bf16; the int4
+reads (``backend``: ``cpu_avx2_int8``, ``cpu_avx2_int4``, ``cpu_int8pack``, ``cpu_int4pack``,
+``cuda_int8pack``, ``cuda_int4pack``, or ``dequant`` for shapes and devices no kernel takes); every
+kernel is checked once per process on a probe layer and replaced (by torch's kernel, then ``dequant``)
+if it disagrees with the dequantized product. On x86-64 Linux CPUs with AVX2, glmsetup's own kernels
+(native_cpu.py) come first: the official layouts as they are (int8 rows; the int4 two-per-byte
+packing), float32 per-row scales, activations quantized to int16 per 32 columns inside the kernel.
+Otherwise torch's CPU kernels run in bf16 (the only vectorized dtype on x86) with per-row scales held in bf16; the int4
 kernel's groups and (scale, zero) pairs reproduce the per-row symmetric values exactly (each group
 gets the row's scale, zero 0, nibble ``q + 8``). ``state_dict()`` always holds the official layout
 (``weight``, ``weight_scale``, ``bias``), whatever the backend. docs/runtime.md has the details,
@@ -22,11 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from glmsetup.errors import ModelError
-from glmsetup.runtime import int4_layout
+from glmsetup.runtime import cpu_linear, int4_layout, native_cpu
 
-BACKENDS = ("cpu_int8pack", "cpu_int4pack", "cuda_int8pack", "cuda_int4pack", "dequant")
+BACKENDS = ("cpu_avx2_int8", "cpu_avx2_int4", "cpu_int8pack", "cpu_int4pack", "cuda_int8pack", "cuda_int4pack",
+            "dequant")
+NATIVE = {8: "cpu_avx2_int8", 4: "cpu_avx2_int4"}  # glmsetup's own CPU kernels (runtime/native_cpu.py)
 CUDA_INT8_MAX_ROWS = 16  # larger batches (prefill) dequantize and use cuBLAS instead
 CPU_KERNEL_MAX_ROWS = {8: 96, 4: 160}  # past this many rows, dequantized blocks and a bf16 matmul win
+# glmsetup's AVX2 kernels: past this many rows, dequantized float32 blocks through oneDNN win (2-core AVX2
+# EPYC, 27392 x 4096 int8: 32 rows 87 vs 98 ms, 64 rows 170 vs 141)
+NATIVE_MAX_ROWS = 48
 _ROW_CHUNK_ELEMENTS = 1 << 22  # rows are packed for the int4 kernel in chunks of about this many weights
 _QUANT_CHUNK_ELEMENTS = 1 << 20  # and quantized in chunks that stay in the CPU's cache
 
@@ -91,20 +99,24 @@ def _kernels_disabled() -> bool:
     return os.environ.get("GLMSETUP_QUANT_KERNELS", "").strip().lower() in ("0", "off", "no", "false")
 
 
-KERNEL_OPS = {"cpu_int8pack": "aten._weight_int8pack_mm", "cpu_int4pack": "aten._weight_int4pack_mm_for_cpu",
+KERNEL_OPS = {"cpu_avx2_int8": "glmsetup glm_gemv_q8 (AVX2)", "cpu_avx2_int4": "glmsetup glm_gemv_q4 (AVX2)",
+              "cpu_int8pack": "aten._weight_int8pack_mm", "cpu_int4pack": "aten._weight_int4pack_mm_for_cpu",
               "cuda_int8pack": "aten._weight_int8pack_mm", "cuda_int4pack": "aten._weight_int4pack_mm"}
-_KERNEL_NEEDS = {"cpu_int8pack": ("_weight_int8pack_mm",),
+_KERNEL_NEEDS = {"cpu_avx2_int8": (), "cpu_avx2_int4": (), "cpu_int8pack": ("_weight_int8pack_mm",),
                  "cpu_int4pack": ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
                  "cuda_int8pack": ("_weight_int8pack_mm",),
                  "cuda_int4pack": ("_weight_int4pack_mm", "_convert_weight_to_int4pack")}
 
 
-def _kernel_candidate(device: torch.device, bits: int, in_features: int, out_features: int):
-    """(kernel backend, None) when torch has a kernel for this layer here, else (None, why not)."""
+def _kernel_candidate(device: torch.device, bits: int, in_features: int, out_features: int, native: bool = True):
+    """(kernel backend, None) when glmsetup's CPU kernel (unless ``native`` is False) or torch has a kernel
+    for this layer here, else (None, why not)."""
     if _kernels_disabled():
         return None, f"GLMSETUP_QUANT_KERNELS={os.environ.get('GLMSETUP_QUANT_KERNELS', '').strip()} turns them off"
     if device.type not in ("cpu", "cuda"):
         return None, f"torch has no int{bits} weight kernel on {device.type}"
+    if native and device.type == "cpu" and native_cpu.supports(in_features):
+        return NATIVE[bits], None
     backend = f"{device.type}_int{bits}pack"
     op = KERNEL_OPS[backend]
     absent = [name for name in _KERNEL_NEEDS[backend] if not hasattr(torch.ops.aten, name)]
@@ -139,7 +151,12 @@ def backend_plan(device, bits: int, in_features: int, out_features: int) -> tupl
     if probe.ok:
         return backend, None
     what = f"max error {probe.max_error:.2g} of the largest output" if probe.error is None else probe.error
-    return "dequant", f"{KERNEL_OPS[backend]} rejected by its check ({what})"
+    reason = f"{KERNEL_OPS[backend]} rejected by its check ({what})"
+    if backend in NATIVE.values():  # torch's kernel, if it has one and it passes, before dequant
+        torch_backend, _ = _kernel_candidate(device, bits, in_features, out_features, native=False)
+        if torch_backend and probe_kernel(torch_backend, device, bits, in_features).ok:
+            return torch_backend, None
+    return "dequant", reason
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -195,7 +212,9 @@ class WeightOnlyLinear(torch.nn.Module):
         out_f, in_f = weight.shape
         mod = cls._blank(in_f, out_f, bits, bias is not None, device, dtype or weight.dtype, backend)
         chosen = mod._pick_backend(device)
-        scale_dtype = _scale_dtype(chosen, dtype or weight.dtype)
+        # the scale is rounded to what the kernel reads, or for glmsetup's kernels (float32 scales) to the
+        # activation dtype, as the dequant fallback does: a layer quantizes to the same q on either
+        scale_dtype = _scale_dtype(chosen if chosen not in NATIVE.values() else "dequant", dtype or weight.dtype)
         if chosen == "cpu_int4pack" and weight.device.type == "cpu":
             # quantized and packed a few MB of rows at a time: the unpacked q of the whole layer (1 byte a
             # weight, twice the packed result) never exists, which keeps the loader's peak memory down
@@ -208,6 +227,15 @@ class WeightOnlyLinear(torch.nn.Module):
             mod.register_buffer("qweight", packed, persistent=False)
             mod.register_buffer("scales_zeros", int4_layout.scales_zeros(scale, in_f, mod.group_size),
                                 persistent=False)
+            mod.backend = chosen
+        elif chosen == "cpu_avx2_int4" and weight.device.type == "cpu":  # packed in chunks too, as above
+            packed = torch.empty(out_f, (in_f + 1) // 2, dtype=torch.int8)
+            scale = torch.empty(out_f, dtype=scale_dtype)
+            for a, b in _row_chunks(out_f, in_f, 64):
+                q, scale[a:b] = quantize_weight(weight[a:b], bits, scale_dtype=scale_dtype, release=release)
+                packed[a:b] = pack_int4(q)
+            mod.register_buffer("qweight", packed, persistent=False)
+            mod.register_buffer("scale", scale.float(), persistent=False)
             mod.backend = chosen
         else:
             q, scale = quantize_weight(weight, bits, scale_dtype=scale_dtype, release=release)
@@ -286,9 +314,12 @@ class WeightOnlyLinear(torch.nn.Module):
             self._buffers.pop(name, None)
         self.group_size = 0
         scale = scale.to(device=device, dtype=_scale_dtype(backend, self.dtype))
-        if backend in ("cpu_int8pack", "cuda_int8pack"):
+        if backend in ("cpu_int8pack", "cuda_int8pack", "cpu_avx2_int8"):
             self.register_buffer("qweight", _aligned(q.to(device=device, dtype=torch.int8)), persistent=False)
             self.register_buffer("scale", _aligned(scale), persistent=False)
+        elif backend == "cpu_avx2_int4":
+            self.register_buffer("qweight", pack_int4(q.to(device)), persistent=False)
+            self.register_buffer("scale", scale.contiguous(), persistent=False)
         elif backend == "cpu_int4pack":
             self.group_size = int4_layout.group_size(self.in_features)
             self.register_buffer("qweight", int4_layout.cpu_pack(q.to(device), _row_chunks), persistent=False)
@@ -313,9 +344,9 @@ class WeightOnlyLinear(torch.nn.Module):
     # ----- the official layout, whatever the backend -----
     def quantized_rows(self) -> torch.Tensor:
         """The unpacked int8 ``q [out, in]`` (values -7..7 for 4 bits), on the module's device."""
-        if self.backend in ("cpu_int8pack", "cuda_int8pack"):
+        if self.backend in ("cpu_int8pack", "cuda_int8pack", "cpu_avx2_int8"):
             return self.qweight
-        if self.backend == "dequant":
+        if self.backend in ("dequant", "cpu_avx2_int4"):
             return unpack_int4(self.qweight, self.in_features) if self.bits == 4 else self.qweight
         if self.backend == "cpu_int4pack":
             return int4_layout.cpu_unpack(self.qweight, self.out_features, self.in_features)
@@ -405,6 +436,8 @@ class WeightOnlyLinear(torch.nn.Module):
     # ----- forward -----
     def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         aten = torch.ops.aten
+        if self.backend in ("cpu_avx2_int8", "cpu_avx2_int4"):
+            return native_cpu.gemv_int(x2, self.qweight, self.scale, self.bits)
         if self.backend == "cpu_int8pack":
             return aten._weight_int8pack_mm(_aligned(x2.to(torch.bfloat16)), self.qweight, self.scale)
         if self.backend == "cpu_int4pack":
@@ -418,17 +451,25 @@ class WeightOnlyLinear(torch.nn.Module):
         raise RuntimeError(f"no kernel for backend {self.backend}")
 
     def _prefill_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """Many rows at once (a prompt): the CPU kernels are matrix-vector kernels, slower than a bf16
-        matrix multiply past a few hundred rows, so dequantize blocks of output rows to bf16 (a few
-        MB at a time, the layout keeps 64-row blocks contiguous) and multiply those instead."""
-        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16)
+        """Many rows at once (a prompt): the CPU kernels are matrix-vector kernels, slower than a matrix
+        multiply past some rows, so dequantize blocks of output rows (a few MB at a time, the layout
+        keeps 64-row blocks contiguous) and multiply those instead: in bf16, or in float32 through
+        oneDNN where the CPU has no bf16 hardware (several times faster there)."""
+        upcast = cpu_linear.upcast_wins()
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32 if upcast else torch.bfloat16)
+        x2 = x2.float() if upcast else x2.to(torch.bfloat16)
         scales = self.row_scales()
         for a, b in _row_chunks(self.out_features, self.in_features, 64, _QUANT_CHUNK_ELEMENTS * 4):
             if self.backend == "cpu_int4pack":
                 q = int4_layout.cpu_unpack(self.qweight[a:b], b - a, self.in_features)
+            elif self.backend == "cpu_avx2_int4":
+                q = unpack_int4(self.qweight[a:b], self.in_features)
             else:
                 q = self.qweight[a:b]
-            out[:, a:b] = F.linear(x2, dequantize_weight(q, scales[a:b], torch.bfloat16))
+            if upcast:
+                out[:, a:b] = cpu_linear.onednn_linear(x2, dequantize_weight(q, scales[a:b]))
+            else:
+                out[:, a:b] = F.linear(x2, dequantize_weight(q, scales[a:b], torch.bfloat16))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -437,8 +478,9 @@ class WeightOnlyLinear(torch.nn.Module):
         rows = x2.shape[0]
         if self.backend == "dequant" or rows == 0:
             out = F.linear(x2, self.dequantize(x.dtype))
-        elif self.backend.startswith("cpu_") and rows > CPU_KERNEL_MAX_ROWS[self.bits]:
-            out = self._prefill_matmul(x2.to(torch.bfloat16)).to(x.dtype)
+        elif self.backend.startswith("cpu_") and rows > (
+                NATIVE_MAX_ROWS if self.backend in NATIVE.values() else CPU_KERNEL_MAX_ROWS[self.bits]):
+            out = self._prefill_matmul(x2).to(x.dtype)
         elif self.backend == "cuda_int8pack" and rows > CUDA_INT8_MAX_ROWS:
             out = F.linear(x2, self.dequantize(x.dtype))
         else:
@@ -456,7 +498,7 @@ def _scale_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype the backend's kernel reads per-row scales in."""
     if backend in ("cpu_int8pack", "cpu_int4pack", "cuda_int4pack"):
         return torch.bfloat16
-    if backend == "cuda_int8pack":
+    if backend in ("cuda_int8pack", "cpu_avx2_int8", "cpu_avx2_int4"):
         return torch.float32
     return dtype
 

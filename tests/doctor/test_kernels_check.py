@@ -7,6 +7,8 @@ import pytest
 from glmsetup.doctor.checks import check_kernels
 from glmsetup.doctor.facts import Facts, Torch
 
+from ..conftest import cpu_backends
+
 
 def kernels_check(data: dict) -> dict:
     return next(c for c in data["checks"] if c["id"] == "kernels")
@@ -22,8 +24,11 @@ def test_deep_runs_the_kernel_probes_here(cli, monkeypatch):
     pytest.importorskip("torch")
     check = kernels_check(cli.json("doctor", "--deep")["data"])
     assert check["status"] == "ok", check
-    assert check["summary"].startswith("int8 on cpu: cpu_int8pack (aten._weight_int8pack_mm); "
-                                       "int4 on cpu: cpu_int4pack (aten._weight_int4pack_mm_for_cpu)")
+    from glmsetup.runtime.quantize import KERNEL_OPS
+
+    int8, int4 = cpu_backends()["int8"], cpu_backends()["int4"]
+    assert check["summary"].startswith(f"int8 on cpu: {int8} ({KERNEL_OPS[int8]}); "
+                                       f"int4 on cpu: {int4} ({KERNEL_OPS[int4]})")
     monkeypatch.setenv("GLMSETUP_QUANT_KERNELS", "off")  # the child inherits it
     check = kernels_check(cli.json("doctor", "--deep")["data"])
     assert check["status"] == "warn"
@@ -33,9 +38,9 @@ def test_deep_runs_the_kernel_probes_here(cli, monkeypatch):
 
 
 def test_an_old_gpu_without_torchs_int4_kernel_is_a_warning():
-    rows = [{"device": "cpu", "bits": 8, "backend": "cpu_int8pack", "kernel": "aten._weight_int8pack_mm",
+    rows = [{"device": "cpu", "bits": 8, "label": "int8", "backend": "cpu_int8pack", "kernel": "aten._weight_int8pack_mm",
              "ok": True, "message": None},
-            {"device": "cuda:0", "bits": 4, "backend": "dequant", "kernel": "aten._weight_int4pack_mm", "ok": False,
+            {"device": "cuda:0", "bits": 4, "label": "int4", "backend": "dequant", "kernel": "aten._weight_int4pack_mm", "ok": False,
              "message": "int4 on cuda:0: aten._weight_int4pack_mm needs compute capability 8.0 or newer, this GPU "
                         "has 7.5; using dequantize-per-call, about 30x slower matrix products per decoding step"}]
     finding = check_kernels(Facts(torch=Torch(version="2.13.0", deep={"version": "2.13.0", "kernels": rows})))

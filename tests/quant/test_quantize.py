@@ -1,4 +1,5 @@
-"""Weight-only int8/int4: the official formula and packing, torch's kernels, memory, round trips.
+"""Weight-only int8/int4: the official formula and packing, the CPU kernels (glmsetup's and torch's),
+memory, round trips.
 
 Bounds checked here (random Gaussian weights, bf16 activations):
 - forward vs the float layer: relative error of each output vector <= 1.25% (int8), <= 18% (int4)
@@ -13,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from glmsetup.runtime import int4_layout, quantize  # noqa: E402
+from glmsetup.runtime import int4_layout, native_cpu, quantize  # noqa: E402
 from glmsetup.runtime.quantize import WeightOnlyLinear, module_bytes, quantize_weight  # noqa: E402
 
 # The official scheme's own rounding noise is step / sqrt(12) with step = max|W_row| / qmax, about
@@ -26,6 +27,13 @@ REL_BOUND_WIDE = {8: 0.015, 4: 0.26}
 TINY_SHAPES = [(128, 64), (64, 64), (192, 64), (64, 96)]
 ODD_SHAPES = [(27, 66), (40, 72)]
 FULL_SLICES = [(256, 4096), (64, 13696)]
+
+
+def cpu_kernels(bits, in_f):
+    """The kernels a CPU layer of this width can run here, the default first: glmsetup's AVX2 kernel
+    where it runs (tests/runtime/test_native_cpu.py checks that it does on x86-64 Linux), then torch's."""
+    torchs = f"cpu_int{bits}pack"
+    return [quantize.NATIVE[bits], torchs] if native_cpu.supports(in_f) else [torchs]
 
 
 def gaussian(out_f, in_f, seed=0, dtype=torch.float16):
@@ -138,13 +146,16 @@ def test_forward_close_to_the_float_layer(shape, bits):
     weight = gaussian(out_f, in_f, seed=out_f + in_f)
     bias = gaussian(out_f, 1, seed=7)[:, 0]
     layer = WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.bfloat16)
-    kernel = "cpu_int8pack" if bits == 8 else "cpu_int4pack"
-    assert layer.backend == ("dequant" if shape in ODD_SHAPES else kernel)
-    for rows in (1, 5):  # decode (one row) and a short prefill (more than one 4-row kernel block)
-        check_against_reference(layer, weight, bias, activations(rows, in_f), bits)
-    # batched 3-D input, as the model calls it
-    x3 = activations(6, in_f).reshape(2, 3, in_f)
-    assert torch.equal(layer(x3).reshape(6, out_f), layer(x3.reshape(6, in_f)))
+    assert layer.backend == ("dequant" if shape in ODD_SHAPES else cpu_kernels(bits, in_f)[0])
+    layers = [layer] + [WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.bfloat16,
+                                                    backend=other)
+                        for other in ([] if shape in ODD_SHAPES else cpu_kernels(bits, in_f)[1:])]
+    for layer in layers:
+        for rows in (1, 5):  # decode (one row) and a short prefill (more than one 4-row kernel block)
+            check_against_reference(layer, weight, bias, activations(rows, in_f), bits)
+        # batched 3-D input, as the model calls it
+        x3 = activations(6, in_f).reshape(2, 3, in_f)
+        assert torch.equal(layer(x3).reshape(6, out_f), layer(x3.reshape(6, in_f)))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -185,9 +196,14 @@ def test_chunked_int4_packing_equals_packing_at_once(monkeypatch):
     q, _ = quantize_weight(weight, 4, scale_dtype=torch.bfloat16)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
     monkeypatch.setattr(quantize, "_ROW_CHUNK_ELEMENTS", 64 * 96)
-    layer = WeightOnlyLinear.from_float(weight, None, 4, device="cpu", dtype=torch.bfloat16)
+    layer = WeightOnlyLinear.from_float(weight, None, 4, device="cpu", dtype=torch.bfloat16, backend="cpu_int4pack")
     assert torch.equal(layer.qweight, whole)
     assert torch.equal(layer.quantized_rows(), q)
+    if native_cpu.supports(96):  # glmsetup's kernel keeps the official packing, also built in chunks
+        native = WeightOnlyLinear.from_float(weight, None, 4, device="cpu", dtype=torch.bfloat16,
+                                             backend="cpu_avx2_int4")
+        assert torch.equal(native.qweight, official_pack_by_hand(q))
+        assert native.scale.dtype == torch.float32 and torch.equal(native.scale, layer.row_scales().float())
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -280,7 +296,7 @@ def test_layers_of_the_tiny_int4_checkpoint(tmp_path):
         weight = float_sd[prefix + name + ".weight"]
         layer = WeightOnlyLinear.from_official_int4(packed, scale, bias, device="cpu", dtype=torch.bfloat16)
         assert (layer.out_features, layer.in_features) == tuple(weight.shape)
-        assert layer.backend == "cpu_int4pack"
+        assert layer.backend == cpu_kernels(4, layer.in_features)[0]
         # every weight within half a rounding step of the original, plus q times the bf16 rounding
         # of the fp16 scale (at most 7 * 2**-8 of a step)
         step = layer.row_scales().float()[:, None]
@@ -328,12 +344,19 @@ def test_tensor_op_int4_packer_matches_torchs(shape):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_long_prompts_take_the_dequantized_block_path(bits, monkeypatch):
-    """Past CPU_KERNEL_MAX_ROWS rows the layer multiplies bf16-dequantized blocks of rows instead of
-    calling the matrix-vector kernel; both agree within the bf16 rounding of the weights and output."""
+@pytest.mark.parametrize("native", [True, False])
+def test_long_prompts_take_the_dequantized_block_path(bits, native, monkeypatch):
+    """Past NATIVE_MAX_ROWS (glmsetup's kernels) or CPU_KERNEL_MAX_ROWS (torch's) rows the layer
+    multiplies dequantized blocks of rows (float32 through oneDNN on CPUs without bf16 hardware, else
+    bf16) instead of calling the matrix-vector kernel; both agree within the bf16 rounding of the
+    weights and output."""
+    backends = cpu_kernels(bits, 96)
+    if native and len(backends) == 1:
+        pytest.skip("glmsetup's CPU kernels do not run here")
     weight, bias = gaussian(208, 96), gaussian(208, 1)[:, 0]
-    layer = WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.bfloat16)
-    rows = quantize.CPU_KERNEL_MAX_ROWS[bits] + 1
+    layer = WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.bfloat16,
+                                        backend=backends[0] if native else backends[-1])
+    rows = (quantize.NATIVE_MAX_ROWS if native else quantize.CPU_KERNEL_MAX_ROWS[bits]) + 1
     x = activations(rows, 96)
     calls = []
     real = WeightOnlyLinear._kernel_matmul
@@ -345,8 +368,8 @@ def test_long_prompts_take_the_dequantized_block_path(bits, monkeypatch):
     assert float((y.float() - kernel).abs().max()) <= 2.0 ** -6 * float(kernel.abs().max())
     ref = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
     assert ((y.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item() <= REL_BOUND[bits]
-    layer(x[:5])
-    assert calls == [5]
+    layer(x[:rows - 1])
+    assert calls == [rows - 1]
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -6,7 +6,13 @@ import sys
 
 import pytest
 
-from ..conftest import run_glmsetup
+from ..conftest import cpu_backends, run_glmsetup
+
+def KERNELS_HERE() -> str:
+    b = cpu_backends()
+    bf16 = "" if b["16"] == "aten" else f"; bf16 on cpu: {b['16']}"  # no bf16 row on a CPU with bf16 hardware
+    return f"int8 on cpu: {b['int8']}; int4 on cpu: {b['int4']}" + bf16
+
 
 NAMES = ["tiny checkpoint", "load + chat()", "int8/int4 kernels", "cli (pipe)", "api (HTTP, both protocols)", "web (Gradio predict)",
          "streamlit (AppTest)"]
@@ -24,7 +30,7 @@ def test_selftest_json_end_to_end(glmsetup_home):
     for check in data["checks"]:
         assert check["status"] == "ok" and check["seconds"] >= 0 and check["detail"]
     assert "streamed" in data["checks"][4]["detail"] and "chunks" in data["checks"][4]["detail"]
-    assert data["checks"][2]["detail"] == "int8 on cpu: cpu_int8pack; int4 on cpu: cpu_int4pack"
+    assert data["checks"][2]["detail"] == KERNELS_HERE()
     assert not (glmsetup_home / "selftest").exists()  # cleaned up without --keep
 
 
@@ -111,7 +117,7 @@ def test_a_kernel_not_used_is_a_warning_with_its_cost(tmp_path, monkeypatch):
                             "about 40x slower matrix products per decoding step")
     monkeypatch.delenv("GLMSETUP_QUANT_KERNELS")
     check = Selftest(tmp_path).step("int8/int4 kernels", Selftest(tmp_path).kernels, needs_model=False)
-    assert check.status == "ok" and check.detail == "int8 on cpu: cpu_int8pack; int4 on cpu: cpu_int4pack"
+    assert check.status == "ok" and check.detail == KERNELS_HERE()
 
 
 def test_missing_runtime_stops_at_once_with_the_pip_line(cli, monkeypatch, glmsetup_home):

@@ -1,8 +1,9 @@
 """runtime/cpu_linear.py: the linear layers of a decode step with several rows on the CPU.
 
-From MIN_ROWS rows a float32 layer runs oneDNN's inner product on its own weight, and a bfloat16 one
-(on a CPU without bf16 instructions) converts its weight to float32 a slice at a time; fewer rows,
-other modules and hooked modules keep their own forward. Expected values come from torch directly.
+From MIN_ROWS rows a float32 layer runs oneDNN's inner product on its own weight. A bfloat16 or float16
+one (on a CPU without 16-bit instructions) runs glmsetup's AVX2 kernel up to NATIVE_MAX_ROWS rows and
+converts its weight to float32 a slice at a time past that. Fewer rows, other modules and hooked
+modules keep their own forward. Expected values come from torch directly.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmsetup.runtime import cpu_linear
-from glmsetup.runtime.cpu_linear import MIN_ROWS, linear, linear_kernel
+from glmsetup.runtime import cpu_linear, native_cpu
+from glmsetup.runtime.cpu_linear import MIN_ROWS, NATIVE_MAX_ROWS, linear, linear_kernel
+
+NATIVE_16BIT = not torch.ops.mkldnn._is_mkldnn_bf16_supported() and native_cpu.available()
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -28,7 +31,7 @@ def onednn(x, mod):
 def test_the_kernel_each_dtype_gets_is_reported():
     assert linear_kernel(torch.float32) == "onednn"
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert linear_kernel(torch.bfloat16) == ("aten" if native_bf16 else "onednn-upcast")
+    assert linear_kernel(torch.bfloat16) == ("aten" if native_bf16 else "avx2" if NATIVE_16BIT else "onednn-upcast")
     assert linear_kernel(torch.float32, "meta") == "aten"  # not the CPU: torch's own linear
 
 
@@ -48,15 +51,39 @@ def test_float32_rows_run_on_onednn_and_a_single_row_on_torch(bias):
 def test_bfloat16_rows_are_the_float32_product_rounded_once():
     mod = layer(64, 600, torch.bfloat16)  # 600 output rows: three weight slices, the last one short
     assert 600 > 2 * cpu_linear.UPCAST_SLICE
+    rows = NATIVE_MAX_ROWS + 1  # past the AVX2 kernel's rows
     with torch.inference_mode():
-        x = torch.randn(MIN_ROWS + 2, 64).bfloat16()
+        x = torch.randn(rows, 64).bfloat16()
         got = linear(mod, x)
         want = F.linear(x.float(), mod.weight.float(), mod.bias.float())
-    assert got.dtype == torch.bfloat16 and got.shape == (MIN_ROWS + 2, 600)
-    if linear_kernel(torch.bfloat16) == "onednn-upcast":
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 600)
+    if linear_kernel(torch.bfloat16) in ("onednn-upcast", "avx2"):
         assert torch.equal(got, want.bfloat16())
     else:  # bf16 instructions: torch's own linear (also accumulates in float32)
         assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.skipif(not NATIVE_16BIT, reason="glmsetup's AVX2 kernel does not run here (or the CPU has 16-bit hardware)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 5, NATIVE_MAX_ROWS // 2])  # two of them: up to NATIVE_MAX_ROWS
+def test_16_bit_rows_up_to_native_max_rows_run_the_avx2_kernel(dtype, rows, monkeypatch):
+    mod = layer(96, 67, dtype)  # an odd number of output rows, split between two threads
+    calls = []
+    real = native_cpu.gemv16
+    monkeypatch.setattr(native_cpu, "gemv16", lambda x, w: calls.append(x.shape) or real(x, w))
+    with torch.inference_mode():
+        x = torch.randn(2, rows, 96).to(dtype)
+        x[0, 0, 5] = 300  # an outlier, as ChatGLM2's activations have
+        got = linear(mod, x)
+    want = torch.nn.functional.linear(x.double(), mod.weight.double(), mod.bias.double())
+    assert calls == [(2 * rows, 96)]
+    assert got.dtype == dtype and got.shape == (2, rows, 67)
+    # float32 sums, then one rounding to 16 bits (2**-9 of the value for bf16, 2**-12 for fp16)
+    assert bool(((got.double() - want).abs() <= 2.0 ** -8 * want.abs() + 1e-4 * want.abs().max()).all())
+    mod.weight.data = mod.weight.data.t().contiguous().t()  # a non-contiguous weight: torch's linear
+    with torch.inference_mode():
+        linear(mod, x)
+    assert len(calls) == 1
 
 
 def test_hooked_and_other_modules_keep_their_own_forward():

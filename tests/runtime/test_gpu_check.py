@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import ROOT
+from ..conftest import ROOT, cpu_backends
 
 pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -35,14 +35,15 @@ def test_smoke_measures_every_profile(tmp_path):
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["load_s"] > 0
         assert row["estimate"] > 1e9  # the estimator's figure for the real model, beside the measurement
         assert row["err_vs_own_weights"] < 0.05, (name, row["err_vs_own_weights"])  # fp16/bf16/kernel rounding
-    assert rows["cuda-int8"]["kernels"] == "int8 on cpu: cpu_int8pack x 12"
-    assert rows["cuda-int4"]["kernels"] == "int4 on cpu: cpu_int4pack x 12"
+    b = cpu_backends()  # the smoke runs the cuda profiles on the CPU, in float16
+    assert rows["cuda-int8"]["kernels"] == f"int8 on cpu: {b['int8']} x 12; fp16 on cpu: {b['16']} x 1"
+    assert rows["cuda-int4"]["kernels"] == f"int4 on cpu: {b['int4']} x 12; fp16 on cpu: {b['16']} x 1"
     assert rows["cuda-int4"]["err_vs_fp32"] > rows["cuda-int4"]["err_vs_own_weights"]  # int4's own rounding
     for name in ("cuda-int8", "cuda-int4"):
         assert rows[name]["quant_cache"] == "written" and rows[name]["cached_quant_cache"] == "hit"
         assert rows[name]["cached_logits_identical"] is True
     assert rows["multi-gpu"]["split"]["layers_per_group"] == [0, 2]  # the loader's plan for 2 layers on 2 cards
-    assert result["where"][:2] == ["kernels here: cpu int8 -> cpu_int8pack", "kernels here: cpu int4 -> cpu_int4pack"]
+    assert result["where"][:2] == [f"kernels here: cpu int8 -> {b['int8']}", f"kernels here: cpu int4 -> {b['int4']}"]
     assert "profile" in stdout and "cuda-int4" in stdout and "sm75 and older" in stdout
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from glmsetup.runtime import quant_cache, quantize
+from glmsetup.runtime import native_cpu, quant_cache, quantize
 from glmsetup.runtime.load import load_chat_model
 
 
@@ -108,7 +108,7 @@ def quant_cache_key(folder):
 def test_an_entry_packed_for_a_kernel_this_process_rejects_is_rebuilt(tiny_model_dir, prompt_ids, glmsetup_home,
                                                                       monkeypatch):
     _, first = load_chat_model(tiny_model_dir, profile="cpu-int4")
-    assert first.model.layers[0].self_attn.q_proj.backend == "cpu_int4pack"
+    assert first.model.layers[0].self_attn.q_proj.backend == ("cpu_avx2_int4" if native_cpu.available() else "cpu_int4pack")
     want = logits(first, prompt_ids)
     monkeypatch.setattr(quantize, "_probe_results", {})
     monkeypatch.setattr(quantize.WeightOnlyLinear, "_kernel_matmul",

@@ -1,0 +1,168 @@
+"""runtime/native_cpu.py: glmsetup's AVX2 kernels, built with the real C compiler and checked against torch.
+
+Expected values are float64 products computed by torch from the integer weights and scales, with the
+int4 bytes packed here nibble by nibble in the official layout (not by the code under test). The
+build is exercised for real: a fresh state folder, a cached library, a link or a damaged file where
+the library belongs, a compiler that fails, the off switch.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glmsetup.runtime import native_cpu
+
+HERE = native_cpu.unsupported_platform() is None
+needs_native = pytest.mark.skipif(not HERE, reason="glmsetup's CPU kernels are for x86-64 Linux with AVX2")
+
+
+@pytest.fixture
+def fresh(glmsetup_home, monkeypatch):
+    """A state folder of its own (no shared kernels) and status() decided again, here and after."""
+    (glmsetup_home / "kernels").unlink()
+    native_cpu.status.cache_clear()
+    yield glmsetup_home / "kernels"
+    native_cpu.status.cache_clear()
+
+
+def pack_official(q: torch.Tensor) -> torch.Tensor:
+    """chatglm2-6b-int4's bytes: column 2j in the high nibble, 2j+1 in the low one, two's complement."""
+    hi, lo = q[:, 0::2].to(torch.int16) & 0xF, q[:, 1::2].to(torch.int16) & 0xF
+    return ((hi << 4) | lo).to(torch.uint8).contiguous()
+
+
+def operands(m: int, n: int, k: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    x[0, k // 3] = 250.0  # an outlier channel, as ChatGLM2's activations have
+    if m > 2:
+        x[2] = 0  # an all-zero row
+    scale = (torch.rand(n, generator=gen) * 0.02 + 1e-3).float()
+    return gen, x, scale
+
+
+def close(got: torch.Tensor, want: torch.Tensor, bound: float = 1e-4) -> float:
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert err <= bound, err
+    return err
+
+
+@needs_native
+def test_the_kernels_build_and_pass_their_check_here():
+    state = native_cpu.status()
+    assert state.ok, state.reason  # x86-64 Linux, AVX2 and gcc: CI's machine must run them
+    assert os.path.basename(state.library).startswith("cpu_gemv-")
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,k", [(1, 67, 32), (3, 64, 96), (16, 33, 4096), (2, 5, 13696)])
+def test_integer_kernels_equal_the_float64_product(m, n, k):
+    gen, x, scale = operands(m, n, k)
+    q8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    q4 = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)  # every nibble, -8 included
+    ref8 = x @ (q8.double() * scale.double()[:, None]).T
+    ref4 = x @ (q4.double() * scale.double()[:, None]).T
+    # int16 activations in blocks of 32: within 1/65534 of each block's largest value, far below the
+    # 2**-9 of a bf16 activation
+    close(native_cpu.gemv_int(x.float(), q8, scale, 8), ref8)
+    close(native_cpu.gemv_int(x.float(), pack_official(q4), scale, 4), ref4)
+    if m > 2:
+        assert torch.equal(native_cpu.gemv_int(x.float(), q8, scale, 8)[2], torch.zeros(n))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 67, 32), (4, 130, 4096)])
+def test_16_bit_kernel_equals_the_float64_product(dtype, m, n, k):
+    gen, x, _ = operands(m, n, k)
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
+    close(native_cpu.gemv16(x.float(), w), x @ w.double().T, 1e-6)
+
+
+@needs_native
+def test_a_nan_or_inf_activation_gives_nan_not_a_quiet_number():
+    _, x, scale = operands(2, 8, 64)
+    x[1, 3] = float("nan")
+    q = torch.ones(8, 64, dtype=torch.int8)
+    for bits, weight in ((8, q), (4, pack_official(q))):
+        y = native_cpu.gemv_int(x.float(), weight, scale, bits)
+        assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+    x[1, 3] = float("inf")
+    assert torch.isnan(native_cpu.gemv_int(x.float(), q, scale, 8)[1]).all()
+
+
+@needs_native
+def test_operands_the_kernels_cannot_take_are_refused_before_the_call():
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError):
+        native_cpu.gemv16(torch.randn(1, 48), torch.zeros(8, 48, dtype=torch.bfloat16))  # 48: not a multiple of 32
+    with pytest.raises(ValueError):
+        native_cpu.gemv16(x, torch.zeros(64, 8, dtype=torch.bfloat16).t())  # not contiguous
+    with pytest.raises(ValueError):
+        native_cpu.gemv_int(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, dtype=torch.float16), 8)
+    with pytest.raises(ValueError):
+        native_cpu.gemv_int(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), 4)  # int4 is [out, in/2]
+
+
+@needs_native
+def test_built_once_then_loaded_from_the_state_folder(fresh):
+    first = native_cpu.status()
+    assert first.ok and os.path.dirname(first.library) == str(fresh)
+    assert sorted(os.listdir(fresh)) == [os.path.basename(first.library)]  # no temporary file left
+    before = os.stat(first.library)
+    native_cpu.status.cache_clear()
+    assert native_cpu.status() == first
+    after = os.stat(first.library)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not built again
+
+
+def status_in_a_new_process() -> str:
+    """native_cpu.status() as a fresh process sees it (this one has the library loaded: dlopen would
+    hand back that copy whatever is at the path now)."""
+    code = "from glmsetup.runtime import native_cpu; s = native_cpu.status(); print(s.ok, s.library, s.reason)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip()
+
+
+@needs_native
+@pytest.mark.parametrize("planted", ["link", "garbage"])
+def test_a_link_or_damaged_file_where_the_library_belongs_is_replaced(fresh, tmp_path, planted):
+    path = native_cpu.status().library
+    library = open(path, "rb").read()
+    os.unlink(path)
+    if planted == "link":  # to a library that would load and pass: still not used, as it is not a file of ours
+        elsewhere = tmp_path / "elsewhere.so"
+        elsewhere.write_bytes(library)
+        os.symlink(elsewhere, path)
+    else:
+        with open(path, "wb") as fh:
+            fh.write(b"\x7fELF truncated")
+    assert status_in_a_new_process() == f"True {path} None"
+    assert not os.path.islink(path) and os.path.getsize(path) > 1000
+    if planted == "link":
+        assert (tmp_path / "elsewhere.so").read_bytes() == library  # the link's target is untouched
+
+
+@needs_native
+def test_a_failing_compiler_is_reported_and_leaves_nothing(fresh, monkeypatch, tmp_path):
+    script = tmp_path / "cc"
+    script.write_text("#!/bin/sh\necho 'cpu_gemv.c:1: error: no AVX2 here' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    state = native_cpu.status()
+    assert not state.ok
+    assert state.reason == f"the C compiler {script} failed: cpu_gemv.c:1: error: no AVX2 here"
+    assert list(fresh.iterdir()) == []
+    with pytest.raises(RuntimeError, match="not available: the C compiler"):
+        native_cpu.gemv16(torch.randn(1, 32), torch.zeros(2, 32, dtype=torch.bfloat16))
+
+
+def test_the_off_switch(fresh, monkeypatch):
+    monkeypatch.setenv("GLMSETUP_NATIVE_KERNELS", "off")
+    assert native_cpu.status() == native_cpu.Status(False, "GLMSETUP_NATIVE_KERNELS=off turns them off")
+    assert not native_cpu.supports(4096)
+    assert not fresh.exists()  # nothing was built
