@@ -66,10 +66,20 @@ def test_integer_kernels_equal_the_float64_product(m, n, k):
     q4 = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)  # every nibble, -8 included
     ref8 = x @ (q8.double() * scale.double()[:, None]).T
     ref4 = x @ (q4.double() * scale.double()[:, None]).T
-    # int16 activations in blocks of 32: within 1/65534 of each block's largest value, far below the
-    # 2**-9 of a bf16 activation
-    close(native_cpu.gemv_int(x.float(), q8, scale, 8), ref8)
-    close(native_cpu.gemv_int(x.float(), pack_official(q4), scale, 4), ref4)
+    # int16 activations in blocks of 32 or 128 columns: within 1/65534 of each block's largest value. With
+    # a 250x outlier in a 128-column block that is up to 3e-4 of the largest output, still a tenth of
+    # what bf16 activations (2**-9 of each value) cost
+    bound = 1e-3 if k % native_cpu.WIDE_BLOCK == 0 else 1e-4
+    got8 = native_cpu.gemv_int(x.float(), q8, scale, 8)
+    got4 = native_cpu.gemv_int(x.float(), pack_official(q4), scale, 4)
+    close(got8, ref8, bound)
+    close(got4, ref4, bound)
+    if m > 1:  # a row without the outlier: several times closer than with bf16 activations (torch's kernels)
+        bf16 = x[1:2].bfloat16().double()
+        for got, q, ref in ((got8, q8, ref8), (got4, q4, ref4)):
+            ours = close(got[1:2], ref[1:2], 1e-4)
+            theirs = float((bf16 @ (q.double() * scale.double()[:, None]).T - ref[1:2]).abs().max() / ref[1:2].abs().max())
+            assert ours * 3 < theirs, (ours, theirs)
     if m > 2:
         assert torch.equal(native_cpu.gemv_int(x.float(), q8, scale, 8)[2], torch.zeros(n))
 

@@ -5,20 +5,19 @@
      - int8 [N, K] and a float32 scale per row (the official int8 scheme);
      - the official int4 packing [N, K/2]: byte j of a row holds column 2j in its high nibble and column
        2j+1 in its low nibble, two's complement, and a float32 scale per row.
-   For the integer weights, x is first quantized to int16 in blocks of 32 columns (one float scale per
-   block, from the block's largest magnitude): the products are exact integers summed in int32, and the
-   only rounding left is x's, at most 1/65534 of its block's largest value (bfloat16 activations, which
-   torch's int8/int4 kernels take, round each value to 1/512 of itself).
+   For the integer weights, x is first quantized to int16 in blocks of qb columns (128 or 32; one float
+   scale per block, from the block's largest magnitude): the products are exact integers summed in int32,
+   and the only rounding left is x's, at most 1/65534 of its block's largest value (bfloat16 activations,
+   which torch's int8/int4 kernels take, round each value to 1/512 of itself).
 
    Every weight is read once per call whatever the number of rows; rows of W are split between the
    threads (OpenMP; torch's own OpenMP runtime when it is loaded, so the two share one pool).
-   K must be a multiple of 32. The Python side checks shapes, types and contiguity before calling. */
+   K must be a multiple of 32 (and of qb). The Python side checks shapes, types and contiguity before calling. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
-#define GLM_ABI 1
-#define QB 32 /* columns per activation block */
+#define GLM_ABI 2
 /* Weight bytes ahead of the current ones that are asked for early: the hardware prefetcher stops at
    page boundaries, and asking 1-2 KB ahead brought a 2-core AVX2 EPYC from 77% to 88-100% of its
    memory read bandwidth. A prefetch never faults, so reading past the end is harmless. */
@@ -59,31 +58,49 @@ static inline float dot16(const uint16_t *r, const float *xm, long K, int fp16, 
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
+/* Four rows of x against one weight row (a batch): each weight vector is converted once for the four,
+   two sums per row of x. */
+static inline void dot16_x4(const uint16_t *r, const float *x, long K, int fp16, int prefetch, float *y, long N) {
+    __m256 a[4][2];
+    for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k += 16) {
+        if (prefetch && !(k & 31)) PREFETCH(r + k);
+        __m256 w0 = load8(r + k, fp16), w1 = load8(r + k + 8, fp16);
+        for (int i = 0; i < 4; i++) {
+            a[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * K + k), a[i][0]);
+            a[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * K + k + 8), a[i][1]);
+        }
+    }
+    for (int i = 0; i < 4; i++) y[i * N] = hsum(_mm256_add_ps(a[i][0], a[i][1]));
+}
+
 void glm_gemv_w16(const uint16_t *w, int fp16, const float *x, float *y, long M, long N, long K, int nt) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
     for (long n = 0; n < N; n++) {
         const uint16_t *row = w + n * K;
-        for (long m = 0; m < M; m++) y[m * N + n] = dot16(row, x + m * K, K, fp16, m == 0);
+        long m = 0;
+        for (; m + 4 <= M; m += 4) dot16_x4(row, x + m * K, K, fp16, m == 0, y + m * N + n, N);
+        for (; m < M; m++) y[m * N + n] = dot16(row, x + m * K, K, fp16, m == 0);
     }
 }
 
-/* x float32 [M, K] -> xq int16 [M, K], dx [M, K/32] block scales, xs[m] = sum over blocks of dx times
-   the block's sum of xq (the int4 kernel's offset). int4 = 1 orders each block as the int4 kernel reads
-   it: its 16 odd columns, then its 16 even columns. Vectorized: this runs once per row and layer, and a
-   scalar loop here cost as much as a small layer's product. */
-void glm_quantize_x(const float *x, int16_t *xq, float *dx, float *xs, long M, long K, int int4) {
+/* x float32 [M, K] -> xq int16 [M, K], dx [M, K/qb] block scales, xs[m] = sum over blocks of dx times
+   the block's sum of xq (the int4 kernel's offset). A block is qb columns (a multiple of 32 dividing K).
+   int4 = 1 orders each 32 columns as the int4 kernel reads them: the 16 odd ones, then the 16 even ones.
+   Vectorized: this runs once per row and layer, and a scalar loop here cost as much as a small layer's
+   product. */
+void glm_quantize_x(const float *x, int16_t *xq, float *dx, float *xs, long M, long K, int int4, long qb) {
     const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.4028235e38f);
     for (long m = 0; m < M; m++) {
         const float *xm = x + m * K;
         int16_t *qm = xq + m * K;
-        float *dm = dx + m * (K / QB), total = 0.f;
-        for (long b = 0; b < K / QB; b++) {
-            const float *xb = xm + b * QB;
-            __m256 v[4], amax = _mm256_setzero_ps();
+        float *dm = dx + m * (K / qb), total = 0.f;
+        for (long b = 0; b < K / qb; b++) {
+            const float *xb = xm + b * qb;
+            __m256 amax = _mm256_setzero_ps();
             int bad = 0;
-            for (int i = 0; i < 4; i++) {
-                v[i] = _mm256_loadu_ps(xb + 8 * i);
-                __m256 a = _mm256_andnot_ps(sign, v[i]);
+            for (long i = 0; i < qb; i += 8) {
+                __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i));
                 bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, big, _CMP_NLE_UQ)); /* NaN or inf */
                 amax = _mm256_max_ps(amax, a);
             }
@@ -92,26 +109,29 @@ void glm_quantize_x(const float *x, int16_t *xq, float *dx, float *xs, long M, l
             h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
             float d = bad ? 0.f : _mm_cvtss_f32(h) / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
             __m256 vinv = _mm256_set1_ps(inv);
-            __m256i q[4], sum = _mm256_setzero_si256();
-            for (int i = 0; i < 4; i++) { /* rounds to nearest even, as lrintf */
-                q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv));
-                sum = _mm256_add_epi32(sum, q[i]);
-            }
-            int16_t *out = qm + b * QB;
-            /* packs works within 128-bit lanes; permute4x64 puts the four quarters back in order */
-            __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
-            __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
-            if (int4) {
-                int16_t tmp[QB];
-                _mm256_storeu_si256((__m256i *)tmp, lo);
-                _mm256_storeu_si256((__m256i *)(tmp + 16), hi);
-                for (int i = 0; i < 16; i++) {
-                    out[i] = tmp[2 * i + 1];
-                    out[16 + i] = tmp[2 * i];
+            __m256i sum = _mm256_setzero_si256();
+            for (long c = 0; c < qb; c += 32) {
+                __m256i q[4];
+                for (int i = 0; i < 4; i++) { /* rounds to nearest even, as lrintf */
+                    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + c + 8 * i), vinv));
+                    sum = _mm256_add_epi32(sum, q[i]);
                 }
-            } else {
-                _mm256_storeu_si256((__m256i *)out, lo);
-                _mm256_storeu_si256((__m256i *)(out + 16), hi);
+                int16_t *out = qm + b * qb + c;
+                /* packs works within 128-bit lanes; permute4x64 puts the four quarters back in order */
+                __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+                __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+                if (int4) {
+                    int16_t tmp[32];
+                    _mm256_storeu_si256((__m256i *)tmp, lo);
+                    _mm256_storeu_si256((__m256i *)(tmp + 16), hi);
+                    for (int i = 0; i < 16; i++) {
+                        out[i] = tmp[2 * i + 1];
+                        out[16 + i] = tmp[2 * i];
+                    }
+                } else {
+                    _mm256_storeu_si256((__m256i *)out, lo);
+                    _mm256_storeu_si256((__m256i *)(out + 16), hi);
+                }
             }
             __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
@@ -123,72 +143,113 @@ void glm_quantize_x(const float *x, int16_t *xq, float *dx, float *xs, long M, l
     }
 }
 
-/* One block of 32 columns: the exact int32 products summed in 8 lanes, as floats. */
-static inline __m256 block_q8(const int8_t *wb, const int16_t *xb) {
-    __m256i s0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb)),
-                                   _mm256_loadu_si256((const __m256i *)xb));
-    __m256i s1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16))),
-                                   _mm256_loadu_si256((const __m256i *)(xb + 16)));
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+/* 32 weights as two vectors of 16 int16 (w[0], w[1]). */
+static inline void weights_q8(const int8_t *wb, __m256i *w) {
+    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb));
+    w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16)));
 }
 
 /* Nibbles are read as unsigned (q + 8, after flipping each nibble's top bit); the 8 * sum(x) that adds
-   is taken off once per output (xs). wb: 16 bytes, xb: the block's odd columns, then its even ones. */
-static inline __m256 block_q4(const uint8_t *wb, const int16_t *xb) {
-    const __m256i low = _mm256_set1_epi16(0x0F), flip = _mm256_set1_epi16(0x88);
-    __m256i v = _mm256_xor_si256(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)wb)), flip);
-    __m256i s0 = _mm256_madd_epi16(_mm256_and_si256(v, low), _mm256_loadu_si256((const __m256i *)xb));
-    __m256i s1 = _mm256_madd_epi16(_mm256_srli_epi16(v, 4), _mm256_loadu_si256((const __m256i *)(xb + 16)));
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+   is taken off once per output (xs). wb: 16 bytes; w[0] the 32 columns' odd ones, w[1] the even ones
+   (glm_quantize_x orders int4 activations the same way). */
+static inline void weights_q4(const uint8_t *wb, __m256i *w) {
+    __m256i v = _mm256_xor_si256(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)wb)), _mm256_set1_epi16(0x88));
+    w[0] = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+    w[1] = _mm256_srli_epi16(v, 4);
 }
 
-/* sum over blocks of block(row, b) * dm[b], with four independent sums (one would wait on the previous
-   block's multiply-add every time: measured 2.5x slower) */
-#define ROW_DOT(BLOCK, ROW, ROW_STEP)                                                          \
+/* The exact products of 32 weights with 32 int16 activations, summed in 8 int32 lanes. Over a block of
+   up to 128 columns a lane stays below 2**27 (int8: 8 products of at most 127 * 32767). */
+static inline __m256i dot32(const __m256i *w, const int16_t *xb) {
+    return _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256((const __m256i *)xb)),
+                            _mm256_madd_epi16(w[1], _mm256_loadu_si256((const __m256i *)(xb + 16))));
+}
+
+/* One block (qb columns) of a weight row against one row of x, as 8 float lanes. STEP: weight bytes per
+   32 columns (32 for int8, 16 for int4). */
+#define BLOCK(WEIGHTS, ROW, STEP, b, XROW)                                                     \
+    ({                                                                                         \
+        __m256i s_ = _mm256_setzero_si256(), w_[2];                                            \
+        for (long c_ = 0; c_ < qb; c_ += 32) {                                                 \
+            WEIGHTS((ROW) + ((b) * qb + c_) / 32 * (STEP), w_);                                \
+            s_ = _mm256_add_epi32(s_, dot32(w_, (XROW) + (b) * qb + c_));                      \
+        }                                                                                      \
+        _mm256_cvtepi32_ps(s_);                                                                \
+    })
+
+/* sum over blocks of BLOCK * dm[b] for one row of x, with four independent sums (one would wait on the
+   previous block's multiply-add every time: measured 2.5x slower); the weights are prefetched AHEAD. */
+#define ROW_DOT(WEIGHTS, ROW, STEP)                                                            \
     do {                                                                                       \
-        long nb = K / QB, b = 0;                                                               \
+        long nb = K / qb, b = 0;                                                               \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                            \
         for (; b + 4 <= nb; b += 4) {                                                          \
-            if (m == 0) { /* 4 blocks: one 64-byte line of int4, two of int8 */                \
-                PREFETCH((ROW) + b * (ROW_STEP));                                              \
-                if ((ROW_STEP) * 4 > 64) PREFETCH((ROW) + b * (ROW_STEP) + 64);                \
-            }                                                                                  \
-            a0 = _mm256_fmadd_ps(BLOCK((ROW) + b * (ROW_STEP), xm + b * QB), _mm256_set1_ps(dm[b]), a0);             \
-            a1 = _mm256_fmadd_ps(BLOCK((ROW) + (b + 1) * (ROW_STEP), xm + (b + 1) * QB), _mm256_set1_ps(dm[b + 1]), a1); \
-            a2 = _mm256_fmadd_ps(BLOCK((ROW) + (b + 2) * (ROW_STEP), xm + (b + 2) * QB), _mm256_set1_ps(dm[b + 2]), a2); \
-            a3 = _mm256_fmadd_ps(BLOCK((ROW) + (b + 3) * (ROW_STEP), xm + (b + 3) * QB), _mm256_set1_ps(dm[b + 3]), a3); \
+            if (m == 0)                                                                        \
+                for (long p_ = 0; p_ < 4 * qb / 32 * (STEP); p_ += 64) PREFETCH((ROW) + b * qb / 32 * (STEP) + p_); \
+            a0 = _mm256_fmadd_ps(BLOCK(WEIGHTS, ROW, STEP, b, xm), _mm256_set1_ps(dm[b]), a0);         \
+            a1 = _mm256_fmadd_ps(BLOCK(WEIGHTS, ROW, STEP, b + 1, xm), _mm256_set1_ps(dm[b + 1]), a1); \
+            a2 = _mm256_fmadd_ps(BLOCK(WEIGHTS, ROW, STEP, b + 2, xm), _mm256_set1_ps(dm[b + 2]), a2); \
+            a3 = _mm256_fmadd_ps(BLOCK(WEIGHTS, ROW, STEP, b + 3, xm), _mm256_set1_ps(dm[b + 3]), a3); \
         }                                                                                      \
-        for (; b < nb; b++)                                                                    \
-            a0 = _mm256_fmadd_ps(BLOCK((ROW) + b * (ROW_STEP), xm + b * QB), _mm256_set1_ps(dm[b]), a0);             \
+        for (; b < nb; b++) {                                                                  \
+            if (m == 0)                                                                        \
+                for (long p_ = 0; p_ < qb / 32 * (STEP); p_ += 64) PREFETCH((ROW) + b * qb / 32 * (STEP) + p_); \
+            a0 = _mm256_fmadd_ps(BLOCK(WEIGHTS, ROW, STEP, b, xm), _mm256_set1_ps(dm[b]), a0); \
+        }                                                                                      \
         dot = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));               \
     } while (0)
 
-void glm_gemv_q8(const int8_t *w, const float *scale, const int16_t *xq, const float *dx, float *y,
-                 long M, long N, long K, int nt) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
-    for (long n = 0; n < N; n++) {
-        const int8_t *row = w + n * K;
-        for (long m = 0; m < M; m++) {
-            const int16_t *xm = xq + m * K;
-            const float *dm = dx + m * (K / QB);
-            float dot;
-            ROW_DOT(block_q8, row, QB);
-            y[m * N + n] = dot * scale[n];
-        }
+/* Four rows of x (m .. m+3) against one weight row: the weights of each 32 columns are widened once for
+   the four. */
+#define ROW_DOT_X4(WEIGHTS, ROW, STEP)                                                         \
+    do {                                                                                       \
+        long nb = K / qb;                                                                      \
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        for (long b = 0; b < nb; b++) {                                                        \
+            __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), \
+                            _mm256_setzero_si256()};                                           \
+            for (long c = 0; c < qb; c += 32) {                                                \
+                __m256i wv[2];                                                                 \
+                if (m == 0 && !(c & 63)) PREFETCH((ROW) + (b * qb + c) / 32 * (STEP));         \
+                WEIGHTS((ROW) + (b * qb + c) / 32 * (STEP), wv);                               \
+                for (int i = 0; i < 4; i++)                                                    \
+                    s[i] = _mm256_add_epi32(s[i], dot32(wv, xq + (m + i) * K + b * qb + c));   \
+            }                                                                                  \
+            for (int i = 0; i < 4; i++)                                                        \
+                a[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_set1_ps(dx[(m + i) * nb + b]), a[i]); \
+        }                                                                                      \
+        for (int i = 0; i < 4; i++) dots[i] = hsum(a[i]);                                      \
+    } while (0)
+
+#define INT_KERNEL_BODY(WEIGHTS, ROW_BYTES, STEP, OUT)                                         \
+    for (long n = 0; n < N; n++) {                                                             \
+        const __typeof__(w) row = w + n * (ROW_BYTES);                                         \
+        long m = 0;                                                                            \
+        for (; m + 4 <= M; m += 4) {                                                           \
+            float dots[4];                                                                     \
+            ROW_DOT_X4(WEIGHTS, row, STEP);                                                    \
+            for (int i = 0; i < 4; i++) y[(m + i) * N + n] = OUT(dots[i], m + i);              \
+        }                                                                                      \
+        for (; m < M; m++) {                                                                   \
+            const int16_t *xm = xq + m * K;                                                    \
+            const float *dm = dx + m * (K / qb);                                               \
+            float dot;                                                                         \
+            ROW_DOT(WEIGHTS, row, STEP);                                                       \
+            y[m * N + n] = OUT(dot, m);                                                        \
+        }                                                                                      \
     }
+
+#define OUT_Q8(dot, mi) ((dot) * scale[n])
+#define OUT_Q4(dot, mi) (((dot) - 8.f * xs[mi]) * scale[n])
+
+void glm_gemv_q8(const int8_t *w, const float *scale, const int16_t *xq, const float *dx, float *y,
+                 long M, long N, long K, long qb, int nt) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
+    INT_KERNEL_BODY(weights_q8, K, 32, OUT_Q8)
 }
 
 void glm_gemv_q4(const uint8_t *w, const float *scale, const int16_t *xq, const float *dx, const float *xs,
-                 float *y, long M, long N, long K, int nt) {
+                 float *y, long M, long N, long K, long qb, int nt) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K / 2, nt))
-    for (long n = 0; n < N; n++) {
-        const uint8_t *row = w + n * (K / 2);
-        for (long m = 0; m < M; m++) {
-            const int16_t *xm = xq + m * K;
-            const float *dm = dx + m * (K / QB);
-            float dot;
-            ROW_DOT(block_q4, row, QB / 2);
-            y[m * N + n] = (dot - 8.f * xs[m]) * scale[n];
-        }
-    }
+    INT_KERNEL_BODY(weights_q4, K / 2, 16, OUT_Q4)
 }
