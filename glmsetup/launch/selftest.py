@@ -143,7 +143,7 @@ class Selftest:
         rows = probe_report()
         slow = [r["message"] for r in rows if r["message"]]
         if slow:
-            raise Warn("; ".join(slow), "the int8/int4 profiles still answer correctly, only slower; "
+            raise Warn("; ".join(slow), "the profiles still answer correctly, only slower; "
                                         "docs/runtime.md (Kernels) says what runs where")
         return "; ".join(f"{r['label']} on {r['device']}: {r['backend']}" for r in rows)
 

@@ -17,6 +17,7 @@ kernels run instead: the run banner, ``doctor --deep`` and ``selftest`` report i
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import os
@@ -157,7 +158,8 @@ def _load(path: Path):
 def _build_and_load():
     cc = _compiler()
     if cc is None:
-        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+        raise RuntimeError("no C compiler found: install gcc or clang, e.g. `apt install gcc`, or set CC; "
+                           "the next start builds them")
     dest = _library_path(cc)
     if _usable_file(dest):
         try:
@@ -166,7 +168,9 @@ def _build_and_load():
             pass  # a damaged or foreign file: built again below, replacing it
     try:
         _compile(cc, dest)
-    except PermissionError:  # the state folder is read-only: build in a private temporary folder
+    except OSError as exc:  # a read-only state folder (no permission, or a read-only file system):
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # build in a private temporary folder
+            raise
         dest = Path(tempfile.mkdtemp(prefix="glmsetup-kernels-")) / dest.name
         _compile(cc, dest)
     return _load(dest), dest

@@ -8,8 +8,10 @@ the library belongs, a compiler that fails, the off switch.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -170,6 +172,41 @@ def test_a_failing_compiler_is_reported_and_leaves_nothing(fresh, monkeypatch, t
     with pytest.raises(RuntimeError, match="not available: the C compiler"):
         native_cpu.gemv16(torch.randn(1, 32), torch.zeros(2, 32, dtype=torch.bfloat16))
 
+
+
+
+@needs_native
+def test_no_compiler_on_path_says_what_to_install(fresh, monkeypatch, tmp_path):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang
+    assert native_cpu.status() == native_cpu.Status(
+        False, "no C compiler found: install gcc or clang, e.g. `apt install gcc`, or set CC; the next start builds them")
+    assert not fresh.exists()
+
+@needs_native
+def test_a_state_folder_on_a_read_only_file_system_builds_in_a_temporary_folder(fresh):
+    """A read-only mount (EROFS: root meets it too, unlike a folder without write permission), in a
+    mount namespace of a new process: the kernels still run, built outside the state folder."""
+    fresh.mkdir()
+    read_only = f"mount --bind {fresh} {fresh} && mount -o remount,bind,ro {fresh}"
+    try:
+        usable = subprocess.run(["unshare", "-rm", "sh", "-c", f"{read_only} && ! touch {fresh}/probe"],
+                                capture_output=True, timeout=30).returncode == 0
+    except OSError:
+        usable = False
+    if not usable:
+        pytest.skip("no read-only mount here (unshare -rm)")
+    code = "from glmsetup.runtime import native_cpu; s = native_cpu.status(); print(s.ok, s.library, s.reason)"
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", f'{read_only} && exec "$0" -c "$1"', sys.executable, code],
+                          capture_output=True, text=True, timeout=120)
+    ok, library, reason = (done.stdout.strip().split(maxsplit=2) + ["", "", ""])[:3]
+    try:
+        assert (ok, reason) == ("True", "None"), done.stdout + done.stderr
+        assert os.path.basename(os.path.dirname(library)).startswith("glmsetup-kernels-")
+        assert list(fresh.iterdir()) == []
+    finally:
+        if library.startswith(tempfile.gettempdir()) and "glmsetup-kernels-" in library:
+            shutil.rmtree(os.path.dirname(library), ignore_errors=True)
 
 def test_the_off_switch(fresh, monkeypatch):
     monkeypatch.setenv("GLMSETUP_NATIVE_KERNELS", "off")
