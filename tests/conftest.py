@@ -19,7 +19,7 @@ def glmsetup_home(tmp_path_factory, monkeypatch) -> Path:
     home = tmp_path_factory.mktemp("glmsetup-home")
     # the compiled CPU kernels (runtime/native_cpu.py) are shared: built once per test process, not per test
     shared_kernels = tmp_path_factory.getbasetemp() / "shared-kernels"
-    shared_kernels.mkdir(exist_ok=True)
+    shared_kernels.mkdir(exist_ok=True, mode=0o700)  # only a folder no one else can write is loaded from
     (home / "kernels").symlink_to(shared_kernels, target_is_directory=True)
     monkeypatch.setenv("GLMSETUP_HOME", str(home))
     monkeypatch.setenv("GLMSETUP_NO_PROGRESS", "1")

@@ -17,17 +17,19 @@ kernels run instead: the run banner, ``doctor --deep`` and ``selftest`` report i
 from __future__ import annotations
 
 import ctypes
-import errno
-import functools
 import hashlib
 import os
 import platform
+import selectors
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,6 +47,9 @@ BLOCK = 32  # every kernel needs in_features % BLOCK == 0
 WIDE_BLOCK = 128
 FLAGS = ("-O3", "-std=gnu99", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
 BUILD_SECONDS = 120
+VERSION_SECONDS = 30
+OUTPUT_LIMIT = 1 << 20  # bytes of a compiler's output kept; past them it is stopped
+STALE_SECONDS = 3600  # a temporary build file this old is left over from a killed build
 OFF_VALUES = ("0", "off", "no", "false")
 # What torch's kernels cost instead, per decoding step's matrix products, measured with
 # benchmarks/quant_kernels.py on a 2-core AVX2 EPYC (27392 x 4096 layer): bf16 22 vs 18 GB/s, int8 22 vs
@@ -52,6 +57,7 @@ OFF_VALUES = ("0", "off", "no", "false")
 TORCH_SLOWDOWN = {"bf16": 1.2, "int8": 1.2, "int4": 2.6}
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+_INT_DTYPES = {8: (torch.int8,), 4: (torch.int8, torch.uint8)}  # the weight's bytes as each kernel reads them
 _SIGNATURES = {
     "glm_abi": ([], _I),
     "glm_gemv_w16": ([_P, _I, _P, _P, _L, _L, _L, _I], None),
@@ -92,17 +98,68 @@ def _platform_reason() -> Optional[str]:
 
 def _compiler() -> Optional[list]:
     if os.environ.get("CC", "").strip():
-        return shlex.split(os.environ["CC"])
+        try:
+            return shlex.split(os.environ["CC"])
+        except ValueError as exc:  # an unbalanced quote
+            raise RuntimeError(f"CC={os.environ['CC'].strip()!r} is not a command line ({exc})") from None
     found = next((shutil.which(name) for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
     return [found] if found else None
 
 
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """proc has ended; it is not collected yet, so its process group's id stays its own."""
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # collected already (SIGCHLD ignored)
+        return True
+
+
+def _run(cmd: list, seconds: float) -> tuple:
+    """(exit status, output) of cmd: stdout and stderr together, bad UTF-8 replaced. It runs in a process
+    group of its own, killed with whatever it started once cmd has ended (a process left holding the
+    output would hold this call), past `seconds` or past OUTPUT_LIMIT bytes of output (RuntimeError)."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    out, deadline = bytearray(), time.monotonic() + seconds
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"took over {seconds:g} s")
+                if sel.select(0.05):
+                    chunk = os.read(proc.stdout.fileno(), 1 << 16)
+                    if not chunk:
+                        break
+                    out += chunk
+                    if len(out) > OUTPUT_LIMIT:
+                        raise RuntimeError(f"printed over {OUTPUT_LIMIT >> 20} MiB")
+                elif _exited(proc):
+                    break
+        while not _exited(proc):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"took over {seconds:g} s")
+            time.sleep(0.01)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+        proc.stdout.close()
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
 def _compiler_identity(cc: list) -> str:
     try:
-        done = subprocess.run(cc + ["--version"], capture_output=True, text=True, timeout=30)
-        return (done.stdout.strip().splitlines() or [""])[0][:200]
-    except (OSError, subprocess.SubprocessError):
+        _, output = _run(cc + ["--version"], VERSION_SECONDS)
+    except (OSError, RuntimeError):
         return ""
+    return _printable((output.strip().splitlines() or [""])[0])[:200]
 
 
 def _library_path(cc: list) -> Path:
@@ -122,26 +179,52 @@ def _usable_file(path: Path) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size > 0
 
 
-def _compile(cc: list, dest: Path) -> None:
-    """Compile SOURCE to dest through a temporary file beside it (an interrupted build leaves no library)."""
-    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+def _private_folder(folder: Path) -> bool:
+    """The folder is this user's and no one else can write to it: else a file checked there could be
+    swapped before it is loaded."""
+    st = os.stat(folder)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _clear_stale(folder: Path) -> None:
+    """Temporary files of builds that were killed (a build in progress is younger than STALE_SECONDS)."""
+    for leftover in folder.glob(".cpu_gemv-*.so"):
+        try:
+            if time.time() - leftover.lstat().st_mtime > STALE_SECONDS:
+                leftover.unlink()
+        except OSError:
+            pass
+
+
+def _compile(cc: list, dest: Path):
+    """Compile SOURCE into a temporary file beside dest, load it from there (dlopen would hand back a
+    library already loaded under dest's name), then rename it to dest: a build that fails, is
+    interrupted or does not load leaves nothing at dest. Returns the loaded library."""
     fd, tmp = tempfile.mkstemp(prefix=".cpu_gemv-", suffix=".so", dir=dest.parent)
     os.close(fd)
     try:
         try:
-            done = subprocess.run(cc + list(FLAGS) + [str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  timeout=BUILD_SECONDS, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the C compiler took over {BUILD_SECONDS} s") from None
+            code, output = _run(cc + list(FLAGS) + [str(SOURCE), "-o", tmp], BUILD_SECONDS)
         except OSError as exc:
             raise RuntimeError(f"the C compiler {cc[0]} could not start ({exc.strerror})") from None
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout or "").strip().splitlines()
+        except RuntimeError as exc:  # took too long, printed too much
+            raise RuntimeError(f"the C compiler {cc[0]} {exc}") from None
+        if code != 0:
+            lines = output.strip().splitlines()
             first = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
-            raise RuntimeError(f"the C compiler {cc[0]} failed: {first.strip()[:160]}")
-        os.replace(tmp, dest)
+            raise RuntimeError(f"the C compiler {cc[0]} failed: {_printable(first.strip())[:160]}")
+        try:
+            lib = _load(Path(tmp))
+        except (OSError, AttributeError) as exc:
+            raise RuntimeError(f"the C compiler {cc[0]} built no library that loads ({_printable(str(exc))[:160]})") \
+                from None
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            pass  # something in the way (a folder): loaded here all the same, built again next time
+        return lib
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
 
 
@@ -161,30 +244,66 @@ def _build_and_load():
         raise RuntimeError("no C compiler found: install gcc or clang, e.g. `apt install gcc`, or set CC; "
                            "the next start builds them")
     dest = _library_path(cc)
-    if _usable_file(dest):
-        try:
-            return _load(dest), dest
-        except (OSError, AttributeError, RuntimeError):
-            pass  # a damaged or foreign file: built again below, replacing it
     try:
-        _compile(cc, dest)
-    except OSError as exc:  # a read-only state folder (no permission, or a read-only file system):
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # build in a private temporary folder
-            raise
-        dest = Path(tempfile.mkdtemp(prefix="glmsetup-kernels-")) / dest.name
-        _compile(cc, dest)
-    return _load(dest), dest
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder = dest.parent.resolve()
+        if not _private_folder(folder):
+            raise PermissionError(f"{folder} is not this user's alone")
+        dest = folder / dest.name
+        _clear_stale(folder)
+        if _usable_file(dest):
+            try:
+                return _load(dest), dest
+            except (OSError, AttributeError, RuntimeError):
+                pass  # a damaged or foreign file: built again below, replacing it
+        return _compile(cc, dest), dest
+    except OSError:
+        # the state folder cannot take it (read-only, full, a file in the way) or others can write to it:
+        # built in a private temporary folder, removed once loaded
+        folder = Path(tempfile.mkdtemp(prefix="glmsetup-kernels-"))
+        try:
+            return _compile(cc, folder / dest.name), folder / dest.name
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 _lib = None  # the library status() approved
-_checking = None  # the library status() is checking
+_state: Optional[Status] = None  # what status() decided
+_lock = threading.RLock()  # held while deciding: threads asking at once wait for one decision
+_local = threading.local()  # .checking: the library this thread's status() is checking
 
 
-@functools.lru_cache(maxsize=None)
+def _new_lock() -> None:
+    global _lock
+    _lock = threading.RLock()  # a fork while another thread held it: the child decides on its own
+
+
+os.register_at_fork(after_in_child=_new_lock)
+
+
 def status() -> Status:
     """Build (or find) and check the kernels once per process."""
-    global _lib, _checking
-    _lib = None
+    global _state
+    state = _state
+    if state is None:
+        with _lock:
+            if _state is None:
+                _state = _decide()
+            state = _state
+    return state
+
+
+def _forget() -> None:
+    global _state
+    with _lock:
+        _state = None
+
+
+status.cache_clear = _forget  # decide again on the next call
+
+
+def _decide() -> Status:
+    global _lib
     reason = _platform_reason()
     if reason:
         return Status(False, reason)
@@ -192,11 +311,11 @@ def status() -> Status:
         lib, path = _build_and_load()
     except (OSError, RuntimeError, AttributeError) as exc:
         return Status(False, str(exc) or exc.__class__.__name__)
-    _checking = lib
+    _local.checking = lib
     try:
         bad = _self_check()
     finally:
-        _checking = None
+        _local.checking = None
     if bad:
         return Status(False, f"their check failed ({bad})", str(path))
     _lib = lib
@@ -212,8 +331,9 @@ def supports(in_features: int) -> bool:
 
 
 def _library():
-    if _checking is not None:
-        return _checking
+    checking = getattr(_local, "checking", None)
+    if checking is not None:
+        return checking
     state = status()
     if not state.ok:
         raise RuntimeError(f"glmsetup's CPU kernels are not available: {state.reason}")
@@ -221,18 +341,24 @@ def _library():
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32).contiguous()
+    return x.to(torch.float32).resolve_neg().contiguous()
+
+
+def _held(*tensors: torch.Tensor) -> bool:
+    """Strided CPU tensors whose memory holds their values (a lazily negated view holds their negation):
+    what the kernels can read."""
+    return all(t.device.type == "cpu" and t.layout == torch.strided and not t.is_neg() for t in tensors)
 
 
 def _check(x2: torch.Tensor, weight: torch.Tensor, cols: int) -> None:
-    if (x2.dim() != 2 or weight.dim() != 2 or x2.device.type != "cpu" or weight.device.type != "cpu"
-            or not weight.is_contiguous() or weight.shape[1] != cols or x2.shape[1] % BLOCK):
+    if (x2.dim() != 2 or weight.dim() != 2 or x2.device.type != "cpu" or not x2.is_floating_point()
+            or not _held(weight) or not weight.is_contiguous() or weight.shape[1] != cols or x2.shape[1] % BLOCK):
         raise ValueError(f"native CPU kernel: unsupported operands {tuple(x2.shape)} x {tuple(weight.shape)}")
 
 
 def gemv16(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K] @ weight.T`` for a bf16/fp16 ``weight [N, K]``, as float32 ``[M, N]``."""
-    _check(x2, weight, x2.shape[1])
+    _check(x2, weight, x2.shape[-1] if x2.dim() else -1)
     if weight.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"native CPU kernel: weight dtype {weight.dtype}")
     x = _f32(x2)
@@ -247,12 +373,14 @@ def gemv16(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def gemv_int(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """``x2 [M, K] @ (q * scale).T`` as float32 ``[M, N]``: ``qweight`` int8 ``[N, K]`` (8 bits) or the
     official int4 packing ``[N, K/2]`` (4 bits), ``scale`` float32 ``[N]``."""
+    if x2.dim() != 2 or bits not in _INT_DTYPES:
+        raise ValueError(f"native CPU kernel: unsupported operands {tuple(x2.shape)}, {bits} bits")
     K = x2.shape[1]
     _check(x2, qweight, K if bits == 8 else K // 2)
     N = qweight.shape[0]
-    if qweight.element_size() != 1 or scale.dtype != torch.float32 or tuple(scale.shape) != (N,) \
-            or not scale.is_contiguous():
-        raise ValueError("native CPU kernel: int weight must be 1-byte and scale float32 [out]")
+    if qweight.dtype not in _INT_DTYPES[bits] or scale.dtype != torch.float32 or tuple(scale.shape) != (N,) \
+            or not scale.is_contiguous() or not _held(scale):
+        raise ValueError("native CPU kernel: the weight must be int8 (or uint8 for 4 bits) and scale float32 [out]")
     x = _f32(x2)
     M = x.shape[0]
     qb = WIDE_BLOCK if K % WIDE_BLOCK == 0 else BLOCK
