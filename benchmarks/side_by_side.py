@@ -142,6 +142,7 @@ def child(engine: str, path: str, tier: str, tokens: int) -> dict:
     """Seconds per decoded token after the first, greedy, 16-token prompt (this process only)."""
     ids = list(range(100, 100 + PROMPT_TOKENS))
     if engine == "glmsetup":
+        import glmsetup  # noqa: F401  (first, as in glmsetup's commands: its OpenMP setting precedes torch)
         import torch
 
         from glmsetup.runtime.load import load_chat_model

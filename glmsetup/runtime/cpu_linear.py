@@ -104,11 +104,10 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return module(x)  # another kind of layer, or someone watching the call (hooks)
     weight, bias = module.weight, module.bias
     x2 = x.reshape(rows, x.shape[-1])
-    if rows <= NATIVE_MAX_ROWS and x.device.type == "cpu" and avx2_16bit(weight):
-        out = native_cpu.gemv16(x2, weight)
-        if bias is not None:
-            out += bias
-        return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    if rows <= NATIVE_MAX_ROWS and x.device.type == "cpu" and avx2_16bit(weight) \
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = native_cpu.gemv16(x2, weight, bias=bias, out_dtype=x.dtype)  # bias and rounding in the kernel
+        return out.view(*x.shape[:-1], weight.shape[0])
     kernel = linear_kernel(weight.dtype, weight.device)
     if rows < MIN_ROWS or kernel == ATEN or not _onednn_works():
         return module(x)

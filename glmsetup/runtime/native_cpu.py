@@ -39,7 +39,7 @@ import torch
 from glmsetup import paths
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.c"
-ABI = 2  # glm_abi() of the C file this module drives
+ABI = 3  # glm_abi() of the C file this module drives
 BLOCK = 32  # every kernel needs in_features % BLOCK == 0
 # Columns per activation block of the integer kernels (one float scale each): 128 where in_features
 # allows (ChatGLM2's 4096 and 13696 do; a quarter of the block conversions of 32, for 6e-5 of the
@@ -57,14 +57,13 @@ OFF_VALUES = ("0", "off", "no", "false")
 TORCH_SLOWDOWN = {"bf16": 1.2, "int8": 1.2, "int4": 2.6}
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-_INT_DTYPES = {8: (torch.int8,), 4: (torch.int8, torch.uint8)}  # the weight's bytes as each kernel reads them
 _SIGNATURES = {
     "glm_abi": ([], _I),
-    "glm_gemv_w16": ([_P, _I, _P, _P, _L, _L, _L, _I], None),
-    "glm_quantize_x": ([_P, _P, _P, _P, _L, _L, _I, _L], None),
-    "glm_gemv_q8": ([_P, _P, _P, _P, _P, _L, _L, _L, _L, _I], None),
-    "glm_gemv_q4": ([_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _I], None),
+    # kind, w, scale, bias, bias dtype, x, x dtype, y, y dtype, M, N, K, qb, threads
+    "glm_linear": ([_I, _P, _P, _P, _I, _P, _I, _P, _I, _L, _L, _L, _L, _I], _I),
 }
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_INT_DTYPES = {8: (torch.int8,), 4: (torch.int8, torch.uint8)}  # the weight's bytes as each kernel reads them
 
 
 @dataclass(frozen=True)
@@ -340,85 +339,86 @@ def _library():
     return _lib
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32).resolve_neg().contiguous()
-
-
 def _held(*tensors: torch.Tensor) -> bool:
     """Strided CPU tensors whose memory holds their values (a lazily negated view holds their negation):
     what the kernels can read."""
     return all(t.device.type == "cpu" and t.layout == torch.strided and not t.is_neg() for t in tensors)
 
 
-def _check(x2: torch.Tensor, weight: torch.Tensor, cols: int) -> None:
-    if (x2.dim() != 2 or weight.dim() != 2 or x2.device.type != "cpu" or not x2.is_floating_point()
-            or not _held(weight) or not weight.is_contiguous() or weight.shape[1] != cols or x2.shape[1] % BLOCK):
-        raise ValueError(f"native CPU kernel: unsupported operands {tuple(x2.shape)} x {tuple(weight.shape)}")
+def _linear(kind: int, x2: torch.Tensor, weight: torch.Tensor, scale, bias, out_dtype) -> torch.Tensor:
+    """The one call into the library: checks every operand first (the C code trusts them)."""
+    x2 = x2.resolve_neg().contiguous()
+    bias = bias.resolve_neg().contiguous() if bias is not None else None
+    M, K = x2.shape if x2.dim() == 2 else (0, 0)
+    N = weight.shape[0] if weight.dim() == 2 else 0
+    cols = K // 2 if kind == 4 else K
+    out_dtype = out_dtype or torch.float32
+    if (x2.dim() != 2 or weight.dim() != 2 or not K or K % BLOCK or weight.shape[1] != cols
+            or not _held(*(t for t in (x2, weight, scale, bias) if t is not None))
+            or not weight.is_contiguous() or not (scale is None or scale.is_contiguous())
+            or x2.dtype not in _DTYPE_CODES or out_dtype not in _DTYPE_CODES
+            or (bias is not None and (bias.dtype not in _DTYPE_CODES or tuple(bias.shape) != (N,)))
+            or (scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != (N,)))):
+        raise ValueError(f"native CPU kernel: unsupported operands {tuple(x2.shape)} {x2.dtype} x "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    y = torch.empty(M, N, dtype=out_dtype)
+    if M and N:
+        qb = WIDE_BLOCK if K % WIDE_BLOCK == 0 else BLOCK
+        failed = _library().glm_linear(
+            kind, weight.data_ptr(), scale.data_ptr() if scale is not None else None,
+            bias.data_ptr() if bias is not None else None, _DTYPE_CODES[bias.dtype] if bias is not None else 0,
+            x2.data_ptr(), _DTYPE_CODES[x2.dtype], y.data_ptr(), _DTYPE_CODES[out_dtype], M, N, K, qb,
+            torch.get_num_threads())
+        if failed:
+            raise MemoryError(f"native CPU kernel: no memory for the scratch of {M} x {K} activations")
+    return y
 
 
-def gemv16(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x2 [M, K] @ weight.T`` for a bf16/fp16 ``weight [N, K]``, as float32 ``[M, N]``."""
-    _check(x2, weight, x2.shape[-1] if x2.dim() else -1)
+def gemv16(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x2 [M, K] @ weight.T (+ bias)`` for a bf16/fp16 ``weight [N, K]``, as ``out_dtype`` (float32 unless
+    given; sums in float32, rounded once). x2 and bias: float32, bf16 or fp16."""
     if weight.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"native CPU kernel: weight dtype {weight.dtype}")
-    x = _f32(x2)
-    M, K = x.shape
-    N = weight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    _library().glm_gemv_w16(weight.data_ptr(), int(weight.dtype == torch.float16), x.data_ptr(), y.data_ptr(),
-                      M, N, K, torch.get_num_threads())
-    return y
+    return _linear(int(weight.dtype == torch.float16), x2, weight, None, bias, out_dtype)
 
 
-def gemv_int(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """``x2 [M, K] @ (q * scale).T`` as float32 ``[M, N]``: ``qweight`` int8 ``[N, K]`` (8 bits) or the
-    official int4 packing ``[N, K/2]`` (4 bits), ``scale`` float32 ``[N]``."""
-    if x2.dim() != 2 or bits not in _INT_DTYPES:
-        raise ValueError(f"native CPU kernel: unsupported operands {tuple(x2.shape)}, {bits} bits")
-    K = x2.shape[1]
-    _check(x2, qweight, K if bits == 8 else K // 2)
-    N = qweight.shape[0]
-    if qweight.dtype not in _INT_DTYPES[bits] or scale.dtype != torch.float32 or tuple(scale.shape) != (N,) \
-            or not scale.is_contiguous() or not _held(scale):
-        raise ValueError("native CPU kernel: the weight must be int8 (or uint8 for 4 bits) and scale float32 [out]")
-    x = _f32(x2)
-    M = x.shape[0]
-    qb = WIDE_BLOCK if K % WIDE_BLOCK == 0 else BLOCK
-    xq = torch.empty(M, K, dtype=torch.int16)
-    dx = torch.empty(M, K // qb, dtype=torch.float32)
-    xs = torch.empty(M, dtype=torch.float32)
-    y = torch.empty(M, N, dtype=torch.float32)
-    lib = _library()
-    lib.glm_quantize_x(x.data_ptr(), xq.data_ptr(), dx.data_ptr(), xs.data_ptr(), M, K, int(bits == 4), qb)
-    if bits == 8:
-        lib.glm_gemv_q8(qweight.data_ptr(), scale.data_ptr(), xq.data_ptr(), dx.data_ptr(), y.data_ptr(),
-                         M, N, K, qb, torch.get_num_threads())
-    else:
-        lib.glm_gemv_q4(qweight.data_ptr(), scale.data_ptr(), xq.data_ptr(), dx.data_ptr(), xs.data_ptr(),
-                         y.data_ptr(), M, N, K, qb, torch.get_num_threads())
-    return y
+def gemv_int(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int,
+             bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x2 [M, K] @ (q * scale).T (+ bias)`` as ``out_dtype`` (float32 unless given): ``qweight`` int8
+    ``[N, K]`` (8 bits) or the official int4 packing ``[N, K/2]`` (4 bits), ``scale`` float32 ``[N]``."""
+    if bits not in _INT_DTYPES or qweight.dtype not in _INT_DTYPES[bits]:
+        raise ValueError(f"native CPU kernel: {bits}-bit weight of {qweight.dtype}")
+    return _linear(bits, x2, qweight, scale, bias, out_dtype)
 
 
 def _self_check() -> Optional[str]:
     """Each kernel against torch's float64 product on random operands (odd row counts, an outlier in x,
-    all nibble values): None when all agree, else what missed."""
+    all nibble values, a bias, 16-bit inputs and outputs): None when all agree, else what missed."""
     gen = torch.Generator().manual_seed(0)
     K, N = 96, 67
-    x = torch.randn(3, K, generator=gen, dtype=torch.float64)
+    x = torch.randn(5, K, generator=gen)
     x[1, 5] = 60.0
     w = torch.randn(N, K, generator=gen, dtype=torch.float64)
+    bias = torch.randn(N, generator=gen)
     q8 = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
     q4 = torch.randint(-8, 8, (N, K), generator=gen, dtype=torch.int8)
     scale = torch.rand(N, generator=gen, dtype=torch.float32) + 0.01
     packed = ((q4[:, 0::2].view(torch.uint8) << 4) | (q4[:, 1::2].view(torch.uint8) & 0x0F)).contiguous()
-    cases = {}
+    xd, b16 = x.double(), bias.bfloat16()
+    cases = {}  # name: (got, want, relative tolerance per element: 16-bit outputs are rounded once)
     for dtype in (torch.bfloat16, torch.float16):
         wd = w.to(dtype)
-        cases[f"{dtype}".replace("torch.", "")] = (gemv16(x, wd), x @ wd.double().T)
-    cases["int8"] = (gemv_int(x, q8, scale, 8), x @ (q8.double() * scale.double()[:, None]).T)
-    cases["int4"] = (gemv_int(x, packed, scale, 4), x @ (q4.double() * scale.double()[:, None]).T)
-    for name, (got, want) in cases.items():
-        err = float(((got.double() - want).abs().max() / want.abs().max()))
+        x16 = x.to(dtype)
+        cases[f"{dtype}".replace("torch.", "")] = (gemv16(x16, wd, bias=b16, out_dtype=dtype),
+                                                   x16.double() @ wd.double().T + b16.double(), 2.0 ** -8)
+    cases["int8"] = (gemv_int(x, q8, scale, 8, bias=bias), xd @ (q8.double() * scale.double()[:, None]).T
+                     + bias.double(), 0)
+    cases["int4"] = (gemv_int(x.bfloat16(), packed, scale, 4, out_dtype=torch.bfloat16),
+                     x.bfloat16().double() @ (q4.double() * scale.double()[:, None]).T, 2.0 ** -8)
+    for name, (got, want, rel) in cases.items():
+        miss = (got.double() - want).abs() - rel * want.abs()
+        err = float(miss.max() / want.abs().max())
         if not err <= 1e-4:
             return f"{name}: max error {err:.2g} of the largest output"
     return None

@@ -30,6 +30,8 @@ from glmsetup.runtime import cpu_linear, int4_layout, native_cpu
 BACKENDS = ("cpu_avx2_int8", "cpu_avx2_int4", "cpu_int8pack", "cpu_int4pack", "cuda_int8pack", "cuda_int4pack",
             "dequant")
 NATIVE = {8: "cpu_avx2_int8", 4: "cpu_avx2_int4"}  # glmsetup's own CPU kernels (runtime/native_cpu.py)
+_NATIVE_BACKENDS = frozenset(NATIVE.values())
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_INT8_MAX_ROWS = 16  # larger batches (prefill) dequantize and use cuBLAS instead
 CPU_KERNEL_MAX_ROWS = {8: 96, 4: 160}  # past this many rows, dequantized blocks and a bf16 matmul win
 # glmsetup's AVX2 kernels: past this many rows, dequantized float32 blocks through oneDNN win (2-core AVX2
@@ -476,6 +478,10 @@ class WeightOnlyLinear(torch.nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
+        if self.backend in _NATIVE_BACKENDS and 0 < rows <= NATIVE_MAX_ROWS and x.dtype in _NATIVE_DTYPES:
+            # one call: activations read in their dtype, bias added and the result rounded in the kernel
+            out = native_cpu.gemv_int(x2, self.qweight, self.scale, self.bits, bias=self.bias, out_dtype=x.dtype)
+            return out.reshape(*lead, self.out_features)
         if self.backend == "dequant" or rows == 0:
             out = F.linear(x2, self.dequantize(x.dtype))
         elif self.backend.startswith("cpu_") and rows > (

@@ -70,7 +70,7 @@ def test_16_bit_rows_up_to_native_max_rows_run_the_avx2_kernel(dtype, rows, monk
     mod = layer(96, 67, dtype)  # an odd number of output rows, split between two threads
     calls = []
     real = native_cpu.gemv16
-    monkeypatch.setattr(native_cpu, "gemv16", lambda x, w: calls.append(x.shape) or real(x, w))
+    monkeypatch.setattr(native_cpu, "gemv16", lambda x, w, **kw: calls.append(x.shape) or real(x, w, **kw))
     with torch.inference_mode():
         x = torch.randn(2, rows, 96).to(dtype)
         x[0, 0, 5] = 300  # an outlier, as ChatGLM2's activations have

@@ -213,3 +213,26 @@ def test_the_off_switch(fresh, monkeypatch):
     assert native_cpu.status() == native_cpu.Status(False, "GLMSETUP_NATIVE_KERNELS=off turns them off")
     assert not native_cpu.supports(4096)
     assert not fresh.exists()  # nothing was built
+
+
+@needs_native
+def test_activations_too_small_to_scale_count_as_zero_not_as_garbage():
+    x = torch.zeros(1, 64)
+    x[0, 3] = 1e-36  # the block's int16 step would be 3e-41, whose inverse overflows float32
+    q = torch.ones(8, 64, dtype=torch.int8)
+    scale = torch.full((8,), 0.02)
+    want = 1e-36 * 0.02
+    for bits, weight in ((8, q), (4, pack_official(q))):
+        got = native_cpu.gemv_int(x, weight, scale, bits)
+        assert bool((got.abs() <= want * 1.01).all()), (bits, got)  # zero or the true value, never -1e-34
+
+
+@pytest.mark.parametrize("env,want", [({}, "10000"), ({"GOMP_SPINCOUNT": "500"}, "500"),
+                                      ({"OMP_WAIT_POLICY": "ACTIVE"}, "unset")])
+def test_importing_glmsetup_shortens_openmps_spin_unless_the_user_set_it(env, want):
+    """Set before torch loads GNU OpenMP (which reads it once), so glmsetup's commands get it."""
+    code = "import os, glmsetup, torch; print(os.environ.get('GOMP_SPINCOUNT', 'unset'))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                          env={**clean, **env})
+    assert done.stdout.strip() == want

@@ -13,11 +13,14 @@
    Every weight is read once per call whatever the number of rows; rows of W are split between the
    threads (OpenMP; torch's own OpenMP runtime when it is loaded, so the two share one pool).
    K must be a multiple of 32 (and of qb). The Python side checks shapes, types and contiguity before calling. */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-#define GLM_ABI 2
+#define GLM_ABI 3
 /* Weight bytes ahead of the current ones that are asked for early: the hardware prefetcher stops at
    page boundaries, and asking 1-2 KB ahead brought a 2-core AVX2 EPYC from 77% to 88-100% of its
    memory read bandwidth. A prefetch never faults, so reading past the end is harmless. */
@@ -60,7 +63,7 @@ static inline float dot16(const uint16_t *r, const float *xm, long K, int fp16, 
 
 /* Four rows of x against one weight row (a batch): each weight vector is converted once for the four,
    two sums per row of x. */
-static inline void dot16_x4(const uint16_t *r, const float *x, long K, int fp16, int prefetch, float *y, long N) {
+static inline void dot16_x4(const uint16_t *r, const float *x, long K, int fp16, int prefetch, float *out) {
     __m256 a[4][2];
     for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
     for (long k = 0; k < K; k += 16) {
@@ -71,16 +74,55 @@ static inline void dot16_x4(const uint16_t *r, const float *x, long K, int fp16,
             a[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * K + k + 8), a[i][1]);
         }
     }
-    for (int i = 0; i < 4; i++) y[i * N] = hsum(_mm256_add_ps(a[i][0], a[i][1]));
+    for (int i = 0; i < 4; i++) out[i] = hsum(_mm256_add_ps(a[i][0], a[i][1]));
 }
 
-void glm_gemv_w16(const uint16_t *w, int fp16, const float *x, float *y, long M, long N, long K, int nt) {
+/* dtype codes of x, bias and y */
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline void put(void *y, long i, float v, int dtype) {
+    if (dtype == F32) {
+        ((float *)y)[i] = v;
+    } else if (dtype == F16) {
+        ((uint16_t *)y)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    } else { /* bfloat16, rounded to nearest even as torch rounds; NaN stays NaN */
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        ((uint16_t *)y)[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)
+                                                               : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+static void to_f32(const void *src, int dtype, float *dst, long n) {
+    long i = 0;
+    if (dtype == F32) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8((const uint16_t *)src + i, dtype == F16));
+    for (; i < n; i++) {
+        uint16_t h = ((const uint16_t *)src)[i];
+        if (dtype == F16) {
+            dst[i] = _cvtsh_ss(h);
+        } else {
+            uint32_t u = (uint32_t)h << 16;
+            memcpy(dst + i, &u, 4);
+        }
+    }
+}
+
+static void gemv_w16(const uint16_t *w, int fp16, const float *x, const float *bias, void *y, int yd, long M, long N,
+                     long K, int nt) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
     for (long n = 0; n < N; n++) {
         const uint16_t *row = w + n * K;
+        float b = bias ? bias[n] : 0.f, dots[4];
         long m = 0;
-        for (; m + 4 <= M; m += 4) dot16_x4(row, x + m * K, K, fp16, m == 0, y + m * N + n, N);
-        for (; m < M; m++) y[m * N + n] = dot16(row, x + m * K, K, fp16, m == 0);
+        for (; m + 4 <= M; m += 4) {
+            dot16_x4(row, x + m * K, K, fp16, m == 0, dots);
+            for (int i = 0; i < 4; i++) put(y, (m + i) * N + n, dots[i] + b, yd);
+        }
+        for (; m < M; m++) put(y, m * N + n, dot16(row, x + m * K, K, fp16, m == 0) + b, yd);
     }
 }
 
@@ -89,7 +131,7 @@ void glm_gemv_w16(const uint16_t *w, int fp16, const float *x, float *y, long M,
    int4 = 1 orders each 32 columns as the int4 kernel reads them: the 16 odd ones, then the 16 even ones.
    Vectorized: this runs once per row and layer, and a scalar loop here cost as much as a small layer's
    product. */
-void glm_quantize_x(const float *x, int16_t *xq, float *dx, float *xs, long M, long K, int int4, long qb) {
+static void quantize_x(const float *x, int16_t *xq, float *dx, float *xs, long M, long K, int int4, long qb) {
     const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.4028235e38f);
     for (long m = 0; m < M; m++) {
         const float *xm = x + m * K;
@@ -107,7 +149,9 @@ void glm_quantize_x(const float *x, int16_t *xq, float *dx, float *xs, long M, l
             __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
             h = _mm_max_ps(h, _mm_movehl_ps(h, h));
             h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-            float d = bad ? 0.f : _mm_cvtss_f32(h) / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+            /* a block whose largest value is below FLT_MIN * 32767 (about 4e-34) counts as zero: 1 / d
+               would overflow */
+            float d = bad ? 0.f : _mm_cvtss_f32(h) / 32767.f, inv = d >= FLT_MIN ? 1.f / d : 0.f;
             __m256 vinv = _mm256_set1_ps(inv);
             __m256i sum = _mm256_setzero_si256();
             for (long c = 0; c < qb; c += 32) {
@@ -224,32 +268,77 @@ static inline __m256i dot32(const __m256i *w, const int16_t *xb) {
 #define INT_KERNEL_BODY(WEIGHTS, ROW_BYTES, STEP, OUT)                                         \
     for (long n = 0; n < N; n++) {                                                             \
         const __typeof__(w) row = w + n * (ROW_BYTES);                                         \
+        float b = bias ? bias[n] : 0.f;                                                        \
         long m = 0;                                                                            \
         for (; m + 4 <= M; m += 4) {                                                           \
             float dots[4];                                                                     \
             ROW_DOT_X4(WEIGHTS, row, STEP);                                                    \
-            for (int i = 0; i < 4; i++) y[(m + i) * N + n] = OUT(dots[i], m + i);              \
+            for (int i = 0; i < 4; i++) put(y, (m + i) * N + n, OUT(dots[i], m + i) + b, yd);  \
         }                                                                                      \
         for (; m < M; m++) {                                                                   \
             const int16_t *xm = xq + m * K;                                                    \
             const float *dm = dx + m * (K / qb);                                               \
             float dot;                                                                         \
             ROW_DOT(WEIGHTS, row, STEP);                                                       \
-            y[m * N + n] = OUT(dot, m);                                                        \
+            put(y, m * N + n, OUT(dot, m) + b, yd);                                            \
         }                                                                                      \
     }
 
 #define OUT_Q8(dot, mi) ((dot) * scale[n])
 #define OUT_Q4(dot, mi) (((dot) - 8.f * xs[mi]) * scale[n])
 
-void glm_gemv_q8(const int8_t *w, const float *scale, const int16_t *xq, const float *dx, float *y,
-                 long M, long N, long K, long qb, int nt) {
+static void gemv_q8(const int8_t *w, const float *scale, const int16_t *xq, const float *dx, const float *bias,
+                    void *y, int yd, long M, long N, long K, long qb, int nt) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
     INT_KERNEL_BODY(weights_q8, K, 32, OUT_Q8)
 }
 
-void glm_gemv_q4(const uint8_t *w, const float *scale, const int16_t *xq, const float *dx, const float *xs,
-                 float *y, long M, long N, long K, long qb, int nt) {
+static void gemv_q4(const uint8_t *w, const float *scale, const int16_t *xq, const float *dx, const float *xs,
+                    const float *bias, void *y, int yd, long M, long N, long K, long qb, int nt) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K / 2, nt))
     INT_KERNEL_BODY(weights_q4, K / 2, 16, OUT_Q4)
+}
+
+/* A scratch buffer per calling thread, grown as needed and kept (one allocation per thread and size). */
+static __thread unsigned char *scratch;
+static __thread size_t scratch_size;
+
+static unsigned char *scratch_of(size_t need) {
+    if (need > scratch_size) {
+        free(scratch);
+        scratch = malloc(need);
+        scratch_size = scratch ? need : 0;
+    }
+    return scratch;
+}
+
+#define ALIGN64(n) (((size_t)(n) + 63) / 64 * 64)
+
+/* y [M, N] (dtype yd) = x [M, K] (dtype xd) @ W.T (* scale) (+ bias [N], dtype bd; NULL: none).
+   kind: 0 bfloat16 weights, 1 float16, 8 int8 rows with float32 scales, 4 the official int4 packing
+   with float32 scales; qb: the activation block of the integer kernels. Returns 0, or -1 when the
+   scratch memory could not be allocated (nothing written to y). */
+int glm_linear(int kind, const void *w, const float *scale, const void *bias, int bd, const void *x, int xd, void *y,
+               int yd, long M, long N, long K, long qb, int nt) {
+    size_t x_bytes = ALIGN64(M * K * sizeof(float)), b_bytes = bias ? ALIGN64(N * sizeof(float)) : 0;
+    size_t q_bytes = kind >= 4 ? ALIGN64(M * K * sizeof(int16_t)) + ALIGN64(M * (K / qb) * sizeof(float)) +
+                                 ALIGN64(M * sizeof(float)) : 0;
+    unsigned char *buf = scratch_of(x_bytes + b_bytes + q_bytes);
+    if (!buf) return -1;
+    float *x32 = (float *)buf, *b32 = bias ? (float *)(buf + x_bytes) : NULL;
+    to_f32(x, xd, x32, M * K);
+    if (bias) to_f32(bias, bd, b32, N);
+    if (kind < 4) {
+        gemv_w16((const uint16_t *)w, kind == 1, x32, b32, y, yd, M, N, K, nt);
+        return 0;
+    }
+    int16_t *xq = (int16_t *)(buf + x_bytes + b_bytes);
+    float *dx = (float *)((unsigned char *)xq + ALIGN64(M * K * sizeof(int16_t)));
+    float *xs = (float *)((unsigned char *)dx + ALIGN64(M * (K / qb) * sizeof(float)));
+    quantize_x(x32, xq, dx, xs, M, K, kind == 4, qb);
+    if (kind == 8)
+        gemv_q8((const int8_t *)w, scale, xq, dx, b32, y, yd, M, N, K, qb, nt);
+    else
+        gemv_q4((const uint8_t *)w, scale, xq, dx, xs, b32, y, yd, M, N, K, qb, nt);
+    return 0;
 }
