@@ -77,6 +77,30 @@ static inline void dot16_x4(const uint16_t *r, const float *x, long K, int fp16,
     for (int i = 0; i < 4; i++) out[i] = hsum(_mm256_add_ps(a[i][0], a[i][1]));
 }
 
+/* Two weight rows against four rows of x: eight sums, each weight and x vector loaded once for two or
+   four products (batched decoding is bound by these multiply-adds, not by memory). */
+static inline void dot16_2x4(const uint16_t *r0, const uint16_t *r1, const float *x, long K, int fp16, int prefetch,
+                             float *out0, float *out1) {
+    __m256 a[4], b[4];
+    for (int i = 0; i < 4; i++) a[i] = b[i] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k += 8) {
+        if (prefetch && !(k & 31)) {
+            PREFETCH(r0 + k);
+            PREFETCH(r1 + k);
+        }
+        __m256 w0 = load8(r0 + k, fp16), w1 = load8(r1 + k, fp16);
+        for (int i = 0; i < 4; i++) {
+            __m256 xv = _mm256_loadu_ps(x + i * K + k);
+            a[i] = _mm256_fmadd_ps(w0, xv, a[i]);
+            b[i] = _mm256_fmadd_ps(w1, xv, b[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        out0[i] = hsum(a[i]);
+        out1[i] = hsum(b[i]);
+    }
+}
+
 /* dtype codes of x, bias and y */
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
@@ -113,6 +137,27 @@ static void to_f32(const void *src, int dtype, float *dst, long n) {
 
 static void gemv_w16(const uint16_t *w, int fp16, const float *x, const float *bias, void *y, int yd, long M, long N,
                      long K, int nt) {
+    if (M >= 4 && N % 2 == 0) { /* a batch: pairs of weight rows */
+#pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
+        for (long p = 0; p < N / 2; p++) {
+            long n = 2 * p;
+            const uint16_t *row = w + n * K;
+            float b0 = bias ? bias[n] : 0.f, b1 = bias ? bias[n + 1] : 0.f, d0[4], d1[4];
+            long m = 0;
+            for (; m + 4 <= M; m += 4) {
+                dot16_2x4(row, row + K, x + m * K, K, fp16, m == 0, d0, d1);
+                for (int i = 0; i < 4; i++) {
+                    put(y, (m + i) * N + n, d0[i] + b0, yd);
+                    put(y, (m + i) * N + n + 1, d1[i] + b1, yd);
+                }
+            }
+            for (; m < M; m++) {
+                put(y, m * N + n, dot16(row, x + m * K, K, fp16, 0) + b0, yd);
+                put(y, m * N + n + 1, dot16(row + K, x + m * K, K, fp16, 0) + b1, yd);
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
     for (long n = 0; n < N; n++) {
         const uint16_t *row = w + n * K;
