@@ -74,7 +74,7 @@ def main() -> int:
 
     cases = {"bf16 F.linear": (lambda: F.linear(x, weight), weight.numel() * 2)}
     if native:
-        cases["bf16 glmsetup AVX2 (glm_gemv_w16)"] = (lambda: native_cpu.gemv16(x, weight).bfloat16(),
+        cases["bf16 glmsetup AVX2 (cpu_gemv.c)"] = (lambda: native_cpu.gemv16(x, weight).bfloat16(),
                                                       weight.numel() * 2)
     for bits, torch_layer, raw_name, raw in (
             (8, int8, "_weight_int8pack_mm", lambda: aten._weight_int8pack_mm(x, int8.qweight, int8.scale)),

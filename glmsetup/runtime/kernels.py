@@ -28,7 +28,7 @@ DEQUANT_SLOWDOWN = {("cpu", 8): 50, ("cpu", 4): 40, ("cuda", 8): 9, ("cuda", 4):
 FULL_WIDTH_SHAPES = ((4608, 4096), (4096, 13696))
 
 
-LINEAR16_OP = "glmsetup glm_gemv_w16 (AVX2)"
+LINEAR16_OP = "glmsetup cpu_gemv.c 16-bit (AVX2)"
 
 
 def native_fallback(device, label: str) -> Optional[str]:

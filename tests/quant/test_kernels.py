@@ -28,9 +28,9 @@ def test_cpu_here_runs_glmsetups_kernels_for_the_full_width_layers(monkeypatch):
     if not NATIVE_HERE:
         pytest.skip(f"glmsetup's CPU kernels are not for this machine: {native_cpu.unsupported_platform()}")
     assert [(r["label"], r["backend"], r["kernel"], r["ok"], r["message"]) for r in rows] == [
-        ("int8", "cpu_avx2_int8", "glmsetup glm_gemv_q8 (AVX2)", True, None),
-        ("int4", "cpu_avx2_int4", "glmsetup glm_gemv_q4 (AVX2)", True, None),
-        ("bf16", "avx2", "glmsetup glm_gemv_w16 (AVX2)", True, None)]
+        ("int8", "cpu_avx2_int8", "glmsetup cpu_gemv.c int8 (AVX2)", True, None),
+        ("int4", "cpu_avx2_int4", "glmsetup cpu_gemv.c int4 (AVX2)", True, None),
+        ("bf16", "avx2", "glmsetup cpu_gemv.c 16-bit (AVX2)", True, None)]
     for in_f in (4096, 13696):  # every width of the model was checked, and passed, once
         assert quantize._probe_results[("cpu_avx2_int8", "cpu", 8, in_f)].max_error < 1e-4
         assert quantize._probe_results[("cpu_avx2_int4", "cpu", 4, in_f)].max_error < 1e-4

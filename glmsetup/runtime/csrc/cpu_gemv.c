@@ -240,7 +240,7 @@ static inline void weights_q8(const int8_t *wb, __m256i *w) {
 
 /* Nibbles are read as unsigned (q + 8, after flipping each nibble's top bit); the 8 * sum(x) that adds
    is taken off once per output (xs). wb: 16 bytes; w[0] the 32 columns' odd ones, w[1] the even ones
-   (glm_quantize_x orders int4 activations the same way). */
+   (quantize_x orders int4 activations the same way). */
 static inline void weights_q4(const uint8_t *wb, __m256i *w) {
     __m256i v = _mm256_xor_si256(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)wb)), _mm256_set1_epi16(0x88));
     w[0] = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
