@@ -1,8 +1,9 @@
-"""Side by side on the CPU: decode tokens/s of glmsetup, chatglm.cpp 0.4.2 and vLLM's CPU build, per tier.
+"""Side by side on the CPU: decode and prefill tokens/s of glmsetup, chatglm.cpp 0.4.2 and vLLM's CPU build, per tier.
 
     .venv/bin/python benchmarks/side_by_side.py --setup        # environments, checkpoint, conversions; no timing
     .venv/bin/python benchmarks/side_by_side.py                # then: 8 layers, 32 tokens, median of 3 rounds
-    .venv/bin/python benchmarks/side_by_side.py --layers 4 --tokens 16 --only ours,chatglm.cpp --json
+    .venv/bin/python benchmarks/side_by_side.py --layers 4 --tokens 16 --only glmsetup,chatglm.cpp --json
+    .venv/bin/python benchmarks/side_by_side.py --prompt 256 --tokens 8     # the prefill of a longer prompt
 
 Not a test, and slow: run it on a quiet machine. Everything goes under a cache folder (--cache,
 default $GLMSETUP_HOME/work/side-by-side), built once and reused while its stamp matches:
@@ -22,8 +23,9 @@ the official layout. chatglm.cpp gets its f16, q8_0 and q4_0 conversions of it; 
 bfloat16 folder (`glmsetup convert`). Tiers: 16-bit (glmsetup cpu-bf16, chatglm.cpp f16, vLLM bf16),
 int8 (cpu-int8, q8_0), int4 (cpu-int4, q4_0). Every measurement is a fresh process; a round measures
 every engine and tier once, rounds repeat (interleaved, so a slow spell of a shared machine hits all
-alike) and the table gives each one's median: greedy decoding of --tokens tokens after a 16-token
-prompt, seconds per token after the first.
+alike) and the table gives each one's median: greedy decoding of --tokens tokens after a --prompt-token
+prompt (16 by default), seconds per token after the first, and the prompt's tokens per second of
+reading it (prefill; vLLM's includes its first token, it has no call that only reads the prompt).
 """
 from __future__ import annotations
 
@@ -138,9 +140,9 @@ def prepare(cache: Path, layers: int, engines: list, pythons: dict) -> dict:
 
 # -- one measurement per process ----------------------------------------------------------------------------
 
-def child(engine: str, path: str, tier: str, tokens: int) -> dict:
-    """Seconds per decoded token after the first, greedy, 16-token prompt (this process only)."""
-    ids = list(range(100, 100 + PROMPT_TOKENS))
+def child(engine: str, path: str, tier: str, tokens: int, prompt: int = PROMPT_TOKENS) -> dict:
+    """Seconds per decoded token after the first, greedy, and seconds to read the prompt (this process only)."""
+    ids = list(range(100, 100 + prompt))
     if engine == "glmsetup":
         import glmsetup  # noqa: F401  (first, as in glmsetup's commands: its OpenMP setting precedes torch)
         import torch
@@ -148,31 +150,36 @@ def child(engine: str, path: str, tier: str, tokens: int) -> dict:
         from glmsetup.runtime.load import load_chat_model
 
         _, model = load_chat_model(path, profile=TIERS[tier][0], use_cache=False)
-        store = model.new_store(1, PROMPT_TOKENS + tokens + 2)
+        store = model.new_store(1, prompt + tokens + 2)
+        t = time.perf_counter()
         logits = model.decode_step(torch.tensor([ids]), store)
+        prefill = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(tokens):
             logits = model.decode_step(logits.argmax(-1).reshape(1, 1), store)
-        return {"s_per_token": (time.perf_counter() - t) / tokens, "threads": torch.get_num_threads()}
+        return {"s_per_token": (time.perf_counter() - t) / tokens, "prefill_s": prefill,
+                "threads": torch.get_num_threads()}
     if engine == "chatglm.cpp":
         import chatglm_cpp
 
         pipe = chatglm_cpp.Pipeline(path)
-        config = chatglm_cpp._C.GenerationConfig(max_length=PROMPT_TOKENS + tokens + 2, do_sample=False)
+        config = chatglm_cpp._C.GenerationConfig(max_length=prompt + tokens + 2, do_sample=False)
         model, seq = pipe.model, list(ids)
 
         def step(n_past):  # as 0.4.2's Pipeline._stream_generate_ids calls it (no image), eos ignored
-            seq.append(model.generate_next_token(seq, None, config, n_past, PROMPT_TOKENS))
+            seq.append(model.generate_next_token(seq, None, config, n_past, prompt))
 
+        t = time.perf_counter()
         step(0)
+        prefill = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(tokens):
             step(model.count_tokens(seq[:-1], None))
-        return {"s_per_token": (time.perf_counter() - t) / tokens}
+        return {"s_per_token": (time.perf_counter() - t) / tokens, "prefill_s": prefill}
     from vllm import LLM, SamplingParams
 
     # a KV cache of its own size: on a CPU vLLM otherwise reserves 92% of RAM and refuses where less is free
-    llm = LLM(model=path, dtype=TIERS[tier][2], max_model_len=PROMPT_TOKENS + tokens + 8, enforce_eager=True,
+    llm = LLM(model=path, dtype=TIERS[tier][2], max_model_len=prompt + tokens + 8, enforce_eager=True,
               kv_cache_memory_bytes=256 << 20)
     prompt = {"prompt_token_ids": ids}
 
@@ -181,14 +188,15 @@ def child(engine: str, path: str, tier: str, tokens: int) -> dict:
         llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - t0
 
-    first = run(1)
+    first = run(1)  # the prompt and one token
     total = run(tokens + 1)
-    return {"s_per_token": (total - first) / tokens}
+    return {"s_per_token": (total - first) / tokens, "prefill_s": first}
 
 
-def spawn(python: Path, engine: str, path: str, tier: str, tokens: int) -> dict:
+def spawn(python: Path, engine: str, path: str, tier: str, tokens: int, prompt: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([str(python), __file__, "--child", engine, path, tier, str(tokens)], capture_output=True,
+    done = subprocess.run([str(python), __file__, "--child", engine, path, tier, str(tokens), str(prompt)],
+                          capture_output=True,
                           text=True, env=env, timeout=1800)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -200,16 +208,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=PROMPT_TOKENS, help="prompt tokens (the prefill measured)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default="glmsetup,chatglm.cpp,vllm", help="engines, comma-separated")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--setup", action="store_true", help="build the environments and conversions, then stop")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        engine, path, tier, tokens = a.child
-        print("RESULT " + json.dumps(child(engine, path, tier, int(tokens))))
+        engine, path, tier, tokens, prompt = a.child
+        print("RESULT " + json.dumps(child(engine, path, tier, int(tokens), int(prompt))))
         return
     from glmsetup import paths
 
@@ -236,33 +245,36 @@ def main() -> None:
                 files[f"chatglm.cpp {tier}"]
             cases.append((tier, engine, path))
     times: dict = {(t, e): [] for t, e, _ in cases}
+    prefills: dict = {(t, e): [] for t, e, _ in cases}
     errors: dict = {}
     for r in range(a.rounds):
         for tier, engine, path in cases:
             say(f"round {r + 1}/{a.rounds}: {engine} {tier}")
-            res = spawn(pythons[engine], engine, path, tier, a.tokens)
+            res = spawn(pythons[engine], engine, path, tier, a.tokens, a.prompt)
             if "error" in res:
                 errors[(tier, engine)] = res["error"]
             else:
                 times[(tier, engine)].append(res["s_per_token"])
+                prefills[(tier, engine)].append(res["prefill_s"])
     rows = []
     for (tier, engine), got in times.items():
         row = {"tier": tier, "engine": engine, "runs": len(got)}
         if got:
             row["tok_s"] = 1 / statistics.median(got)
             row["tok_s_each"] = [1 / x for x in got]
+            row["prefill_tok_s"] = a.prompt / statistics.median(prefills[(tier, engine)])
         else:
             row["error"] = errors.get((tier, engine), "no run")
         rows.append(row)
-    result = {"layers": a.layers, "tokens": a.tokens, "rounds": a.rounds, "rows": rows}
+    result = {"layers": a.layers, "tokens": a.tokens, "prompt": a.prompt, "rounds": a.rounds, "rows": rows}
     if a.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{a.layers} full-width layers, batch 1, {PROMPT_TOKENS}-token prompt, {a.tokens} greedy tokens; "
-          f"median of {a.rounds} fresh processes, interleaved")
-    print(f"{'tier':<8} {'engine':<12} {'decode tok/s':>12}  runs")
+    print(f"{a.layers} full-width layers, batch 1, {a.prompt}-token prompt, {a.tokens} greedy tokens; "
+          f"median of {a.rounds} fresh processes, interleaved (vLLM's prefill includes its first token)")
+    print(f"{'tier':<8} {'engine':<12} {'decode tok/s':>12} {'prefill tok/s':>14}  decode runs")
     for row in rows:
-        value = f"{row['tok_s']:12.2f}" if "tok_s" in row else f"{'error':>12}"
+        value = f"{row['tok_s']:12.2f} {row['prefill_tok_s']:14.1f}" if "tok_s" in row else f"{'error':>12} {'':>14}"
         extra = ", ".join(f"{x:.2f}" for x in row.get("tok_s_each", [])) or row.get("error", "")
         print(f"{row['tier']:<8} {row['engine']:<12} {value}  {extra}")
 

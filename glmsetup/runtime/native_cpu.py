@@ -39,7 +39,7 @@ import torch
 from glmsetup import paths
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.c"
-ABI = 3  # glm_abi() of the C file this module drives
+ABI = 4  # glm_abi() of the C file this module drives
 BLOCK = 32  # every kernel needs in_features % BLOCK == 0
 # Columns per activation block of the integer kernels (one float scale each): 128 where in_features
 # allows (ChatGLM2's 4096 and 13696 do; a quarter of the block conversions of 32, for 6e-5 of the
@@ -61,6 +61,7 @@ _SIGNATURES = {
     "glm_abi": ([], _I),
     # kind, w, scale, bias, bias dtype, x, x dtype, y, y dtype, M, N, K, qb, threads
     "glm_linear": ([_I, _P, _P, _P, _I, _P, _I, _P, _I, _L, _L, _L, _L, _I], _I),
+    "glm_dequant": ([_I, _P, _P, _P, _L, _L, _I], None),  # kind, w, scale, out, rows, K, threads
 }
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INT_DTYPES = {8: (torch.int8,), 4: (torch.int8, torch.uint8)}  # the weight's bytes as each kernel reads them
@@ -392,6 +393,21 @@ def gemv_int(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits:
     return _linear(bits, x2, qweight, scale, bias, out_dtype)
 
 
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """``q * scale`` as float32 ``[N, in_features]`` from int8 rows or the official int4 packing."""
+    N, cols = qweight.shape if qweight.dim() == 2 else (0, -1)
+    if (bits not in _INT_DTYPES or qweight.dtype not in _INT_DTYPES[bits] or in_features % 2
+            or cols != (in_features if bits == 8 else in_features // 2) or not _held(qweight, scale)
+            or not qweight.is_contiguous() or not scale.is_contiguous() or scale.dtype != torch.float32
+            or tuple(scale.shape) != (N,)):
+        raise ValueError(f"native CPU dequantize: unsupported {tuple(qweight.shape)} {qweight.dtype}, {bits} bits")
+    out = torch.empty(N, in_features, dtype=torch.float32)
+    if N and in_features:
+        _library().glm_dequant(bits, qweight.data_ptr(), scale.data_ptr(), out.data_ptr(), N, in_features,
+                               torch.get_num_threads())
+    return out
+
+
 def _self_check() -> Optional[str]:
     """Each kernel against torch's float64 product on random operands (odd row counts, an outlier in x,
     all nibble values, a bias, 16-bit inputs and outputs): None when all agree, else what missed."""
@@ -416,6 +432,7 @@ def _self_check() -> Optional[str]:
                      + bias.double(), 0)
     cases["int4"] = (gemv_int(x.bfloat16(), packed, scale, 4, out_dtype=torch.bfloat16),
                      x.bfloat16().double() @ (q4.double() * scale.double()[:, None]).T, 2.0 ** -8)
+    cases["int4 dequantized"] = (dequantize(packed, scale, 4, K), q4.double() * scale.double()[:, None], 0)
     for name, (got, want, rel) in cases.items():
         miss = (got.double() - want).abs() - rel * want.abs()
         err = float(miss.max() / want.abs().max())

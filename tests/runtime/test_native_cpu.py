@@ -236,3 +236,14 @@ def test_importing_glmsetup_shortens_openmps_spin_unless_the_user_set_it(env, wa
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                           env={**clean, **env})
     assert done.stdout.strip() == want
+
+
+@needs_native
+def test_dequantize_gives_q_times_scale_for_a_prompts_matrix_product():
+    gen, _, scale = operands(1, 37, 96)
+    q8 = torch.randint(-127, 128, (37, 96), generator=gen, dtype=torch.int8)
+    q4 = torch.randint(-8, 8, (37, 96), generator=gen, dtype=torch.int8)
+    assert torch.equal(native_cpu.dequantize(q8, scale, 8, 96), q8.float() * scale[:, None])
+    assert torch.equal(native_cpu.dequantize(pack_official(q4), scale, 4, 96), q4.float() * scale[:, None])
+    with pytest.raises(ValueError):
+        native_cpu.dequantize(q8, scale, 4, 96)  # int4 is [out, in/2]

@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GLM_ABI 3
+#define GLM_ABI 4
 /* Weight bytes ahead of the current ones that are asked for early: the hardware prefetcher stops at
    page boundaries, and asking 1-2 KB ahead brought a 2-core AVX2 EPYC from 77% to 88-100% of its
    memory read bandwidth. A prefetch never faults, so reading past the end is harmless. */
@@ -342,6 +342,25 @@ static void gemv_q4(const uint8_t *w, const float *scale, const int16_t *xq, con
                     const float *bias, void *y, int yd, long M, long N, long K, long qb, int nt) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K / 2, nt))
     INT_KERNEL_BODY(weights_q4, K / 2, 16, OUT_Q4)
+}
+
+/* out [rows, K] float32 = q * scale, row by row: kind 8 int8 rows, kind 4 the official int4 packing (a
+   prompt's rows are multiplied with these blocks as a matrix product). */
+void glm_dequant(int kind, const void *w, const float *scale, float *out, long rows, long K, int nt) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows, K, nt))
+    for (long r = 0; r < rows; r++) {
+        float s = scale[r], *o = out + r * K;
+        if (kind == 8) {
+            const int8_t *q = (const int8_t *)w + r * K;
+            for (long k = 0; k < K; k++) o[k] = (float)q[k] * s;
+        } else {
+            const int8_t *q = (const int8_t *)w + r * (K / 2);
+            for (long j = 0; j < K / 2; j++) {
+                o[2 * j] = (float)(q[j] >> 4) * s;                    /* high nibble: column 2j */
+                o[2 * j + 1] = (float)((int8_t)(q[j] << 4) >> 4) * s; /* low nibble: column 2j + 1 */
+            }
+        }
+    }
 }
 
 /* A scratch buffer per calling thread, grown as needed and kept (one allocation per thread and size). */
