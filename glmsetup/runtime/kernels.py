@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from glmsetup.runtime import cpu_linear, native_cpu
-from glmsetup.runtime.quantize import KERNEL_OPS, NATIVE, WeightOnlyLinear, backend_plan
+from glmsetup.runtime.quantize import KERNEL_OPS, NATIVE_BACKENDS, WeightOnlyLinear, backend_plan
 
 # How many times longer a decoding step's matrix-vector products take on `dequant` than on the
 # kernel, at batch 1. CPU: measured (benchmarks/quant_kernels.py-sized layers, 27392 x 4096, torch
@@ -68,7 +68,7 @@ def model_kernels(model) -> list[dict]:
         if module.backend == "dequant":
             _, reason = backend_plan(device, module.bits, module.in_features, module.out_features)
             note = fallback_message(device, module.bits, reason or "the layer was built for dequant")
-        elif module.backend not in NATIVE.values():
+        elif module.backend not in NATIVE_BACKENDS:
             note = native_fallback(device, f"int{module.bits}")
         if note and note not in group["notes"]:
             group["notes"].append(note)
@@ -116,7 +116,7 @@ def probe_report(devices: Optional[list] = None, shapes=FULL_WIDTH_SHAPES) -> li
             reasons = [r for _, r in plans if r]
             kernel = KERNEL_OPS.get(backend if backend in KERNEL_OPS else f"{device.type}_int{bits}pack")
             message = fallback_message(device, bits, reasons[0]) if reasons else None
-            if not reasons and backend not in NATIVE.values():
+            if not reasons and backend not in NATIVE_BACKENDS:
                 message = native_fallback(device, f"int{bits}")
             rows.append({"device": str(device), "bits": bits, "label": f"int{bits}", "backend": backend,
                          "kernel": kernel, "ok": not reasons, "message": message})

@@ -30,7 +30,7 @@ from glmsetup.runtime import cpu_linear, int4_layout, native_cpu
 BACKENDS = ("cpu_avx2_int8", "cpu_avx2_int4", "cpu_int8pack", "cpu_int4pack", "cuda_int8pack", "cuda_int4pack",
             "dequant")
 NATIVE = {8: "cpu_avx2_int8", 4: "cpu_avx2_int4"}  # glmsetup's own CPU kernels (runtime/native_cpu.py)
-_NATIVE_BACKENDS = frozenset(NATIVE.values())
+NATIVE_BACKENDS = frozenset(NATIVE.values())
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_INT8_MAX_ROWS = 16  # larger batches (prefill) dequantize and use cuBLAS instead
 CPU_KERNEL_MAX_ROWS = {8: 96, 4: 160}  # past this many rows, dequantized blocks and a bf16 matmul win
@@ -154,7 +154,7 @@ def backend_plan(device, bits: int, in_features: int, out_features: int) -> tupl
         return backend, None
     what = f"max error {probe.max_error:.2g} of the largest output" if probe.error is None else probe.error
     reason = f"{KERNEL_OPS[backend]} rejected by its check ({what})"
-    if backend in NATIVE.values():  # torch's kernel, if it has one and it passes, before dequant
+    if backend in NATIVE_BACKENDS:  # torch's kernel, if it has one and it passes, before dequant
         torch_backend, _ = _kernel_candidate(device, bits, in_features, out_features, native=False)
         if torch_backend and probe_kernel(torch_backend, device, bits, in_features).ok:
             return torch_backend, None
@@ -216,7 +216,7 @@ class WeightOnlyLinear(torch.nn.Module):
         chosen = mod._pick_backend(device)
         # the scale is rounded to what the kernel reads, or for glmsetup's kernels (float32 scales) to the
         # activation dtype, as the dequant fallback does: a layer quantizes to the same q on either
-        scale_dtype = _scale_dtype(chosen if chosen not in NATIVE.values() else "dequant", dtype or weight.dtype)
+        scale_dtype = _scale_dtype(chosen if chosen not in NATIVE_BACKENDS else "dequant", dtype or weight.dtype)
         if chosen == "cpu_int4pack" and weight.device.type == "cpu":
             # quantized and packed a few MB of rows at a time: the unpacked q of the whole layer (1 byte a
             # weight, twice the packed result) never exists, which keeps the loader's peak memory down
@@ -465,7 +465,7 @@ class WeightOnlyLinear(torch.nn.Module):
         # between its dequantization and its product), bf16 ones of 8 MB
         chunk = _QUANT_CHUNK_ELEMENTS * (1 if upcast else 4)
         for a, b in _row_chunks(self.out_features, self.in_features, 64, chunk):
-            if upcast and self.backend in _NATIVE_BACKENDS:  # one pass, straight from the packed bytes
+            if upcast and self.backend in NATIVE_BACKENDS:  # one pass, straight from the packed bytes
                 w32 = native_cpu.dequantize(self.qweight[a:b], scales[a:b], self.bits, self.in_features)
                 out[:, a:b] = cpu_linear.onednn_linear(x2, w32)
                 continue
@@ -485,14 +485,14 @@ class WeightOnlyLinear(torch.nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        if self.backend in _NATIVE_BACKENDS and 0 < rows <= NATIVE_MAX_ROWS and x.dtype in _NATIVE_DTYPES:
+        if self.backend in NATIVE_BACKENDS and 0 < rows <= NATIVE_MAX_ROWS and x.dtype in _NATIVE_DTYPES:
             # one call: activations read in their dtype, bias added and the result rounded in the kernel
             out = native_cpu.gemv_int(x2, self.qweight, self.scale, self.bits, bias=self.bias, out_dtype=x.dtype)
             return out.reshape(*lead, self.out_features)
         if self.backend == "dequant" or rows == 0:
             out = F.linear(x2, self.dequantize(x.dtype))
         elif self.backend.startswith("cpu_") and rows > (
-                NATIVE_MAX_ROWS if self.backend in NATIVE.values() else CPU_KERNEL_MAX_ROWS[self.bits]):
+                NATIVE_MAX_ROWS if self.backend in NATIVE_BACKENDS else CPU_KERNEL_MAX_ROWS[self.bits]):
             out = self._prefill_matmul(x2).to(x.dtype)
         elif self.backend == "cuda_int8pack" and rows > CUDA_INT8_MAX_ROWS:
             out = F.linear(x2, self.dequantize(x.dtype))
