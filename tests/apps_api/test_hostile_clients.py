@@ -110,16 +110,16 @@ def _read_response(sock: socket.socket) -> bytes:
 def test_request_headers_have_a_deadline(tiny_chat, servers):
     from glmsetup.apps.api import create_app
 
-    server = servers(create_app(*tiny_chat), header_timeout=0.5)
+    server = servers(create_app(*tiny_chat), header_timeout=1.0)
     silent = _connect(server)
     trickle = _connect(server, b"POST / HTTP/1.1\r\nHost: x\r\n")
     started = time.monotonic()
-    for _ in range(4):  # a header byte now and then does not keep the connection open
-        time.sleep(0.1)
-        trickle.sendall(b"X")
+    for _ in range(4):  # a header byte now and then does not keep the connection open; the last one well
+        time.sleep(0.1)  # before the deadline: a byte sent after the 408 would reset the connection and
+        trickle.sendall(b"X")  # could discard the answer before it is read
     answer = _read_all(trickle)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
-    assert b"did not arrive within 0.5 s" in answer
+    assert b"did not arrive within 1 s" in answer
     assert _read_all(silent) == b""  # closed, without an answer to a request never made
     assert time.monotonic() - started < 5
     # the next request on a kept-alive connection has the same deadline
@@ -251,29 +251,33 @@ def test_a_repeated_error_is_logged_once_with_a_count():
     logger.propagate = False
     handler = logging.StreamHandler(stream)
     logger.addHandler(handler)
-    logger.addFilter(RepeatFilter(window=0.3))
+    logger.addFilter(RepeatFilter(window=0.5))
     logger.setLevel(logging.INFO)
     try:
         for _ in range(3):
             logger.info("Waiting for application startup.")  # not an error: each one is shown
+        began = time.monotonic()
         for n in range(1000):
             try:
                 raise OSError(24, "Too many open files")
             except OSError:
                 logger.error("socket.accept() out of system resource (try %d)", n, exc_info=True)
         logger.warning("something else")
-        time.sleep(0.35)
+        time.sleep(0.55)
         try:
             raise OSError(24, "Too many open files")
         except OSError:
             logger.error("socket.accept() out of system resource (try %d)", 1000, exc_info=True)
+        took = time.monotonic() - began
     finally:
         logger.removeHandler(handler)
     lines = stream.getvalue().splitlines()
     assert stream.getvalue().count("Traceback") == 1
     assert lines[-2] == "something else"
-    assert lines[-1] == ("socket.accept() out of system resource (try 1000) [OSError: [Errno 24] Too many open "
-                         "files] (and 999 more like it in the last 0 s)")
+    # the run lasted 0.55 s and a little more: in whole seconds 1, or more if a loaded machine stretched it
+    assert lines[-1] in {("socket.accept() out of system resource (try 1000) [OSError: [Errno 24] Too many open "
+                          f"files] (and 999 more like it in the last {seconds} s)")
+                         for seconds in range(1, round(took) + 1)}, (lines[-1], took)
     assert lines[:3] == ["Waiting for application startup."] * 3
     assert len(lines) < 15
 
@@ -397,8 +401,9 @@ def test_an_oversized_prompt_gets_413_before_tokenizing(tiny_chat, servers):
 # --- a full queue ---------------------------------------------------------------------------------
 
 
-def _fill_and_probe(server, slow, max_queue: int) -> int:
-    """Hold the model at the gate with one request and max_queue waiting; the Retry-After of one more."""
+def _fill_and_probe(server, slow, max_queue: int, held_for: float = 0.0) -> int:
+    """Hold the model at the gate with one request and max_queue waiting; the Retry-After of one more,
+    asked for once the running one has been held `held_for` seconds more."""
     slow.gate.clear()
     body = {"messages": USER, "max_tokens": 4, "temperature": 0}
     pool = ThreadPoolExecutor(max_queue + 1)
@@ -407,6 +412,7 @@ def _fill_and_probe(server, slow, max_queue: int) -> int:
     while httpx.get(server.url + "/health", timeout=10).json()["queue"]["waiting"] < max_queue:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    time.sleep(held_for)
     r = httpx.post(server.url + CHAT, json=body, timeout=30)
     slow.gate.set()
     assert all(f.result().status_code == 200 for f in futures)
@@ -434,9 +440,10 @@ def test_retry_after_follows_the_measured_request_times(tiny_chat, servers):
     fast = EndlessModel(model)
     server = servers(create_app(tokenizer, fast, max_queue=8))
     mean = _timed_requests(server, 4, 4)
-    assert mean < 0.3
-    # 8 waiting requests of about `mean` each, and a running one held past its time: 8 x mean
-    assert _fill_and_probe(server, fast, 8) <= math.ceil(8 * mean)
+    assert mean < 1.0  # far below the 2 s a request is guessed to take before any has been measured
+    # 8 waiting requests of about `mean` each (the server's own times are a little shorter than its
+    # clients'), and a running one held past its time (else up to `mean` more): 8 x mean
+    assert _fill_and_probe(server, fast, 8, held_for=mean) <= math.ceil(8 * mean)
 
     slow = EndlessModel(model, delay=0.05)  # about 0.5 s a request
     server = servers(create_app(tokenizer, slow, max_queue=8))
