@@ -88,7 +88,8 @@ def test_integer_kernels_equal_the_float64_product(m, n, k):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,n,k", [(1, 67, 32), (4, 130, 4096), (6, 130, 96), (7, 67, 64)])  # batches: pairs of rows, tails
+@pytest.mark.parametrize("m,n,k", [(1, 67, 32), (2, 5, 64), (4, 130, 4096), (6, 130, 96), (7, 67, 64),  # pairs of rows
+                                   (8, 13, 160), (16, 130, 4096), (19, 67, 96), (40, 25, 288)])  # tiles, tails, passes
 def test_16_bit_kernel_equals_the_float64_product(dtype, m, n, k):
     gen, x, _ = operands(m, n, k)
     w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
