@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.apps_api.conftest import ABANDONED, SlowModel, abandon, wait_idle
+from tests.ports import free_port
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "Hello world"}]
@@ -182,12 +183,6 @@ def test_oversized_headers_are_refused(api):
     assert httpx.get(api.url + "/health", timeout=10).status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _few_open_files():  # runs in the server's process before it starts
     import resource
 
@@ -200,7 +195,7 @@ def test_run_api_survives_a_slowloris_flood_under_a_low_open_file_limit(tiny_mod
     """`glmsetup run api` with 256 open files allowed, 400 half-open connections: a real request is
     served and the log stays a few lines (asyncio used to log 'Too many open files' thousands of times
     a second, and real requests timed out)."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "glmsetup", "run", "api", "--model", str(tiny_model_dir),

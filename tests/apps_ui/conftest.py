@@ -1,20 +1,15 @@
 """Fixtures of the front-end tests: the tiny checkpoint loaded once per worker, free ports, a call recorder."""
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port  # noqa: F401 (the front-end tests take it from here)
+
 HERE = Path(__file__).resolve().parent
 PROFILE = "cpu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

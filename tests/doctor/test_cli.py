@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from glmsetup.doctor import probes
+
+from tests.ports import free_port
 
 from ..conftest import run_glmsetup
 from .fake_nvml import RTX_4090, FakeNVML
@@ -168,10 +169,7 @@ def server():
 
 
 def closed_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"  # nobody listens there, nor will while the test runs
 
 
 def test_online_times_each_source(cli, server):
