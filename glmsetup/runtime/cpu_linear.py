@@ -17,11 +17,12 @@ through oneDNN in float32; the result is rounded back to bfloat16 (the same prec
 linear, which also accumulates in float32). Where the CPU has bf16 instructions, torch's bf16 linear
 already runs on oneDNN and is left alone.
 
-On those same CPUs (no 16-bit hardware), a 16-bit weight and up to NATIVE_MAX_ROWS rows go through
-glmsetup's AVX2 matrix-vector kernel instead (runtime/native_cpu.py: it reads a bf16 weight at 80-90% of
-the memory bandwidth where torch's bf16 linear reaches 65%, and its cost grows slower with rows than the
-float32 conversion above: measured on a 2-core AVX2 EPYC, 27392 x 4096, 1/2/8/16 rows: 9/12/28/52 ms,
-against F.linear's 11/22/83/170 and the conversion's 24/36/46/58).
+On those same CPUs (no 16-bit hardware), 16-bit weights go through glmsetup's AVX2 kernels instead,
+whatever the number of rows (runtime/native_cpu.py: one row reads a bf16 weight at 80-90% of the memory
+bandwidth where torch's bf16 linear reaches 65%; 8 rows and more run as an outer product at about 75%
+of the CPU's float32 multiply-add peak, measured on a 2-core AVX2 EPYC, 27392 x 4096: 16 rows 49 ms of
+one core against 215 for the slice-wise conversion above and 164 for F.linear; 300 rows 74 against 61
+GFLOP/s per core for the conversion). The conversion stays for CPUs where those kernels do not run.
 
 Below MIN_ROWS rows (a decode step of one conversation) float32 weights keep F.linear (MKL's
 matrix-vector product is as fast as anything there). `linear_kernel` names what a batch of `dtype`
@@ -37,7 +38,6 @@ import torch.nn.functional as F
 from glmsetup.runtime import native_cpu
 
 MIN_ROWS = 3  # rows (batch x new tokens) from which the CPU path below replaces F.linear
-NATIVE_MAX_ROWS = 16  # rows up to which a 16-bit weight goes through the AVX2 kernel (where it is used)
 UPCAST_SLICE = 256  # output rows of a 16-bit weight converted to float32 at a time (4 MB at width 4096)
 ATEN, ONEDNN, ONEDNN_UPCAST, AVX2 = "aten", "onednn", "onednn-upcast", "avx2"
 
@@ -65,14 +65,14 @@ def native_16bit(dtype: torch.dtype) -> bool:
 
 
 def avx2_16bit(weight: torch.Tensor) -> bool:
-    """This 16-bit CPU weight goes through the AVX2 kernel for a few rows."""
+    """This 16-bit CPU weight goes through glmsetup's AVX2 kernels."""
     return (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
             and weight.is_contiguous() and not native_16bit(weight.dtype) and native_cpu.supports(weight.shape[1]))
 
 
 def linear_kernel(dtype: torch.dtype, device="cpu") -> str:
     """What a linear layer of `dtype` weights on `device` runs when MIN_ROWS or more rows come at once
-    (``avx2``: glmsetup's kernel up to NATIVE_MAX_ROWS rows, ``onednn-upcast`` past them)."""
+    (``avx2``: glmsetup's kernels, ``onednn-upcast``: the weight converted to float32 for oneDNN)."""
     if torch.device(device).type != "cpu":
         return ATEN
     if dtype in (torch.bfloat16, torch.float16) and not native_16bit(dtype) and native_cpu.available():
@@ -104,7 +104,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return module(x)  # another kind of layer, or someone watching the call (hooks)
     weight, bias = module.weight, module.bias
     x2 = x.reshape(rows, x.shape[-1])
-    if rows <= NATIVE_MAX_ROWS and x.device.type == "cpu" and avx2_16bit(weight) \
+    if x.device.type == "cpu" and avx2_16bit(weight) \
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = native_cpu.gemv16(x2, weight, bias=bias, out_dtype=x.dtype)  # bias and rounding in the kernel
         return out.view(*x.shape[:-1], weight.shape[0])

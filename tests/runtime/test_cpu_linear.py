@@ -1,8 +1,8 @@
 """runtime/cpu_linear.py: the linear layers of a decode step with several rows on the CPU.
 
 From MIN_ROWS rows a float32 layer runs oneDNN's inner product on its own weight. A bfloat16 or float16
-one (on a CPU without 16-bit instructions) runs glmsetup's AVX2 kernel up to NATIVE_MAX_ROWS rows and
-converts its weight to float32 a slice at a time past that. Fewer rows, other modules and hooked
+one (on a CPU without 16-bit instructions) runs glmsetup's AVX2 kernels for any number of rows, or,
+where those do not run, converts its weight to float32 a slice at a time. Fewer rows, other modules and hooked
 modules keep their own forward. Expected values come from torch directly.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from glmsetup.runtime import cpu_linear, native_cpu
-from glmsetup.runtime.cpu_linear import MIN_ROWS, NATIVE_MAX_ROWS, linear, linear_kernel
+from glmsetup.runtime.cpu_linear import MIN_ROWS, linear, linear_kernel
 
 NATIVE_16BIT = not torch.ops.mkldnn._is_mkldnn_bf16_supported() and native_cpu.available()
 
@@ -48,10 +48,12 @@ def test_float32_rows_run_on_onednn_and_a_single_row_on_torch(bias):
         assert torch.equal(linear(mod, one), F.linear(one, mod.weight, mod.bias))
 
 
-def test_bfloat16_rows_are_the_float32_product_rounded_once():
+def test_bfloat16_rows_are_the_float32_product_rounded_once(monkeypatch):
+    """Without glmsetup's kernels (no compiler, another CPU): the slice-wise conversion."""
+    monkeypatch.setattr(cpu_linear, "avx2_16bit", lambda weight: False)
     mod = layer(64, 600, torch.bfloat16)  # 600 output rows: three weight slices, the last one short
     assert 600 > 2 * cpu_linear.UPCAST_SLICE
-    rows = NATIVE_MAX_ROWS + 1  # past the AVX2 kernel's rows
+    rows = 17
     with torch.inference_mode():
         x = torch.randn(rows, 64).bfloat16()
         got = linear(mod, x)
@@ -65,8 +67,8 @@ def test_bfloat16_rows_are_the_float32_product_rounded_once():
 
 @pytest.mark.skipif(not NATIVE_16BIT, reason="glmsetup's AVX2 kernel does not run here (or the CPU has 16-bit hardware)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 5, NATIVE_MAX_ROWS // 2])  # two of them: up to NATIVE_MAX_ROWS
-def test_16_bit_rows_up_to_native_max_rows_run_the_avx2_kernel(dtype, rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 20])  # two of them: one row, pairs, tiles, two passes of tiles
+def test_16_bit_rows_run_the_avx2_kernels(dtype, rows, monkeypatch):
     mod = layer(96, 67, dtype)  # an odd number of output rows, split between two threads
     calls = []
     real = native_cpu.gemv16

@@ -173,14 +173,24 @@ static void gemv_w16(const uint16_t *w, int fp16, const float *x, const float *b
 #define GEMM_ROWS 8      /* from this many rows of x on */
 #define GEMM_BLOCK_M 32  /* rows of x per pass over the weights */
 
-/* xt [K][MP] <- x [M, K] (float32), rows M..MP-1 zero; bfloat16 order (even/odd) unless fp16. */
-static void transpose_x(const float *x, float *xt, long M, long MP, long K, int fp16) {
+static inline float get(const void *x, long i, int dtype) {
+    if (dtype == F32) return ((const float *)x)[i];
+    uint16_t h = ((const uint16_t *)x)[i];
+    if (dtype == F16) return _cvtsh_ss(h);
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* xt [K][MP] <- x [M, K] (dtype xd) as float32, rows M..MP-1 zero; bfloat16 order (even/odd) unless fp16. */
+static void transpose_x(const void *x, int xd, float *xt, long M, long MP, long K, int fp16) {
     memset(xt, 0, (size_t)K * MP * sizeof(float));
     for (long m = 0; m < M; m++)
         for (long k = 0; k < K; k += 16)
             for (int j = 0; j < 8; j++) {
-                xt[(k + j) * MP + m] = x[m * K + k + (fp16 ? j : 2 * j)];
-                xt[(k + 8 + j) * MP + m] = x[m * K + k + (fp16 ? 8 + j : 2 * j + 1)];
+                xt[(k + j) * MP + m] = get(x, m * K + k + (fp16 ? j : 2 * j), xd);
+                xt[(k + 8 + j) * MP + m] = get(x, m * K + k + (fp16 ? 8 + j : 2 * j + 1), xd);
             }
 }
 
@@ -479,24 +489,25 @@ int glm_linear(int kind, const void *w, const float *scale, const void *bias, in
                int yd, long M, long N, long K, long qb, int nt) {
     int tiled = kind < 4 && M >= GEMM_ROWS;
     long mp = ((M < GEMM_BLOCK_M ? M : GEMM_BLOCK_M) + 7) / 8 * 8; /* padded rows of x in one pass */
-    size_t x_bytes = ALIGN64(M * K * sizeof(float)), b_bytes = bias ? ALIGN64(N * sizeof(float)) : 0;
-    size_t t_bytes = tiled ? ALIGN64(K * mp * sizeof(float)) : 0;
+    /* scratch: x as float32 (the tiles read x through xt, one pass of rows at a time, instead), bias */
+    size_t x_bytes = tiled ? ALIGN64(K * mp * sizeof(float)) : ALIGN64(M * K * sizeof(float));
+    size_t b_bytes = bias ? ALIGN64(N * sizeof(float)) : 0;
     size_t q_bytes = kind >= 4 ? ALIGN64(M * K * sizeof(int16_t)) + ALIGN64(M * (K / qb) * sizeof(float)) +
                                  ALIGN64(M * sizeof(float)) : 0;
-    unsigned char *buf = scratch_of(x_bytes + b_bytes + t_bytes + q_bytes);
+    unsigned char *buf = scratch_of(x_bytes + b_bytes + q_bytes);
     if (!buf) return -1;
     float *x32 = (float *)buf, *b32 = bias ? (float *)(buf + x_bytes) : NULL;
-    to_f32(x, xd, x32, M * K);
     if (bias) to_f32(bias, bd, b32, N);
     if (tiled) {
-        float *xt = (float *)(buf + x_bytes + b_bytes);
+        size_t row = K * (xd == F32 ? sizeof(float) : sizeof(uint16_t));
         for (long m0 = 0; m0 < M; m0 += GEMM_BLOCK_M) {
             long rows = M - m0 < GEMM_BLOCK_M ? M - m0 : GEMM_BLOCK_M, MP = (rows + 7) / 8 * 8;
-            transpose_x(x32 + m0 * K, xt, rows, MP, K, kind == 1);
-            gemm_w16((const uint16_t *)w, kind == 1, xt, MP, b32, y, yd, m0, rows, N, K, nt);
+            transpose_x((const unsigned char *)x + m0 * row, xd, x32, rows, MP, K, kind == 1);
+            gemm_w16((const uint16_t *)w, kind == 1, x32, MP, b32, y, yd, m0, rows, N, K, nt);
         }
         return 0;
     }
+    to_f32(x, xd, x32, M * K);
     if (kind < 4) {
         gemv_w16((const uint16_t *)w, kind == 1, x32, b32, y, yd, M, N, K, nt);
         return 0;
