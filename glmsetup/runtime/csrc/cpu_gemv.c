@@ -167,7 +167,9 @@ static void gemv_w16(const uint16_t *w, int fp16, const float *x, const float *b
    and a shift per weight and row vector) and used by every row of x; the block of xt (at most
    GEMM_BLOCK_M rows, 16 KB) stays in L1 for every weight of the tile. bfloat16 weights are converted
    16 at a time into their even and odd columns (one shift, one mask), so xt lists each 16 columns in
-   that order too (a sum does not mind the order). Rows of x past GEMM_BLOCK_M go in further passes. */
+   that order too (a sum does not mind the order). Rows of x past GEMM_BLOCK_M (a prompt) go in
+   further passes over the weights: passes of 64 or 256 rows, with xt in L2, were 5-10% slower at 64
+   and 300 rows. */
 #define KC 128
 #define TILE_N 12
 #define GEMM_ROWS 8      /* from this many rows of x on */
@@ -183,37 +185,44 @@ static inline float get(const void *x, long i, int dtype) {
     return f;
 }
 
-/* xt [K][MP] <- x [M, K] (dtype xd) as float32, rows M..MP-1 zero; bfloat16 order (even/odd) unless fp16. */
+/* xt [K][MP] <- x [M, K] (dtype xd) as float32 in the column order of the weights (bfloat16: each 16
+   columns, the 8 even ones then the 8 odd ones, as weights16 gives them), rows M..MP-1 zero. */
 static void transpose_x(const void *x, int xd, float *xt, long M, long MP, long K, int fp16) {
+    int eo = !fp16;
     memset(xt, 0, (size_t)K * MP * sizeof(float));
     for (long m = 0; m < M; m++)
         for (long k = 0; k < K; k += 16)
             for (int j = 0; j < 8; j++) {
-                xt[(k + j) * MP + m] = get(x, m * K + k + (fp16 ? j : 2 * j), xd);
-                xt[(k + 8 + j) * MP + m] = get(x, m * K + k + (fp16 ? 8 + j : 2 * j + 1), xd);
+                xt[(k + j) * MP + m] = get(x, m * K + k + (eo ? 2 * j : j), xd);
+                xt[(k + 8 + j) * MP + m] = get(x, m * K + k + (eo ? 2 * j + 1 : 8 + j), xd);
             }
+}
+
+/* 16 weights from p as float32: bfloat16 (fp16 = 0) in even/odd order, by one shift and one mask;
+   float16 in their own. */
+static inline void weights16(const uint16_t *p, int fp16, float *o) {
+    if (fp16) {
+        _mm256_store_ps(o, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+        _mm256_store_ps(o + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
+    } else {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+        _mm256_store_ps(o, _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
+        _mm256_store_ps(o + 8, _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xFFFF0000u))));
+    }
 }
 
 /* wt [TILE_N][KC] <- columns [k0, k0 + kc) of rows [n0, n0 + nr) of w as float32 (rows past nr: 0). */
 static void tile_f32(const uint16_t *w, int fp16, long n0, long nr, long K, long k0, long kc, float *wt) {
-    const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
     for (long r = 0; r < TILE_N; r++) {
         float *o = wt + r * KC;
         if (r >= nr) {
             memset(o, 0, kc * sizeof(float));
             continue;
         }
-        const uint16_t *src = w + (n0 + r) * K + k0;
-        for (long k = 0; k < kc; k += 16) {
-            PREFETCH(src + k);
-            if (fp16) {
-                _mm256_store_ps(o + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + k))));
-                _mm256_store_ps(o + k + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + k + 8))));
-            } else {
-                __m256i raw = _mm256_loadu_si256((const __m256i *)(src + k));
-                _mm256_store_ps(o + k, _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
-                _mm256_store_ps(o + k + 8, _mm256_castsi256_ps(_mm256_and_si256(raw, odd)));
-            }
+        const uint16_t *row = w + (n0 + r) * K;
+        for (long k = k0; k < k0 + kc; k += 16) {
+            PREFETCH(row + k);
+            weights16(row + k, fp16, o + k - k0);
         }
     }
 }
@@ -250,8 +259,8 @@ static void kernel_12x8(const float *wt, const float *xt, long MP, long kc, floa
 }
 
 /* y rows [m0, m0 + M) from xt [K][MP] (transpose_x of those rows). */
-static void gemm_w16(const uint16_t *w, int fp16, const float *xt, long MP, const float *bias, void *y, int yd,
-                     long m0, long M, long N, long K, int nt) {
+static void gemm_tiles(const uint16_t *w, int fp16, const float *xt, long MP, const float *bias,
+                       void *y, int yd, long m0, long M, long N, long K, int nt) {
     long tiles = (N + TILE_N - 1) / TILE_N;
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
     for (long t = 0; t < tiles; t++) {
@@ -487,7 +496,7 @@ static unsigned char *scratch_of(size_t need) {
    scratch memory could not be allocated (nothing written to y). */
 int glm_linear(int kind, const void *w, const float *scale, const void *bias, int bd, const void *x, int xd, void *y,
                int yd, long M, long N, long K, long qb, int nt) {
-    int tiled = kind < 4 && M >= GEMM_ROWS;
+    int tiled = kind < 4 && M >= GEMM_ROWS; /* integer weights: their own kernels */
     long mp = ((M < GEMM_BLOCK_M ? M : GEMM_BLOCK_M) + 7) / 8 * 8; /* padded rows of x in one pass */
     /* scratch: x as float32 (the tiles read x through xt, one pass of rows at a time, instead), bias */
     size_t x_bytes = tiled ? ALIGN64(K * mp * sizeof(float)) : ALIGN64(M * K * sizeof(float));
@@ -503,7 +512,7 @@ int glm_linear(int kind, const void *w, const float *scale, const void *bias, in
         for (long m0 = 0; m0 < M; m0 += GEMM_BLOCK_M) {
             long rows = M - m0 < GEMM_BLOCK_M ? M - m0 : GEMM_BLOCK_M, MP = (rows + 7) / 8 * 8;
             transpose_x((const unsigned char *)x + m0 * row, xd, x32, rows, MP, K, kind == 1);
-            gemm_w16((const uint16_t *)w, kind == 1, x32, MP, b32, y, yd, m0, rows, N, K, nt);
+            gemm_tiles((const uint16_t *)w, kind == 1, x32, MP, b32, y, yd, m0, rows, N, K, nt);
         }
         return 0;
     }
