@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from glmsetup.runtime.modeling import ChatGLM2ForCausalLM, _rope
+from glmsetup.runtime.modeling import ChatGLM2ForCausalLM, _rope, rope_tables
 
 IGNORE = -100
 
@@ -52,7 +52,7 @@ def hidden_states(model, input_ids: torch.Tensor, prefix: Optional[list] = None,
     x = emb(input_ids.to(emb.weight.device))
     positions = torch.arange(T, device=x.device, dtype=torch.float32)
     freqs = positions[:, None] * model._inv_freq(x.device)
-    cos, sin = freqs.cos().to(x.dtype)[None, None], freqs.sin().to(x.dtype)[None, None]
+    cos, sin = (t[None, None] for t in rope_tables(freqs, x.dtype))
     mask = None
     if prefix is not None:
         P = prefix[0][0].shape[2]

@@ -123,13 +123,21 @@ def rope_settings(config) -> tuple[float, float, float]:
     return theta, partial, factor
 
 
+def rope_tables(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) for _rope from the angles [..., rot/2] of the rotated pairs: each angle's cosine twice,
+    and its sine as (-sin, sin), in `dtype`, made once per step for every layer's queries and keys."""
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first 2*cos.shape[-1] dims of each head, as adjacent (even, odd) pairs."""
-    rot = cos.shape[-1] * 2
-    pairs = x[..., :rot].unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x[..., rot:]), dim=-1)
+    """RoPE on the first cos.shape[-1] dims of each head, as adjacent (even, odd) pairs: (x0, x1) becomes
+    (x0 cos - x1 sin, x1 cos + x0 sin), written as x * cos + (x1, x0) * (-sin, sin) (the same roundings;
+    five kernels where a stack of the two halves took nine: decoding runs this twice a layer)."""
+    rot = cos.shape[-1]
+    head = x[..., :rot]
+    swapped = head.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.cat((head * cos + swapped * sin, x[..., rot:]), dim=-1)
 
 
 class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
@@ -192,7 +200,7 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
         emb = self.model.embed_tokens
         x = emb(input_ids.to(emb.weight.device))
         freqs = positions.to(x.device).float()[..., None] * self._inv_freq(x.device)
-        cos, sin = freqs.cos().to(x.dtype)[:, None], freqs.sin().to(x.dtype)[:, None]  # [B,1,T,rot/2]
+        cos, sin = (t[:, None] for t in rope_tables(freqs, x.dtype))  # [B,1,T,rot]
 
         padded = not bool(store.valid[:, :end].all())
         prefix = self.prefix_kv
