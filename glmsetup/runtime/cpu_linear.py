@@ -19,10 +19,11 @@ already runs on oneDNN and is left alone.
 
 On those same CPUs (no 16-bit hardware), 16-bit weights go through glmsetup's AVX2 kernels instead,
 whatever the number of rows (runtime/native_cpu.py: one row reads a bf16 weight at 80-90% of the memory
-bandwidth where torch's bf16 linear reaches 65%; 8 rows and more run as an outer product at about 75%
-of the CPU's float32 multiply-add peak, measured on a 2-core AVX2 EPYC, 27392 x 4096: 16 rows 49 ms of
-one core against 215 for the slice-wise conversion above and 164 for F.linear; 300 rows 74 against 61
-GFLOP/s per core for the conversion). The conversion stays for CPUs where those kernels do not run.
+bandwidth where torch's bf16 linear reaches 65%; 8 rows and more run as an outer product at 70-75%
+of the CPU's float32 multiply-add peak; measured on a 2-core AVX2 EPYC, 27392 x 4096, both cores:
+16 / 64 / 300 rows 32 / 109 / 480 ms against 63 / 130 / 520 for the slice-wise conversion above and
+98 / 178 / 475 for F.linear on a float32 copy). The conversion stays for CPUs where those kernels do
+not run.
 
 Below MIN_ROWS rows (a decode step of one conversation) float32 weights keep F.linear (MKL's
 matrix-vector product is as fast as anything there). `linear_kernel` names what a batch of `dtype`

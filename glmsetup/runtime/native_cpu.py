@@ -61,7 +61,6 @@ _SIGNATURES = {
     "glm_abi": ([], _I),
     # kind, w, scale, bias, bias dtype, x, x dtype, y, y dtype, M, N, K, qb, threads
     "glm_linear": ([_I, _P, _P, _P, _I, _P, _I, _P, _I, _L, _L, _L, _L, _I], _I),
-    "glm_dequant": ([_I, _P, _P, _P, _L, _L, _I], None),  # kind, w, scale, out, rows, K, threads
 }
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INT_DTYPES = {8: (torch.int8,), 4: (torch.int8, torch.uint8)}  # the weight's bytes as each kernel reads them
@@ -393,21 +392,6 @@ def gemv_int(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits:
     return _linear(bits, x2, qweight, scale, bias, out_dtype)
 
 
-def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """``q * scale`` as float32 ``[N, in_features]`` from int8 rows or the official int4 packing."""
-    N, cols = qweight.shape if qweight.dim() == 2 else (0, -1)
-    if (bits not in _INT_DTYPES or qweight.dtype not in _INT_DTYPES[bits] or in_features % 2
-            or cols != (in_features if bits == 8 else in_features // 2) or not _held(qweight, scale)
-            or not qweight.is_contiguous() or not scale.is_contiguous() or scale.dtype != torch.float32
-            or tuple(scale.shape) != (N,)):
-        raise ValueError(f"native CPU dequantize: unsupported {tuple(qweight.shape)} {qweight.dtype}, {bits} bits")
-    out = torch.empty(N, in_features, dtype=torch.float32)
-    if N and in_features:
-        _library().glm_dequant(bits, qweight.data_ptr(), scale.data_ptr(), out.data_ptr(), N, in_features,
-                               torch.get_num_threads())
-    return out
-
-
 def _self_check() -> Optional[str]:
     """Each kernel against torch's float64 product on random operands (odd row counts, an outlier in x,
     all nibble values, a bias, 16-bit inputs and outputs): None when all agree, else what missed."""
@@ -434,7 +418,10 @@ def _self_check() -> Optional[str]:
                      + bias.double(), 0)
     cases["int4"] = (gemv_int(x.bfloat16(), packed, scale, 4, out_dtype=torch.bfloat16),
                      x.bfloat16().double() @ (q4.double() * scale.double()[:, None]).T, 2.0 ** -8)
-    cases["int4 dequantized"] = (dequantize(packed, scale, 4, K), q4.double() * scale.double()[:, None], 0)
+    prompt = torch.cat((rows, rows, rows))  # 57 rows: a prompt's, through the float32 tiles
+    for bits, q, weight in ((8, q8, q8), (4, q4, packed)):
+        cases[f"int{bits} x 57"] = (gemv_int(prompt, weight, scale, bits),
+                                    prompt.double() @ (q.double() * scale.double()[:, None]).T, 0)
     for name, (got, want, rel) in cases.items():
         miss = (got.double() - want).abs() - rel * want.abs()
         err = float(miss.max() / want.abs().max())

@@ -34,9 +34,6 @@ NATIVE_BACKENDS = frozenset(NATIVE.values())
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_INT8_MAX_ROWS = 16  # larger batches (prefill) dequantize and use cuBLAS instead
 CPU_KERNEL_MAX_ROWS = {8: 96, 4: 160}  # past this many rows, dequantized blocks and a bf16 matmul win
-# glmsetup's AVX2 kernels: past this many rows, dequantized float32 blocks through oneDNN win (2-core AVX2
-# EPYC, 27392 x 4096 int8: 32 rows 87 vs 98 ms, 64 rows 170 vs 141)
-NATIVE_MAX_ROWS = 48
 _ROW_CHUNK_ELEMENTS = 1 << 22  # rows are packed for the int4 kernel in chunks of about this many weights
 _QUANT_CHUNK_ELEMENTS = 1 << 20  # and quantized in chunks that stay in the CPU's cache
 
@@ -465,14 +462,8 @@ class WeightOnlyLinear(torch.nn.Module):
         # between its dequantization and its product), bf16 ones of 8 MB
         chunk = _QUANT_CHUNK_ELEMENTS * (1 if upcast else 4)
         for a, b in _row_chunks(self.out_features, self.in_features, 64, chunk):
-            if upcast and self.backend in NATIVE_BACKENDS:  # one pass, straight from the packed bytes
-                w32 = native_cpu.dequantize(self.qweight[a:b], scales[a:b], self.bits, self.in_features)
-                out[:, a:b] = cpu_linear.onednn_linear(x2, w32)
-                continue
             if self.backend == "cpu_int4pack":
                 q = int4_layout.cpu_unpack(self.qweight[a:b], b - a, self.in_features)
-            elif self.backend == "cpu_avx2_int4":
-                q = unpack_int4(self.qweight[a:b], self.in_features)
             else:
                 q = self.qweight[a:b]
             if upcast:
@@ -485,14 +476,15 @@ class WeightOnlyLinear(torch.nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        if self.backend in NATIVE_BACKENDS and 0 < rows <= NATIVE_MAX_ROWS and x.dtype in _NATIVE_DTYPES:
-            # one call: activations read in their dtype, bias added and the result rounded in the kernel
-            out = native_cpu.gemv_int(x2, self.qweight, self.scale, self.bits, bias=self.bias, out_dtype=x.dtype)
-            return out.reshape(*lead, self.out_features)
+        if self.backend in NATIVE_BACKENDS and rows:
+            # one call for any number of rows (a prompt's go through the library's float32 tiles):
+            # activations read in their dtype, bias added and the result rounded in the kernel
+            x_in = x2 if x.dtype in _NATIVE_DTYPES else x2.float()
+            out = native_cpu.gemv_int(x_in, self.qweight, self.scale, self.bits, bias=self.bias, out_dtype=x_in.dtype)
+            return out.to(x.dtype).reshape(*lead, self.out_features)
         if self.backend == "dequant" or rows == 0:
             out = F.linear(x2, self.dequantize(x.dtype))
-        elif self.backend.startswith("cpu_") and rows > (
-                NATIVE_MAX_ROWS if self.backend in NATIVE_BACKENDS else CPU_KERNEL_MAX_ROWS[self.bits]):
+        elif self.backend.startswith("cpu_") and rows > CPU_KERNEL_MAX_ROWS[self.bits]:
             out = self._prefill_matmul(x2).to(x.dtype)
         elif self.backend == "cuda_int8pack" and rows > CUDA_INT8_MAX_ROWS:
             out = F.linear(x2, self.dequantize(x.dtype))

@@ -344,25 +344,18 @@ def test_tensor_op_int4_packer_matches_torchs(shape):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("native", [True, False])
-def test_long_prompts_take_the_dequantized_block_path(bits, native, monkeypatch):
-    """Past NATIVE_MAX_ROWS (glmsetup's kernels) or CPU_KERNEL_MAX_ROWS (torch's) rows the layer
-    multiplies dequantized blocks of rows (float32 through oneDNN on CPUs without bf16 hardware, else
-    bf16) instead of calling the matrix-vector kernel; both agree within the bf16 rounding of the
-    weights and output."""
+def test_long_prompts_take_the_dequantized_block_path(bits, monkeypatch):
+    """Past CPU_KERNEL_MAX_ROWS rows a layer on torch's kernels multiplies dequantized blocks of rows
+    (float32 through oneDNN on CPUs without bf16 hardware, else bf16) instead of calling the
+    matrix-vector kernel; both agree within the bf16 rounding of the weights and output."""
     backends = cpu_kernels(bits, 96)
-    if native and len(backends) == 1:
-        pytest.skip("glmsetup's CPU kernels do not run here")
     weight, bias = gaussian(208, 96), gaussian(208, 1)[:, 0]
-    layer = WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.bfloat16,
-                                        backend=backends[0] if native else backends[-1])
-    rows = (quantize.NATIVE_MAX_ROWS if native else quantize.CPU_KERNEL_MAX_ROWS[bits]) + 1
+    layer = WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.bfloat16, backend=backends[-1])
+    rows = quantize.CPU_KERNEL_MAX_ROWS[bits] + 1
     x = activations(rows, 96)
-    calls = []  # rows given to a matrix-vector kernel: torch's (through _kernel_matmul) or glmsetup's
+    calls = []  # rows given to torch's matrix-vector kernel (through _kernel_matmul)
     real = WeightOnlyLinear._kernel_matmul
     monkeypatch.setattr(WeightOnlyLinear, "_kernel_matmul", lambda self, x2: calls.append(x2.shape[0]) or real(self, x2))
-    native_real = native_cpu.gemv_int
-    monkeypatch.setattr(native_cpu, "gemv_int", lambda x2, *a, **kw: calls.append(x2.shape[0]) or native_real(x2, *a, **kw))
     monkeypatch.setattr(quantize, "_QUANT_CHUNK_ELEMENTS", 64 * 96 // 4)  # several 64-row blocks
     y = layer(x)
     assert calls == [] and y.dtype == torch.bfloat16
@@ -373,6 +366,25 @@ def test_long_prompts_take_the_dequantized_block_path(bits, native, monkeypatch)
     assert ((y.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item() <= REL_BOUND[bits]
     layer(x[:rows - 1])
     assert calls == [rows - 1]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_glmsetups_kernels_take_a_prompt_of_any_length_in_one_call(bits, monkeypatch):
+    """On glmsetup's CPU kernels a long prompt is one call too (the library's float32 tiles past 48
+    rows): the dequantized weights times the bf16 activations in float32, rounded once to bf16."""
+    backends = cpu_kernels(bits, 96)
+    if len(backends) == 1:
+        pytest.skip("glmsetup's CPU kernels do not run here")
+    weight, bias = gaussian(208, 96), gaussian(208, 1)[:, 0]
+    layer = WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.bfloat16, backend=backends[0])
+    calls = []
+    native_real = native_cpu.gemv_int
+    monkeypatch.setattr(native_cpu, "gemv_int", lambda x2, *a, **kw: calls.append(x2.shape[0]) or native_real(x2, *a, **kw))
+    x = activations(130, 96)
+    y = layer(x)
+    assert calls == [130] and y.dtype == torch.bfloat16
+    want = x.double() @ layer.dequantize().double().T + layer.bias.double()
+    assert bool(((y.double() - want).abs() <= 2.0 ** -8 * want.abs() + 1e-6 * want.abs().max()).all())
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -155,7 +155,8 @@ static void gemv_w16(const uint16_t *w, int fp16, const float *x, const float *b
     }
 }
 
-/* Batches (GEMM_ROWS rows of x and more): at 16 rows a 16-bit layer is bound by multiply-adds, not
+/* Batches (GEMM_ROWS rows of x and more on 16-bit weights; prompts, past INT_ROWS, on integer ones,
+   whose weights the tiles multiply by their scales as they convert them): at 16 rows a 16-bit layer is bound by multiply-adds, not
    memory, and dot products (a sum per pair of rows, reduced at the end) run out of registers before
    they keep both FMA units busy. Here the product is an outer one, as BLAS libraries compute it: x is
    transposed once per call (xt [K][MP], each column k holding the rows of x, padded to MP, a multiple
@@ -174,6 +175,7 @@ static void gemv_w16(const uint16_t *w, int fp16, const float *x, const float *b
 #define TILE_N 12
 #define GEMM_ROWS 8      /* from this many rows of x on */
 #define GEMM_BLOCK_M 32  /* rows of x per pass over the weights */
+#define INT_ROWS 48      /* integer weights: their own kernels up to this many rows (as fast), the tiles past */
 
 static inline float get(const void *x, long i, int dtype) {
     if (dtype == F32) return ((const float *)x)[i];
@@ -185,10 +187,42 @@ static inline float get(const void *x, long i, int dtype) {
     return f;
 }
 
-/* xt [K][MP] <- x [M, K] (dtype xd) as float32 in the column order of the weights (bfloat16: each 16
-   columns, the 8 even ones then the 8 odd ones, as weights16 gives them), rows M..MP-1 zero. */
-static void transpose_x(const void *x, int xd, float *xt, long M, long MP, long K, int fp16) {
-    int eo = !fp16;
+/* Whether the weights of `kind` come out of weights16 in even/odd order (each 16 columns: the 8 even,
+   then the 8 odd): bfloat16 (split by one shift and one mask) and int4 (high nibbles are the even
+   columns). */
+static inline int even_odd(int kind) { return kind == 0 || kind == 4; }
+
+/* Weights of a row from column k (a multiple of 16), 16 of them as float32 in the order of `kind`:
+   0 bfloat16, 1 float16, 8 int8 x scale, 4 the official int4 packing x scale. */
+static inline void weights16(int kind, const void *row, long k, float scale, float *o) {
+    if (kind == 0) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
+        _mm256_store_ps(o, _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
+        _mm256_store_ps(o + 8, _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xFFFF0000u))));
+    } else if (kind == 1) {
+        const uint16_t *p = (const uint16_t *)row + k;
+        _mm256_store_ps(o, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+        _mm256_store_ps(o + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
+    } else if (kind == 8) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)((const int8_t *)row + k));
+        __m256 s = _mm256_set1_ps(scale);
+        _mm256_store_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s));
+        _mm256_store_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), s));
+    } else { /* each byte sign-extended: >> 4 gives the high nibble, << 28 >> 28 the low one, both signed */
+        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)row + k / 2)));
+        __m256 s = _mm256_set1_ps(scale);
+        _mm256_store_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4)), s));
+        _mm256_store_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28)), s));
+    }
+}
+
+/* Bytes of a weight row of K columns of `kind`. */
+static inline long row_bytes(int kind, long K) { return kind == 8 ? K : kind == 4 ? K / 2 : 2 * K; }
+
+/* xt [K][MP] <- x [M, K] (dtype xd) as float32 in the column order weights16 gives the weights of
+   `kind` in, rows M..MP-1 zero. */
+static void transpose_x(const void *x, int xd, float *xt, long M, long MP, long K, int kind) {
+    int eo = even_odd(kind);
     memset(xt, 0, (size_t)K * MP * sizeof(float));
     for (long m = 0; m < M; m++)
         for (long k = 0; k < K; k += 16)
@@ -198,31 +232,21 @@ static void transpose_x(const void *x, int xd, float *xt, long M, long MP, long 
             }
 }
 
-/* 16 weights from p as float32: bfloat16 (fp16 = 0) in even/odd order, by one shift and one mask;
-   float16 in their own. */
-static inline void weights16(const uint16_t *p, int fp16, float *o) {
-    if (fp16) {
-        _mm256_store_ps(o, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
-        _mm256_store_ps(o + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
-    } else {
-        __m256i raw = _mm256_loadu_si256((const __m256i *)p);
-        _mm256_store_ps(o, _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
-        _mm256_store_ps(o + 8, _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xFFFF0000u))));
-    }
-}
 
 /* wt [TILE_N][KC] <- columns [k0, k0 + kc) of rows [n0, n0 + nr) of w as float32 (rows past nr: 0). */
-static void tile_f32(const uint16_t *w, int fp16, long n0, long nr, long K, long k0, long kc, float *wt) {
+static void tile_f32(int kind, const void *w, const float *scale, long n0, long nr, long K, long k0, long kc,
+                     float *wt) {
     for (long r = 0; r < TILE_N; r++) {
         float *o = wt + r * KC;
         if (r >= nr) {
             memset(o, 0, kc * sizeof(float));
             continue;
         }
-        const uint16_t *row = w + (n0 + r) * K;
+        const unsigned char *row = (const unsigned char *)w + (n0 + r) * row_bytes(kind, K);
+        float s = scale ? scale[n0 + r] : 1.f;
         for (long k = k0; k < k0 + kc; k += 16) {
-            PREFETCH(row + k);
-            weights16(row + k, fp16, o + k - k0);
+            PREFETCH(row + row_bytes(kind, k));
+            weights16(kind, row, k, s, o + k - k0);
         }
     }
 }
@@ -258,8 +282,8 @@ static void kernel_12x8(const float *wt, const float *xt, long MP, long kc, floa
     for (int n = 0; n < 12; n++) _mm256_storeu_ps(c + n * MP, _mm256_add_ps(_mm256_loadu_ps(c + n * MP), a[n]));
 }
 
-/* y rows [m0, m0 + M) from xt [K][MP] (transpose_x of those rows). */
-static void gemm_tiles(const uint16_t *w, int fp16, const float *xt, long MP, const float *bias,
+/* y rows [m0, m0 + M) from xt [K][MP] (transpose_x of those rows); scale: the integer kinds' per row. */
+static void gemm_tiles(int kind, const void *w, const float *scale, const float *xt, long MP, const float *bias,
                        void *y, int yd, long m0, long M, long N, long K, int nt) {
     long tiles = (N + TILE_N - 1) / TILE_N;
 #pragma omp parallel for schedule(static) num_threads(threads_for(N, K, nt))
@@ -270,7 +294,7 @@ static void gemm_tiles(const uint16_t *w, int fp16, const float *xt, long MP, co
         memset(c, 0, sizeof(float) * TILE_N * MP);
         for (long k0 = 0; k0 < K; k0 += KC) {
             long kc = K - k0 < KC ? K - k0 : KC;
-            tile_f32(w, fp16, n0, nr, K, k0, kc, wt);
+            tile_f32(kind, w, scale, n0, nr, K, k0, kc, wt);
             long m = 0;
             for (; m + 16 <= MP; m += 16)
                 for (int r = 0; r < TILE_N; r += 6) kernel_6x16(wt + r * KC, xt + k0 * MP + m, MP, kc, c + r * MP + m);
@@ -456,25 +480,6 @@ static void gemv_q4(const uint8_t *w, const float *scale, const int16_t *xq, con
     INT_KERNEL_BODY(weights_q4, K / 2, 16, OUT_Q4)
 }
 
-/* out [rows, K] float32 = q * scale, row by row: kind 8 int8 rows, kind 4 the official int4 packing (a
-   prompt's rows are multiplied with these blocks as a matrix product). */
-void glm_dequant(int kind, const void *w, const float *scale, float *out, long rows, long K, int nt) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows, K, nt))
-    for (long r = 0; r < rows; r++) {
-        float s = scale[r], *o = out + r * K;
-        if (kind == 8) {
-            const int8_t *q = (const int8_t *)w + r * K;
-            for (long k = 0; k < K; k++) o[k] = (float)q[k] * s;
-        } else {
-            const int8_t *q = (const int8_t *)w + r * (K / 2);
-            for (long j = 0; j < K / 2; j++) {
-                o[2 * j] = (float)(q[j] >> 4) * s;                    /* high nibble: column 2j */
-                o[2 * j + 1] = (float)((int8_t)(q[j] << 4) >> 4) * s; /* low nibble: column 2j + 1 */
-            }
-        }
-    }
-}
-
 /* A scratch buffer per calling thread, grown as needed and kept (one allocation per thread and size). */
 static __thread unsigned char *scratch;
 static __thread size_t scratch_size;
@@ -496,13 +501,13 @@ static unsigned char *scratch_of(size_t need) {
    scratch memory could not be allocated (nothing written to y). */
 int glm_linear(int kind, const void *w, const float *scale, const void *bias, int bd, const void *x, int xd, void *y,
                int yd, long M, long N, long K, long qb, int nt) {
-    int tiled = kind < 4 && M >= GEMM_ROWS; /* integer weights: their own kernels */
+    int tiled = kind < 4 ? M >= GEMM_ROWS : M > INT_ROWS;
     long mp = ((M < GEMM_BLOCK_M ? M : GEMM_BLOCK_M) + 7) / 8 * 8; /* padded rows of x in one pass */
     /* scratch: x as float32 (the tiles read x through xt, one pass of rows at a time, instead), bias */
     size_t x_bytes = tiled ? ALIGN64(K * mp * sizeof(float)) : ALIGN64(M * K * sizeof(float));
     size_t b_bytes = bias ? ALIGN64(N * sizeof(float)) : 0;
-    size_t q_bytes = kind >= 4 ? ALIGN64(M * K * sizeof(int16_t)) + ALIGN64(M * (K / qb) * sizeof(float)) +
-                                 ALIGN64(M * sizeof(float)) : 0;
+    size_t q_bytes = kind < 4 || tiled ? 0 : ALIGN64(M * K * sizeof(int16_t)) +
+                                             ALIGN64(M * (K / qb) * sizeof(float)) + ALIGN64(M * sizeof(float));
     unsigned char *buf = scratch_of(x_bytes + b_bytes + q_bytes);
     if (!buf) return -1;
     float *x32 = (float *)buf, *b32 = bias ? (float *)(buf + x_bytes) : NULL;
@@ -511,8 +516,8 @@ int glm_linear(int kind, const void *w, const float *scale, const void *bias, in
         size_t row = K * (xd == F32 ? sizeof(float) : sizeof(uint16_t));
         for (long m0 = 0; m0 < M; m0 += GEMM_BLOCK_M) {
             long rows = M - m0 < GEMM_BLOCK_M ? M - m0 : GEMM_BLOCK_M, MP = (rows + 7) / 8 * 8;
-            transpose_x((const unsigned char *)x + m0 * row, xd, x32, rows, MP, K, kind == 1);
-            gemm_tiles((const uint16_t *)w, kind == 1, x32, MP, b32, y, yd, m0, rows, N, K, nt);
+            transpose_x((const unsigned char *)x + m0 * row, xd, x32, rows, MP, K, kind);
+            gemm_tiles(kind, w, kind >= 4 ? scale : NULL, x32, MP, b32, y, yd, m0, rows, N, K, nt);
         }
         return 0;
     }
