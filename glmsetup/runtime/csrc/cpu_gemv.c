@@ -10,8 +10,8 @@
    and the only rounding left is x's, at most 1/65534 of its block's largest value (bfloat16 activations,
    which torch's int8/int4 kernels take, round each value to 1/512 of itself).
 
-   Every weight is read once per call whatever the number of rows; rows of W are split between the
-   threads (OpenMP; torch's own OpenMP runtime when it is loaded, so the two share one pool).
+   Every weight is read once per call for up to 32 rows of x (once per 32 rows past that); rows of W
+   are split between the threads (OpenMP; torch's own OpenMP runtime when it is loaded, so the two share one pool).
    K must be a multiple of 32 (and of qb). The Python side checks shapes, types and contiguity before calling. */
 #include <float.h>
 #include <immintrin.h>
@@ -156,8 +156,8 @@ static void gemv_w16(const uint16_t *w, int fp16, const float *x, const float *b
 }
 
 /* Batches (GEMM_ROWS rows of x and more on 16-bit weights; prompts, past INT_ROWS, on integer ones,
-   whose weights the tiles multiply by their scales as they convert them): at 16 rows a 16-bit layer is bound by multiply-adds, not
-   memory, and dot products (a sum per pair of rows, reduced at the end) run out of registers before
+   whose weights the tiles multiply by their scales as they convert them): at 16 rows a 16-bit layer
+   is bound by multiply-adds, not memory, and dot products (a sum per pair of rows, reduced at the end) run out of registers before
    they keep both FMA units busy. Here the product is an outer one, as BLAS libraries compute it: x is
    transposed once per call (xt [K][MP], each column k holding the rows of x, padded to MP, a multiple
    of 8), so that 8 rows of x are one vector; one weight times such a vector adds to 8 outputs at once.
@@ -231,7 +231,6 @@ static void transpose_x(const void *x, int xd, float *xt, long M, long MP, long 
                 xt[(k + 8 + j) * MP + m] = get(x, m * K + k + (eo ? 2 * j + 1 : 8 + j), xd);
             }
 }
-
 
 /* wt [TILE_N][KC] <- columns [k0, k0 + kc) of rows [n0, n0 + nr) of w as float32 (rows past nr: 0). */
 static void tile_f32(int kind, const void *w, const float *scale, long n0, long nr, long K, long k0, long kc,
