@@ -16,6 +16,7 @@
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -479,17 +480,41 @@ static void gemv_q4(const uint8_t *w, const float *scale, const int16_t *xq, con
     INT_KERNEL_BODY(weights_q4, K / 2, 16, OUT_Q4)
 }
 
-/* A scratch buffer per calling thread, grown as needed and kept (one allocation per thread and size). */
-static __thread unsigned char *scratch;
-static __thread size_t scratch_size;
+/* A scratch buffer per calling thread, grown as needed and kept (one allocation per thread and size),
+   freed when the thread ends (a thread-specific key's destructor: a plain __thread pointer was lost
+   with its thread, and a chat answering each turn on a new thread grew by up to 4 MB a turn). */
+struct scratch {
+    unsigned char *p;
+    size_t size;
+};
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_keyed;
+
+static void scratch_free(void *s) {
+    free(((struct scratch *)s)->p);
+    free(s);
+}
+
+static void scratch_init(void) { scratch_keyed = pthread_key_create(&scratch_key, scratch_free) == 0; }
 
 static unsigned char *scratch_of(size_t need) {
-    if (need > scratch_size) {
-        free(scratch);
-        scratch = malloc(need);
-        scratch_size = scratch ? need : 0;
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_keyed) return NULL;
+    struct scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scratch_key, s)) {
+            free(s);
+            return NULL;
+        }
     }
-    return scratch;
+    if (need > s->size) {
+        free(s->p);
+        s->p = malloc(need);
+        s->size = s->p ? need : 0;
+    }
+    return s->p;
 }
 
 #define ALIGN64(n) (((size_t)(n) + 63) / 64 * 64)
