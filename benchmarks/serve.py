@@ -194,6 +194,7 @@ def serve_child(model_dir: str, profile: str, http: str, max_batch: int) -> None
     from glmsetup.apps.api import ServerThread, create_app
 
     tokenizer, model = glmsetup.load_chat_model(model_dir, profile=profile)
+    say_kernels(model, profile)
     loop = {"h11": "asyncio", "httptools": "auto"}.get(http, "auto")
     servers = {mode: ServerThread(create_app(tokenizer, model, max_queue=64, max_batch=batch), http=http,
                                   loop=loop).start() for mode, batch in (("batched", max_batch), ("serial", 1))}
@@ -212,6 +213,22 @@ def serve_child(model_dir: str, profile: str, http: str, max_batch: int) -> None
         print(json.dumps(result), flush=True)
     for server in servers.values():
         server.stop()
+
+
+def say_kernels(model, profile: str) -> None:
+    """On stderr, what the numbers are of: the profile, the kernel of each kind of layer (as `glmsetup run`
+    prints it, with its warnings) and what a step of several rows runs (/health's linear_kernel)."""
+    from glmsetup.runtime.cpu_linear import linear_kernel
+    from glmsetup.runtime.kernels import summary_line
+
+    info = getattr(model, "load_info", None) or {}
+    groups = info.get("kernels") or []
+    layers = summary_line(groups) if groups else f"{str(model.dtype).removeprefix('torch.')} on torch's kernels"
+    print(f"profile {profile}: {layers}; several rows at once: {linear_kernel(model.dtype, model.device)}",
+          file=sys.stderr, flush=True)
+    for group in groups:
+        for note in group.get("notes", []):
+            print(f"warning: {note}", file=sys.stderr, flush=True)
 
 
 def summarize(run: dict, runs: list) -> dict:
@@ -265,16 +282,23 @@ def print_table(rows: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", choices=["tiny", "full", "both"], default="both")
+    parser.add_argument("--checkpoint", choices=["tiny", "full", "both"], default="both",
+                        help="built checkpoint with random weights: tiny (test widths, quick) or full (ChatGLM2-6B's "
+                             "widths, --layers layers; minutes on a small CPU); default both")
     parser.add_argument("--model", type=Path, help="benchmark this model folder instead of built checkpoints")
     parser.add_argument("--layers", type=int, default=2, help="layers of the built checkpoints (default 2)")
-    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--profile", default="cpu",
+                        help="glmsetup profile the model loads with (default cpu, float32; cpu-bf16, cpu-int8, "
+                             "cpu-int4 run glmsetup's AVX2 kernels where they build)")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request (default 64)")
-    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--clients", default="1,4,16",
+                        help="comma-separated numbers of concurrent streaming clients (default 1,4,16)")
     parser.add_argument("--modes", default="batched,serial",
                         help="of batched, serial, direct (default batched,serial)")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's max_batch (default 16)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs at one client; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="how many runs at one client, the baseline of 'x 1 client': the fastest counts "
+                             "(default 3; more clients run once)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads in the model process (OMP_NUM_THREADS; default: torch's choice)")
     parser.add_argument("--full-tokens", type=int, help="max_tokens per request for the full-width checkpoint")
