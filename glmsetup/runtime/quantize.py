@@ -8,7 +8,8 @@ reads (``backend``: ``cpu_avx2_int8``, ``cpu_avx2_int4``, ``cpu_int8pack``, ``cp
 kernel is checked once per process on a probe layer and replaced (by torch's kernel, then ``dequant``)
 if it disagrees with the dequantized product. On x86-64 Linux CPUs with AVX2, glmsetup's own kernels
 (native_cpu.py) come first: the official layouts as they are (int8 rows; the int4 two-per-byte
-packing), float32 per-row scales, activations quantized to int16 per 128 or 32 columns inside the kernel.
+packing), float32 per-row scales, activations quantized to int16 per 128 or 32 columns inside the kernel
+(up to 48 rows; a prompt past them runs on float32 tiles, each weight times its scale).
 Otherwise torch's CPU kernels run in bf16 (the only vectorized dtype on x86) with per-row scales held in bf16; the int4
 kernel's groups and (scale, zero) pairs reproduce the per-row symmetric values exactly (each group
 gets the row's scale, zero 0, nibble ``q + 8``). ``state_dict()`` always holds the official layout
