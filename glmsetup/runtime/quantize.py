@@ -480,8 +480,10 @@ class WeightOnlyLinear(torch.nn.Module):
         if self.backend in NATIVE_BACKENDS and rows:
             # one call for any number of rows (a prompt's go through the library's float32 tiles):
             # activations read in their dtype, bias added and the result rounded in the kernel
+            # (a float64 layer, after .double(): x and bias in float32)
             x_in = x2 if x.dtype in _NATIVE_DTYPES else x2.float()
-            out = native_cpu.gemv_int(x_in, self.qweight, self.scale, self.bits, bias=self.bias, out_dtype=x_in.dtype)
+            bias = self.bias if self.bias is None or self.bias.dtype in _NATIVE_DTYPES else self.bias.float()
+            out = native_cpu.gemv_int(x_in, self.qweight, self.scale, self.bits, bias=bias, out_dtype=x_in.dtype)
             return out.to(x.dtype).reshape(*lead, self.out_features)
         if self.backend == "dequant" or rows == 0:
             out = F.linear(x2, self.dequantize(x.dtype))

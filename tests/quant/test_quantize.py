@@ -388,6 +388,26 @@ def test_glmsetups_kernels_take_a_prompt_of_any_length_in_one_call(bits, monkeyp
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_a_float64_layer_on_glmsetups_kernels_runs_decoding_and_prompts(bits):
+    """After .double() (a dtype cast only changes the activation dtype and the bias) the kernels, which
+    take 16/32-bit operands, get x and the bias in float32: a float64 bias was handed to them as it was
+    and refused."""
+    backends = cpu_kernels(bits, 96)
+    if len(backends) == 1:
+        pytest.skip("glmsetup's CPU kernels do not run here")
+    weight, bias = gaussian(40, 96, dtype=torch.float32), gaussian(40, 1, dtype=torch.float32)[:, 0]
+    layer = WeightOnlyLinear.from_float(weight, bias, bits, device="cpu", dtype=torch.float32,
+                                        backend=backends[0]).double()
+    assert layer.bias.dtype == torch.float64
+    for rows in (3, 60):  # the integer kernels, the float32 tiles
+        x = activations(rows, 96, dtype=torch.float64)
+        y = layer(x)
+        want = x @ layer.dequantize().double().T + layer.bias
+        assert y.dtype == torch.float64
+        assert float((y - want).abs().max()) <= 1e-3 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_each_row_chunk_is_released_once_read(bits, monkeypatch):
     """The loader hands from_float a release hook for memory-mapped sources: every row is handed back
     once, in chunks, so a 224 MB fp16 layer's pages do not all stay resident while it is quantized."""
