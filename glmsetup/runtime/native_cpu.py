@@ -3,8 +3,10 @@
 A decoding step reads every weight once, so its speed is set by how fast the matrix-vector products
 stream the weights. On x86 CPUs with AVX2 but no AVX-512 (most AMD EPYC/Ryzen, pre-2017 Intel), torch's
 kernels reach 60-65% of the memory bandwidth for bf16 and int8 and 25% for int4 (docs/runtime.md,
-"CPU kernels"); ``csrc/cpu_gemv.c`` reaches 80-90% for all three, and computes the int8/int4 products
-on int16-quantized activations (more precise than the bf16 activations torch's kernels take).
+"Kernels"); ``csrc/cpu_gemv.c`` reaches 75-90% for all three, and computes the int8/int4 products
+on int16-quantized activations (more precise than the bf16 activations torch's kernels take). Batches
+and prompts (8 rows and more on 16-bit weights, past 48 on integer ones) run its outer-product tiles
+in float32, near the CPU's multiply-add peak.
 
 The C file ships with the package and is compiled on first use with the system's C compiler (``$CC``,
 else cc, gcc or clang; about a second) into ``$GLMSETUP_HOME/kernels/``, keyed by the source, the
@@ -52,9 +54,9 @@ OUTPUT_LIMIT = 1 << 20  # bytes of a compiler's output kept; past them it is sto
 STALE_SECONDS = 3600  # a temporary build file this old is left over from a killed build
 OFF_VALUES = ("0", "off", "no", "false")
 # What torch's kernels cost instead, per decoding step's matrix products, measured with
-# benchmarks/quant_kernels.py on a 2-core AVX2 EPYC (27392 x 4096 layer): bf16 22 vs 18 GB/s, int8 22 vs
-# 18, int4 19 vs 7.2.
-TORCH_SLOWDOWN = {"bf16": 1.2, "int8": 1.2, "int4": 2.6}
+# benchmarks/quant_kernels.py on a 2-core AVX2 EPYC (one 27392 x 4096 layer, one row): bf16 11.5 vs 9.4 ms,
+# int8 6.5 vs 4.4, int4 8.2 vs 2.6 (a batch of 16 rows in bf16 costs 2x: 63 vs 32 ms).
+TORCH_SLOWDOWN = {"bf16": 1.2, "int8": 1.5, "int4": 3.2}
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _SIGNATURES = {
@@ -205,7 +207,8 @@ def _compile(cc: list, dest: Path):
         try:
             code, output = _run(cc + list(FLAGS) + [str(SOURCE), "-o", tmp], BUILD_SECONDS)
         except OSError as exc:
-            raise RuntimeError(f"the C compiler {cc[0]} could not start ({exc.strerror})") from None
+            raise RuntimeError(f"the C compiler {cc[0]} could not start ({exc.strerror}; check CC, or unset it "
+                               "to use cc, gcc or clang)") from None
         except RuntimeError as exc:  # took too long, printed too much
             raise RuntimeError(f"the C compiler {cc[0]} {exc}") from None
         if code != 0:

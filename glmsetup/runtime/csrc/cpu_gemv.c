@@ -5,10 +5,11 @@
      - int8 [N, K] and a float32 scale per row (the official int8 scheme);
      - the official int4 packing [N, K/2]: byte j of a row holds column 2j in its high nibble and column
        2j+1 in its low nibble, two's complement, and a float32 scale per row.
-   For the integer weights, x is first quantized to int16 in blocks of qb columns (128 or 32; one float
-   scale per block, from the block's largest magnitude): the products are exact integers summed in int32,
-   and the only rounding left is x's, at most 1/65534 of its block's largest value (bfloat16 activations,
-   which torch's int8/int4 kernels take, round each value to 1/512 of itself).
+   For the integer weights (up to INT_ROWS rows of x), x is first quantized to int16 in blocks of qb
+   columns (128 or 32; one float scale per block, from the block's largest magnitude): the products are
+   exact integers summed in int32, and the only rounding left is x's, at most 1/65534 of its block's
+   largest value (bfloat16 activations, which torch's int8/int4 kernels take, round each value to 1/512
+   of itself). Batches and prompts go through float32 tiles (an outer product, below).
 
    Every weight is read once per call for up to 32 rows of x (once per 32 rows past that); rows of W
    are split between the threads (OpenMP; torch's own OpenMP runtime when it is loaded, so the two share one pool).
