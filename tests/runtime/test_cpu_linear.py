@@ -29,7 +29,7 @@ def onednn(x, mod):
 
 
 def test_the_kernel_each_dtype_gets_is_reported():
-    assert linear_kernel(torch.float32) == "onednn"
+    assert linear_kernel(torch.float32) == ("avx2+onednn" if native_cpu.available() else "onednn")
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert linear_kernel(torch.bfloat16) == ("aten" if native_bf16 else "avx2" if NATIVE_16BIT else "onednn-upcast")
     assert linear_kernel(torch.float32, "meta") == "aten"  # not the CPU: torch's own linear
@@ -46,6 +46,23 @@ def test_float32_rows_run_on_onednn_and_a_single_row_on_torch(bias):
         assert torch.allclose(got, F.linear(rows, mod.weight, mod.bias), rtol=1e-5, atol=1e-5)
         one = torch.randn(1, 1, 96)
         assert torch.equal(linear(mod, one), F.linear(one, mod.weight, mod.bias))
+
+
+@pytest.mark.skipif(not native_cpu.available(), reason="glmsetup's AVX2 kernels do not run here")
+@pytest.mark.parametrize("rows", [cpu_linear.F32_TILE_ROWS[0], 20, cpu_linear.F32_TILE_ROWS[1]])
+def test_float32_batches_of_8_to_32_rows_run_glmsetups_tiles(rows, monkeypatch):
+    mod = layer(96, 67)
+    calls = []
+    real = native_cpu.gemm32
+    monkeypatch.setattr(native_cpu, "gemm32", lambda x, w, **kw: calls.append(x.shape) or real(x, w, **kw))
+    with torch.inference_mode():
+        x = torch.randn(rows, 96)
+        got = linear(mod, x)
+        for other in (cpu_linear.F32_TILE_ROWS[0] - 1, cpu_linear.F32_TILE_ROWS[1] + 1):  # oneDNN
+            assert torch.equal(linear(mod, x[:1].expand(other, 96)), onednn(x[:1].expand(other, 96), mod))
+    want = F.linear(x.double(), mod.weight.detach().double(), mod.bias.detach().double())
+    assert calls == [(rows, 96)] and got.dtype == torch.float32
+    assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
 def test_bfloat16_rows_are_the_float32_product_rounded_once(monkeypatch):

@@ -100,6 +100,17 @@ def test_16_bit_kernel_equals_the_float64_product(dtype, m, n, k):
 
 
 @needs_native
+@pytest.mark.parametrize("m,n,k", [(1, 13, 32), (8, 67, 160), (16, 130, 4096), (40, 25, 288)])
+def test_float32_tiles_equal_the_float64_product(m, n, k):
+    gen, x, _ = operands(m, n, k)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    bias = torch.randn(n, generator=gen)
+    close(native_cpu.gemm32(x.float(), w, bias=bias), x @ w.double().T + bias.double(), 1e-6)
+    with pytest.raises(ValueError):
+        native_cpu.gemm32(x.float(), w.bfloat16())
+
+
+@needs_native
 def test_a_nan_or_inf_activation_gives_nan_not_a_quiet_number():
     _, x, scale = operands(2, 8, 64)
     x[1, 3] = float("nan")

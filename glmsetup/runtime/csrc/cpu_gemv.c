@@ -1,7 +1,7 @@
 /* Matrix-vector kernels for decoding on x86-64 CPUs with AVX2, FMA and F16C (glmsetup/runtime/native_cpu.py).
 
    y[m, n] = sum_k W[n, k] * x[m, k] for a few rows m (a decoding step), with W in one of:
-     - bfloat16 or float16 [N, K] (a 16-bit nn.Linear weight), x float32;
+     - bfloat16 or float16 [N, K] (a 16-bit nn.Linear weight), x float32; float32 for batches;
      - int8 [N, K] and a float32 scale per row (the official int8 scheme);
      - the official int4 packing [N, K/2]: byte j of a row holds column 2j in its high nibble and column
        2j+1 in its low nibble, two's complement, and a float32 scale per row.
@@ -195,7 +195,7 @@ static inline float get(const void *x, long i, int dtype) {
 static inline int even_odd(int kind) { return kind == 0 || kind == 4; }
 
 /* Weights of a row from column k (a multiple of 16), 16 of them as float32 in the order of `kind`:
-   0 bfloat16, 1 float16, 8 int8 x scale, 4 the official int4 packing x scale. */
+   0 bfloat16, 1 float16, 2 float32, 8 int8 x scale, 4 the official int4 packing x scale. */
 static inline void weights16(int kind, const void *row, long k, float scale, float *o) {
     if (kind == 0) {
         __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
@@ -205,6 +205,10 @@ static inline void weights16(int kind, const void *row, long k, float scale, flo
         const uint16_t *p = (const uint16_t *)row + k;
         _mm256_store_ps(o, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
         _mm256_store_ps(o + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
+    } else if (kind == 2) {
+        const float *p = (const float *)row + k;
+        _mm256_store_ps(o, _mm256_loadu_ps(p));
+        _mm256_store_ps(o + 8, _mm256_loadu_ps(p + 8));
     } else if (kind == 8) {
         __m128i raw = _mm_loadu_si128((const __m128i *)((const int8_t *)row + k));
         __m256 s = _mm256_set1_ps(scale);
@@ -219,7 +223,7 @@ static inline void weights16(int kind, const void *row, long k, float scale, flo
 }
 
 /* Bytes of a weight row of K columns of `kind`. */
-static inline long row_bytes(int kind, long K) { return kind == 8 ? K : kind == 4 ? K / 2 : 2 * K; }
+static inline long row_bytes(int kind, long K) { return kind == 2 ? 4 * K : kind == 8 ? K : kind == 4 ? K / 2 : 2 * K; }
 
 /* xt [K][MP] <- x [M, K] (dtype xd) as float32 in the column order weights16 gives the weights of
    `kind` in, rows M..MP-1 zero. */
@@ -521,12 +525,12 @@ static unsigned char *scratch_of(size_t need) {
 #define ALIGN64(n) (((size_t)(n) + 63) / 64 * 64)
 
 /* y [M, N] (dtype yd) = x [M, K] (dtype xd) @ W.T (* scale) (+ bias [N], dtype bd; NULL: none).
-   kind: 0 bfloat16 weights, 1 float16, 8 int8 rows with float32 scales, 4 the official int4 packing
+   kind: 0 bfloat16 weights, 1 float16, 2 float32 (the tiles: meant for batches), 8 int8 rows with float32 scales, 4 the official int4 packing
    with float32 scales; qb: the activation block of the integer kernels. Returns 0, or -1 when the
    scratch memory could not be allocated (nothing written to y). */
 int glm_linear(int kind, const void *w, const float *scale, const void *bias, int bd, const void *x, int xd, void *y,
                int yd, long M, long N, long K, long qb, int nt) {
-    int tiled = kind < 4 ? M >= GEMM_ROWS : M > INT_ROWS;
+    int tiled = kind == 2 || (kind < 4 ? M >= GEMM_ROWS : M > INT_ROWS); /* float32 weights: the tiles only */
     long mp = ((M < GEMM_BLOCK_M ? M : GEMM_BLOCK_M) + 7) / 8 * 8; /* padded rows of x in one pass */
     /* scratch: x as float32 (the tiles read x through xt, one pass of rows at a time, instead), bias */
     size_t x_bytes = tiled ? ALIGN64(K * mp * sizeof(float)) : ALIGN64(M * K * sizeof(float));
