@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from glmsetup.errors import UsageError
+from glmsetup.runtime.batch_rows import prefill_groups
 from glmsetup.runtime.batching import BatchEngine, engine_for
 from glmsetup.runtime.chat import TokenCount
 
@@ -253,3 +254,41 @@ def test_a_p_tuning_prefix_batches_with_every_row(prefix_model, tiny_model, tiny
     results, watch = together(model, engine_for(model), [ask(tokenizer, *r) for r in requests])
     assert results == expected
     assert max(watch.decode_rows()) == len(requests)
+
+
+def _cuts(n: int):
+    """Every way to cut n sorted items into consecutive groups."""
+    for mask in range(1 << (n - 1)):
+        bounds = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        yield [(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("costs", [(0, 0), (4, 4), (512, 0)])
+def test_prompts_are_grouped_where_padding_and_calls_cost_least(costs):
+    """prefill_groups against every way of cutting the sorted prompts, on the cost it states: padded
+    positions rounded up to 8, plus per call and per 32 positions; and the CPU's grouping of the
+    benchmark's 16 prompts pads far less than one group does."""
+    gen = torch.Generator().manual_seed(3)
+    per_call, per_pass = costs
+    for _ in range(30):
+        lengths = sorted(int(v) for v in torch.randint(1, 40, (int(torch.randint(1, 9, (1,), generator=gen)),),
+                                                         generator=gen))
+        cost = 0.0
+        for group in prefill_groups(lengths, lambda n: n, 4096, costs):
+            rows = len(group) * max(group)
+            cost += -(-rows // 8) * 8 + per_pass * -(-rows // 32) + per_call
+        least = min(sum(-(-(b - a) * lengths[b - 1] // 8) * 8 + per_pass * -(-(b - a) * lengths[b - 1] // 32)
+                        + per_call for a, b in cut) for cut in _cuts(len(lengths)))
+        assert cost == least
+
+
+def test_the_benchmarks_prompts_pad_less_on_a_cpu_and_stay_in_one_call_elsewhere():
+    from glmsetup.runtime.batching import PREFILL_COSTS_CPU, PREFILL_COSTS_OTHER
+
+    prompts = [18, 13, 15, 16, 16, 22, 13, 15, 25, 14, 17, 14, 17, 14, 14, 16]  # benchmarks/serve.py's, in tokens
+    cpu = prefill_groups(prompts, lambda n: n, 4096, PREFILL_COSTS_CPU)
+    assert sum(len(g) * max(g) for g in cpu) <= 280 < 16 * 25  # one group pads all 16 to 25 tokens
+    assert sorted(n for g in cpu for n in g) == sorted(prompts)
+    assert [len(g) for g in prefill_groups(prompts, lambda n: n, 4096, PREFILL_COSTS_OTHER)] == [16]
+    capped = prefill_groups(prompts, lambda n: n, 100, PREFILL_COSTS_OTHER)  # at most 100 padded positions
+    assert all(len(g) * max(g) <= 100 for g in capped) and len(capped) == 4  # 400 positions need 4 groups
