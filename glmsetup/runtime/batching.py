@@ -10,8 +10,8 @@ makes every model call:
   prefilled: requests that neither continue a cache nor hand one back in groups of similar length,
   left padded (cut where padding and calls cost least, batch_rows.prefill_groups: on a CPU 16 prompts
   of 13-25 tokens pad to 272 positions in 4 calls instead of 400 in one, and 16 clients of an 8-layer
-  checkpoint took 23.8 s instead of 26.5); the others alone on their own store, as stream_chat does. Each picks its first token,
-  and its row joins the batch store (runtime/batch_rows.py);
+  checkpoint took 23.8 s instead of 26.5); the others alone on their own store, as stream_chat does.
+  Each picks its first token, and its row joins the batch store (runtime/batch_rows.py);
 - each step feeds every row its last token and picks each row's next token with that request's own
   settings (greedy or temperature/top_p/top_k, repetition penalty, logits processors, min_new_tokens,
   eos ids); rows with the same plain settings are picked in one call;
