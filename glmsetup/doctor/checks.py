@@ -209,7 +209,18 @@ def check_kernels(facts: Facts) -> Finding:
     title = "int8/int4/bf16 kernels"
     deep = facts.torch.deep if facts.torch else None
     if not deep:
-        return Finding("kernels", "gpu", title, "skipped", "not checked: `glmsetup doctor --deep` runs them")
+        later = "not checked: `glmsetup doctor --deep` runs them"
+        s = facts.system
+        if s and s.c_compiler == "" and s.os == "Linux" and s.machine.lower() in ("x86_64", "amd64") \
+                and "avx2" in s.cpu_flags:
+            from glmsetup.runtime.native_build import NO_COMPILER, TORCH_SLOWDOWN
+
+            cost = ", ".join(f"{k} {v:g}x" for k, v in TORCH_SLOWDOWN.items())
+            return Finding("kernels", "gpu", title, "warn", f"no C compiler: CPU profiles would run on torch's "
+                           f"kernels, slower per decoding step ({cost})", [NO_COMPILER, later],
+                           "install gcc or clang (e.g. `apt install gcc`) or set CC; glmsetup builds its kernels "
+                           "on the next start")
+        return Finding("kernels", "gpu", title, "skipped", later)
     rows = deep.get("kernels")
     if rows is None:
         why = deep.get("error") or deep.get("kernels_error") or "no answer"

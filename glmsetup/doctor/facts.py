@@ -22,6 +22,7 @@ class System:
     mac_version: str = ""  # "14.2" on macOS
     cpu_flags: tuple = ()  # avx2, avx512f, avx512_bf16, amx_bf16 ... (Linux only)
     rosetta: bool = False  # an x86_64 Python translated by Rosetta on Apple silicon
+    c_compiler: Optional[str] = None  # the C compiler glmsetup's CPU kernels would be built with; "" when none
 
 
 @dataclass

@@ -34,6 +34,21 @@ SUBPROCESS_TIMEOUT = 5.0
 
 
 # --- System, git ------------------------------------------------------------------------------------
+def _c_compiler() -> str:
+    """What glmsetup's CPU kernels would be built with ($CC, cc, gcc or clang), "" when nothing is."""
+    from glmsetup.runtime import native_build
+
+    try:
+        return " ".join(native_build.compiler() or [])
+    except RuntimeError as exc:  # CC is not a command line
+        return f"({exc})"
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def probe_system() -> System:
     flags: tuple = ()
     if sys.platform.startswith("linux"):
@@ -52,7 +67,8 @@ def probe_system() -> System:
     return System(
         python=platform.python_version(), implementation=platform.python_implementation(),
         executable=sys.executable, os=platform.system(), release=platform.release(), machine=platform.machine(),
-        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), mac_version=platform.mac_ver()[0], cpu_flags=flags, rosetta=rosetta,
+        cpu_count=usable_cores(), mac_version=platform.mac_ver()[0], cpu_flags=flags, rosetta=rosetta,
+        c_compiler=_c_compiler(),
     )
 
 

@@ -10,8 +10,8 @@ in float32, near the CPU's multiply-add peak.
 
 The C file ships with the package and is compiled on first use with the system's C compiler (``$CC``,
 else cc, gcc or clang; about a second) into ``$GLMSETUP_HOME/kernels/``, keyed by the source, the
-compiler and the flags, then loaded with ctypes (the call releases the GIL; OpenMP threads come from
-torch's own runtime). Before use, every kernel is checked once per process against a float64 product
+compiler and the flags (runtime/native_build.py), then loaded with ctypes (the call releases the GIL;
+OpenMP threads come from torch's own runtime). Before use, every kernel is checked once per process against a float64 product
 computed by torch. When anything is missing (not x86-64 Linux, no AVX2 in torch's dispatch, no
 compiler, a failed build or check, ``GLMSETUP_NATIVE_KERNELS=off``), :func:`status` says why and torch's
 kernels run instead: the run banner, ``doctor --deep`` and ``selftest`` report it with its cost.
@@ -19,44 +19,26 @@ kernels run instead: the run banner, ``doctor --deep`` and ``selftest`` report i
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import selectors
-import shlex
-import shutil
-import signal
-import stat
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from glmsetup import paths
+from glmsetup.runtime import native_build
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.c"
 ABI = 5  # glm_abi() of the C file this module drives
 BLOCK = 32  # every kernel needs in_features % BLOCK == 0
 # Columns per activation block of the integer kernels (one float scale each): 128 where in_features
 # allows (ChatGLM2's 4096 and 13696 do; a quarter of the block conversions of 32, for 6e-5 of the
 # largest output instead of 3e-5), else 32.
 WIDE_BLOCK = 128
-FLAGS = ("-O3", "-std=gnu99", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
-BUILD_SECONDS = 120
-VERSION_SECONDS = 30
-OUTPUT_LIMIT = 1 << 20  # bytes of a compiler's output kept; past them it is stopped
-STALE_SECONDS = 3600  # a temporary build file this old is left over from a killed build
 OFF_VALUES = ("0", "off", "no", "false")
-# What torch's kernels cost instead, per decoding step's matrix products, measured with
-# benchmarks/quant_kernels.py on a 2-core AVX2 EPYC (one 27392 x 4096 layer, one row): bf16 11.5 vs 9.4 ms,
-# int8 6.5 vs 4.4, int4 8.2 vs 2.6 (a batch of 16 rows in bf16 costs 2x: 63 vs 32 ms).
-TORCH_SLOWDOWN = {"bf16": 1.2, "int8": 1.5, "int4": 3.2}
+TORCH_SLOWDOWN = native_build.TORCH_SLOWDOWN
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _SIGNATURES = {
@@ -97,139 +79,6 @@ def _platform_reason() -> Optional[str]:
     return unsupported_platform()
 
 
-def _compiler() -> Optional[list]:
-    if os.environ.get("CC", "").strip():
-        try:
-            return shlex.split(os.environ["CC"])
-        except ValueError as exc:  # an unbalanced quote
-            raise RuntimeError(f"CC={os.environ['CC'].strip()!r} is not a command line ({exc})") from None
-    found = next((shutil.which(name) for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
-    return [found] if found else None
-
-
-def _printable(text: str) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
-
-
-def _exited(proc: subprocess.Popen) -> bool:
-    """proc has ended; it is not collected yet, so its process group's id stays its own."""
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # collected already (SIGCHLD ignored)
-        return True
-
-
-def _run(cmd: list, seconds: float) -> tuple:
-    """(exit status, output) of cmd: stdout and stderr together, bad UTF-8 replaced. It runs in a process
-    group of its own, killed with whatever it started once cmd has ended (a process left holding the
-    output would hold this call), past `seconds` or past OUTPUT_LIMIT bytes of output (RuntimeError)."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    out, deadline = bytearray(), time.monotonic() + seconds
-    try:
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while True:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"took over {seconds:g} s")
-                if sel.select(0.05):
-                    chunk = os.read(proc.stdout.fileno(), 1 << 16)
-                    if not chunk:
-                        break
-                    out += chunk
-                    if len(out) > OUTPUT_LIMIT:
-                        raise RuntimeError(f"printed over {OUTPUT_LIMIT >> 20} MiB")
-                elif _exited(proc):
-                    break
-        while not _exited(proc):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"took over {seconds:g} s")
-            time.sleep(0.01)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        proc.wait()
-        proc.stdout.close()
-    return proc.returncode, out.decode("utf-8", "replace")
-
-
-def _compiler_identity(cc: list) -> str:
-    try:
-        _, output = _run(cc + ["--version"], VERSION_SECONDS)
-    except (OSError, RuntimeError):
-        return ""
-    return _printable((output.strip().splitlines() or [""])[0])[:200]
-
-
-def _library_path(cc: list) -> Path:
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), repr(cc).encode(), _compiler_identity(cc).encode(), repr(FLAGS).encode()):
-        key.update(part)
-        key.update(b"\0")
-    return paths.home() / "kernels" / f"cpu_gemv-{key.hexdigest()[:16]}.so"
-
-
-def _usable_file(path: Path) -> bool:
-    """A regular file of this user's, not a link: only such a file is loaded."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size > 0
-
-
-def _private_folder(folder: Path) -> bool:
-    """The folder is this user's and no one else can write to it: else a file checked there could be
-    swapped before it is loaded."""
-    st = os.stat(folder)
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
-def _clear_stale(folder: Path) -> None:
-    """Temporary files of builds that were killed (a build in progress is younger than STALE_SECONDS)."""
-    for leftover in folder.glob(".cpu_gemv-*.so"):
-        try:
-            if time.time() - leftover.lstat().st_mtime > STALE_SECONDS:
-                leftover.unlink()
-        except OSError:
-            pass
-
-
-def _compile(cc: list, dest: Path):
-    """Compile SOURCE into a temporary file beside dest, load it from there (dlopen would hand back a
-    library already loaded under dest's name), then rename it to dest: a build that fails, is
-    interrupted or does not load leaves nothing at dest. Returns the loaded library."""
-    fd, tmp = tempfile.mkstemp(prefix=".cpu_gemv-", suffix=".so", dir=dest.parent)
-    os.close(fd)
-    try:
-        try:
-            code, output = _run(cc + list(FLAGS) + [str(SOURCE), "-o", tmp], BUILD_SECONDS)
-        except OSError as exc:
-            raise RuntimeError(f"the C compiler {cc[0]} could not start ({exc.strerror}; check CC, or unset it "
-                               "to use cc, gcc or clang)") from None
-        except RuntimeError as exc:  # took too long, printed too much
-            raise RuntimeError(f"the C compiler {cc[0]} {exc}") from None
-        if code != 0:
-            lines = output.strip().splitlines()
-            first = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
-            raise RuntimeError(f"the C compiler {cc[0]} failed: {_printable(first.strip())[:160]}")
-        try:
-            lib = _load(Path(tmp))
-        except (OSError, AttributeError) as exc:
-            raise RuntimeError(f"the C compiler {cc[0]} built no library that loads ({_printable(str(exc))[:160]})") \
-                from None
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            pass  # something in the way (a folder): loaded here all the same, built again next time
-        return lib
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
 def _load(path: Path):
     lib = ctypes.CDLL(str(path))
     for name, (args, res) in _SIGNATURES.items():
@@ -238,35 +87,6 @@ def _load(path: Path):
     if lib.glm_abi() != ABI:
         raise RuntimeError(f"{path.name} is version {lib.glm_abi()}, not {ABI}")
     return lib
-
-
-def _build_and_load():
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found: install gcc or clang, e.g. `apt install gcc`, or set CC; "
-                           "the next start builds them")
-    dest = _library_path(cc)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        folder = dest.parent.resolve()
-        if not _private_folder(folder):
-            raise PermissionError(f"{folder} is not this user's alone")
-        dest = folder / dest.name
-        _clear_stale(folder)
-        if _usable_file(dest):
-            try:
-                return _load(dest), dest
-            except (OSError, AttributeError, RuntimeError):
-                pass  # a damaged or foreign file: built again below, replacing it
-        return _compile(cc, dest), dest
-    except OSError:
-        # the state folder cannot take it (read-only, full, a file in the way) or others can write to it:
-        # built in a private temporary folder, removed once loaded
-        folder = Path(tempfile.mkdtemp(prefix="glmsetup-kernels-"))
-        try:
-            return _compile(cc, folder / dest.name), folder / dest.name
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 _lib = None  # the library status() approved
@@ -310,7 +130,7 @@ def _decide() -> Status:
     if reason:
         return Status(False, reason)
     try:
-        lib, path = _build_and_load()
+        lib, path = native_build.build_and_load(_load)
     except (OSError, RuntimeError, AttributeError) as exc:
         return Status(False, str(exc) or exc.__class__.__name__)
     _local.checking = lib

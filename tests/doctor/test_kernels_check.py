@@ -48,3 +48,28 @@ def test_an_old_gpu_without_torchs_int4_kernel_is_a_warning():
     assert finding.evidence[:2] == ["int8 on cpu: cpu_int8pack (aten._weight_int8pack_mm)", "int4 on cuda:0: dequant"]
     broken = check_kernels(Facts(torch=Torch(version="2.13.0", deep={"error": "import torch failed: boom"})))
     assert broken.status == "skipped" and "boom" in broken.summary
+
+
+def test_plain_doctor_warns_when_no_c_compiler_would_build_the_cpu_kernels(cli, monkeypatch, tmp_path):
+    """Without cc/gcc/clang on PATH (and no CC) an AVX2 Linux machine runs torch's slower kernels: plain
+    doctor says so and how to fix it, without importing torch."""
+    import shutil
+    import sys
+
+    from glmsetup.doctor import probes
+
+    flags = probes.probe_system().cpu_flags
+    if not sys.platform.startswith("linux") or "avx2" not in flags:
+        pytest.skip("glmsetup's CPU kernels are for x86-64 Linux with AVX2")
+    bare = tmp_path / "bin"  # a PATH holding only git: no compiler
+    bare.mkdir()
+    (bare / "git").symlink_to(shutil.which("git"))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(bare))
+    check = kernels_check(cli.json("doctor")["data"])
+    assert check["status"] == "warn", check
+    assert check["summary"] == ("no C compiler: CPU profiles would run on torch's kernels, slower per decoding "
+                                "step (bf16 1.2x, int8 1.5x, int4 3.2x)")
+    assert "apt install gcc" in check["hint"]
+    monkeypatch.setenv("CC", "gcc -O2")  # a compiler named by CC counts, found or not: the build says the rest
+    assert kernels_check(cli.json("doctor")["data"])["status"] == "skipped"

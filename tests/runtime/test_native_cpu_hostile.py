@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from glmsetup.runtime import native_cpu
+from glmsetup.runtime import native_build, native_cpu
 
 pytestmark = pytest.mark.skipif(native_cpu.unsupported_platform() is not None,
                                 reason="glmsetup's CPU kernels are for x86-64 Linux with AVX2")
@@ -123,7 +123,7 @@ def test_a_hung_compiler_is_stopped_with_everything_it_started(fresh, monkeypatc
     cc = compiler(tmp_path, 'if [ "$1" = --version ]; then echo hung-cc 1.0; exit 0; fi\n'
                             f'sleep 60 &\necho $! > {pidfile}\nwait\n')
     monkeypatch.setenv("CC", cc)
-    monkeypatch.setattr(native_cpu, "BUILD_SECONDS", 2)
+    monkeypatch.setattr(native_build, "BUILD_SECONDS", 2)
     start = time.monotonic()
     state = native_cpu.status()
     assert time.monotonic() - start < 10
@@ -140,7 +140,7 @@ def test_a_hung_compiler_is_stopped_with_everything_it_started(fresh, monkeypatc
 def test_something_in_the_way_does_not_turn_the_kernels_off(fresh, obstacle):
     if obstacle.startswith("a folder"):
         fresh.mkdir(mode=0o700)
-        in_the_way = native_cpu._library_path(native_cpu._compiler())
+        in_the_way = native_build.library_path(native_build.compiler())
         (in_the_way / "keep").mkdir(parents=True)
     else:
         in_the_way = fresh
@@ -179,7 +179,7 @@ def test_a_library_of_ours_of_another_version_is_replaced_within_the_same_proces
     stub.write_text("int glm_abi(void) { return 999; }\n" +
                     "".join(f"void {name}(void) {{}}\n" for name in native_cpu._SIGNATURES if name != "glm_abi"))
     fresh.mkdir(mode=0o700)
-    dest = native_cpu._library_path(native_cpu._compiler())
+    dest = native_build.library_path(native_build.compiler())
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(dest), str(stub)], check=True, timeout=60)
     planted = dest.read_bytes()
     state = native_cpu.status()
