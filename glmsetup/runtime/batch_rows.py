@@ -90,6 +90,22 @@ def left_padded(id_lists: Sequence[list]) -> tuple:
     return torch.tensor(ids), torch.tensor(mask)
 
 
+def packed_groups(requests: Sequence, length, max_positions: int) -> list[list]:
+    """Requests in order, in groups whose prompts hold at most `max_positions` tokens together (a longer
+    prompt goes alone): each group is one ChatGLM2ForCausalLM.prefill_packed call, without padding."""
+    groups: list[list] = []
+    size = 0
+    for req in requests:
+        n = length(req)
+        if groups and size + n <= max_positions:
+            groups[-1].append(req)
+            size += n
+        else:
+            groups.append([req])
+            size = n
+    return groups
+
+
 def prefill_groups(requests: Sequence, length, max_positions: int, costs: tuple = (0, 0)) -> list[list]:
     """Requests in groups to prefill together, left padded to each group's longest prompt. Padding is
     work too (15 prompts of 13-25 tokens padded to 25 make 375 positions for 241 real ones), so the

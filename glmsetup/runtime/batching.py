@@ -7,10 +7,11 @@ makes every model call:
 
 - between two decode steps it takes waiting requests in (up to max_batch rows, and while the padded
   batch stays within max_batch_tokens positions; a lone request always runs). Their prompts are
-  prefilled: requests that neither continue a cache nor hand one back in groups of similar length,
-  left padded (cut where padding and calls cost least, batch_rows.prefill_groups: on a CPU 16 prompts
-  of 13-25 tokens pad to 272 positions in 4 calls instead of 400 in one, and 16 clients of an 8-layer
-  checkpoint took 23.8 s instead of 26.5); the others alone on their own store, as stream_chat does.
+  prefilled: on a CPU, requests that neither continue a cache nor hand one back are packed into one
+  sequence without padding, up to PREFILL_POSITIONS tokens a call (model.prefill_packed: every linear
+  takes all their tokens at once, attention runs prompt by prompt); on other devices they go in groups
+  of similar length, left padded (cut where padding and calls cost least, batch_rows.prefill_groups).
+  The others go alone on their own store, as stream_chat does.
   Each picks its first token, and its row joins the batch store (runtime/batch_rows.py);
 - each step feeds every row its last token and picks each row's next token with that request's own
   settings (greedy or temperature/top_p/top_k, repetition penalty, logits processors, min_new_tokens,
@@ -37,16 +38,17 @@ import torch
 
 from glmsetup.errors import UsageError
 from glmsetup.runtime import sampling
-from glmsetup.runtime.batch_rows import assemble, copy_row_back, left_padded, pick_tokens, prefill_groups, row_length
+from glmsetup.runtime.batch_rows import (PAD_ID, assemble, copy_row_back, left_padded, packed_groups, pick_tokens,
+                                         prefill_groups, row_length)
 from glmsetup.runtime.chat import REPLACEMENT_CHAR, STORE_SLACK, _history, check_past, no_room, process_response
 from glmsetup.runtime.cpu_linear import linear_kernel
 
 MAX_BATCH = 16  # rows decoded together
 MAX_BATCH_TOKENS = 32768  # rows x the longest row: a newcomer waits while the batch would be wider
-PREFILL_POSITIONS = 4096  # padded prompt positions prefilled in one call
-# What a group of prompts costs beyond its padded positions, in positions (batch_rows.prefill_groups):
-# (per call, per 32 positions). On a CPU a pass over the weights costs about 4 positions of compute.
-PREFILL_COSTS_CPU, PREFILL_COSTS_OTHER = (4, 4), (512, 0)
+PREFILL_POSITIONS = 4096  # prompt positions prefilled in one call
+# Off a CPU, what a group of left-padded prompts costs beyond its padded positions, in positions
+# (batch_rows.prefill_groups): (per call, per 32 positions); a call's launches outweigh some padding.
+PREFILL_COSTS = (512, 0)
 ROW_SLACK = 256  # positions a rebuilt batch store holds beyond its longest row, at most
 IDLE_EXIT_S = 5.0  # the scheduler thread ends after this long without work (and starts again on demand)
 RELEASE_WAIT_S = 120.0
@@ -289,13 +291,19 @@ class BatchEngine:
             req.prefix = list(store.tokens[0])
             started.append((req, store, 0, logits))
         plain = [r for r in newcomers if r not in alone]
-        costs = PREFILL_COSTS_CPU if self.device.type == "cpu" else PREFILL_COSTS_OTHER
-        for group in prefill_groups(plain, lambda r: len(r.ids), PREFILL_POSITIONS, costs):
-            ids, mask = left_padded([r.ids for r in group])
+        packed = self.device.type == "cpu"
+        groups = packed_groups(plain, lambda r: len(r.ids), PREFILL_POSITIONS) if packed else \
+            prefill_groups(plain, lambda r: len(r.ids), PREFILL_POSITIONS, PREFILL_COSTS)
+        for group in groups:
             try:
                 slack = min(max(self._room(r) for r in group), ROW_SLACK)
-                store = model.new_store(len(group), ids.shape[1] + slack)
-                logits = model.decode_step(ids, store, attention_mask=mask)
+                if packed:
+                    store = model.new_store(len(group), max(len(r.ids) for r in group) + slack)
+                    logits = model.prefill_packed([r.ids for r in group], store, PAD_ID)
+                else:
+                    ids, mask = left_padded([r.ids for r in group])
+                    store = model.new_store(len(group), ids.shape[1] + slack)
+                    logits = model.decode_step(ids, store, attention_mask=mask)
             except Exception as exc:
                 for req in group:
                     req.error = exc

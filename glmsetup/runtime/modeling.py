@@ -249,6 +249,74 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
         store.length = end
         return logits
 
+    @torch.inference_mode()
+    def prefill_packed(self, id_lists: list, store: KVStore, pad_id: int = 0) -> torch.Tensor:
+        """Prompts of different lengths in one pass without padding: their tokens are packed into one
+        sequence, so every linear layer takes all of them at once and no padded position is computed;
+        attention runs prompt by prompt. `store` (empty, batch = len(id_lists)) ends as decode_step
+        leaves it for the same prompts left padded with `pad_id`; returns fp32 logits [batch, vocab] of
+        each prompt's last position."""
+        cfg = self.config
+        lens = [len(ids) for ids in id_lists]
+        B, S, W = len(lens), sum(lens), max(lens)
+        if store.length or store.batch != B or min(lens) < 1:
+            raise ValueError("prefill_packed takes an empty store with one row per non-empty prompt")
+        store.reserve(W)
+        ends = torch.tensor(lens).cumsum(0).tolist()
+        spans = [(end - n, end) for end, n in zip(ends, lens)]
+        for row, n in enumerate(lens):
+            store.valid[row, :W - n] = False
+            store.valid[row, W - n:W] = True
+
+        emb = self.model.embed_tokens
+        x = emb(torch.tensor([[t for ids in id_lists for t in ids]], device=emb.weight.device))
+        positions = torch.cat([torch.arange(n) for n in lens]).to(x.device)
+        cos, sin = (t[None, None] for t in rope_tables(positions.float()[:, None] * self._inv_freq(x.device), x.dtype))
+        prefix = self.prefix_kv
+        masks = [None] * B
+        if prefix is not None:  # every query sees the whole prefix, then its own prompt causally
+            P = prefix[0][0].shape[2]
+            masks = [torch.cat((torch.ones(n, P, dtype=torch.bool), torch.ones(n, n, dtype=torch.bool).tril()), -1)
+                     for n in lens]
+
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        for i, layer in enumerate(self.model.layers):
+            dev = store.devices[i]
+            if x.device != dev:
+                x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = linear(attn.q_proj, h).view(1, S, nh, hd).transpose(1, 2)
+            k = linear(attn.k_proj, h).view(1, S, nkv, hd).transpose(1, 2)
+            v = linear(attn.v_proj, h).view(1, S, nkv, hd).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            keys, values = store.keys[i], store.values[i]
+            keys[:, :, :W].zero_()  # the padding positions: masked, but never garbage (0 x NaN is NaN)
+            values[:, :, :W].zero_()
+            outs = []
+            for row, (a, b) in enumerate(spans):
+                n = b - a
+                keys[row, :, W - n:W] = k[0, :, a:b]
+                values[row, :, W - n:W] = v[0, :, a:b]
+                K, V = k[:, :, a:b], v[:, :, a:b]
+                if prefix is not None:
+                    K = torch.cat((prefix[i][0], K), 2)
+                    V = torch.cat((prefix[i][1], V), 2)
+                mask = None if masks[row] is None else masks[row].to(dev)[None, None]
+                outs.append(self._attention(q[:, :, a:b], K, V, mask, mask is None and n > 1, attn.scaling))
+            o = torch.cat(outs, 2)
+            x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(1, S, nh * hd))
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+        x = x[0, [end - 1 for end in ends]]
+        norm = self.model.norm
+        x = norm(x.to(norm.weight.device))
+        logits = linear(self.lm_head, x.to(self.lm_head.weight.device)).float()
+        for row, ids in enumerate(id_lists):
+            store.tokens[row] = [pad_id] * (W - len(ids)) + list(ids)
+            store.next_position[row] = len(ids)
+        store.length = W
+        return logits
+
     @staticmethod
     def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
         """transformers' GlmMLP.forward, its two linears on runtime/cpu_linear.py's kernel choice."""

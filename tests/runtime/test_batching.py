@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from glmsetup.errors import UsageError
-from glmsetup.runtime.batch_rows import prefill_groups
+from glmsetup.runtime.batch_rows import PAD_ID, left_padded, packed_groups, prefill_groups
 from glmsetup.runtime.batching import BatchEngine, engine_for
 from glmsetup.runtime.chat import TokenCount
 
@@ -282,13 +282,61 @@ def test_prompts_are_grouped_where_padding_and_calls_cost_least(costs):
         assert cost == least
 
 
-def test_the_benchmarks_prompts_pad_less_on_a_cpu_and_stay_in_one_call_elsewhere():
-    from glmsetup.runtime.batching import PREFILL_COSTS_CPU, PREFILL_COSTS_OTHER
+def test_the_benchmarks_prompts_go_in_one_call_without_padding_on_a_cpu_and_padded_elsewhere():
+    from glmsetup.runtime.batching import PREFILL_COSTS
 
     prompts = [18, 13, 15, 16, 16, 22, 13, 15, 25, 14, 17, 14, 17, 14, 14, 16]  # benchmarks/serve.py's, in tokens
-    cpu = prefill_groups(prompts, lambda n: n, 4096, PREFILL_COSTS_CPU)
-    assert sum(len(g) * max(g) for g in cpu) <= 280 < 16 * 25  # one group pads all 16 to 25 tokens
-    assert sorted(n for g in cpu for n in g) == sorted(prompts)
-    assert [len(g) for g in prefill_groups(prompts, lambda n: n, 4096, PREFILL_COSTS_OTHER)] == [16]
-    capped = prefill_groups(prompts, lambda n: n, 100, PREFILL_COSTS_OTHER)  # at most 100 padded positions
+    assert packed_groups(prompts, lambda n: n, 4096) == [prompts]  # 259 positions, not 16 x 25 = 400
+    capped = packed_groups(prompts, lambda n: n, 100)
+    assert [n for g in capped for n in g] == prompts and all(sum(g) <= 100 for g in capped) and len(capped) == 3
+    assert packed_groups([5, 300, 7], lambda n: n, 100) == [[5], [300], [7]]  # a longer prompt goes alone
+    assert [len(g) for g in prefill_groups(prompts, lambda n: n, 4096, PREFILL_COSTS)] == [16]
+    capped = prefill_groups(prompts, lambda n: n, 100, PREFILL_COSTS)  # at most 100 padded positions
     assert all(len(g) * max(g) <= 100 for g in capped) and len(capped) == 4  # 400 positions need 4 groups
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_packed_prompts_leave_what_left_padded_ones_leave(tiny_model, tiny_tokenizer, prefix_model, with_prefix):
+    """prefill_packed against decode_step on the same prompts left padded: the same logits (up to the
+    rounding of differently shaped sums), the same store, so that decoding goes on alike."""
+    tokenizer, model = prefix_model if with_prefix else (tiny_tokenizer, tiny_model)
+    ids = [model.build_inputs(tokenizer, q, [])["input_ids"][0].tolist() for q in ("你好", "word " * 30, "x")]
+    padded, packed = model.new_store(3, 80), model.new_store(3, 80)
+    ids_t, mask = left_padded(ids)
+    want = model.decode_step(ids_t, padded, attention_mask=mask)
+    got = model.prefill_packed(ids, packed, PAD_ID)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4) and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (packed.length, packed.tokens, packed.next_position) == (padded.length, padded.tokens, padded.next_position)
+    width = padded.length
+    assert torch.equal(packed.valid[:, :width], padded.valid[:, :width])
+    real = padded.valid[:, None, :width, None]
+    for i in range(len(padded.keys)):
+        for a, b in ((packed.keys[i], padded.keys[i]), (packed.values[i], padded.values[i])):
+            assert torch.allclose(a[:, :, :width] * real, b[:, :, :width] * real, atol=1e-5)
+            assert not a[:, :, :width].masked_select(~real).any()  # padding holds zeros, never garbage
+    step = want.argmax(-1)[:, None]
+    assert torch.allclose(model.decode_step(step, packed), model.decode_step(step, padded), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        model.prefill_packed(ids, packed)  # a store that already holds tokens
+
+
+def test_on_a_cpu_the_prompts_are_prefilled_packed_in_one_call(tiny_model, tiny_tokenizer, monkeypatch):
+    requests = REQUESTS[:6]
+    expected = [solo(tiny_model, tiny_tokenizer, *r) for r in requests]
+    calls, padded = [], []
+    packed, step = tiny_model.prefill_packed, tiny_model.decode_step
+
+    def spy_packed(id_lists, store, pad_id=0):
+        calls.append([len(x) for x in id_lists])
+        return packed(id_lists, store, pad_id)
+
+    def spy_step(input_ids, store, attention_mask=None):
+        padded.append(attention_mask is not None)
+        return step(input_ids, store, attention_mask=attention_mask)
+
+    monkeypatch.setattr(tiny_model, "prefill_packed", spy_packed)
+    monkeypatch.setattr(tiny_model, "decode_step", spy_step)
+    results, _watch = together(tiny_model, BatchEngine(tiny_model), [ask(tiny_tokenizer, *r) for r in requests])
+    assert results == expected
+    assert sum(map(len, calls)) == len(requests) and len(calls) <= 2  # the first request may start alone
+    assert not any(padded)  # no left-padded prompt went through decode_step
