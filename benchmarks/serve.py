@@ -8,7 +8,11 @@ the CPU time per token, for each mode:
   requests share decode steps, runtime/batching.py);
 - serial: the same API with max_batch=1 (one request at a time, as before continuous batching and as
   the official backend always runs);
-- direct: a plain `model.stream_chat` loop, the requests one after another (the server's overhead).
+- direct: a plain `model.stream_chat` loop, the requests one after another (the server's overhead);
+- vllm: vLLM's OpenAI server on the same model, as `glmsetup run api --engine vllm` starts it (the
+  converted folder, the profile's dtype, its CPU KV cache size) from --vllm-python (default .venv-vllm,
+  made by scripts/vllm_env.sh). It runs after the other modes, with their process closed, so that the
+  two servers never share the cores.
 
 One child process loads the model and serves both APIs with uvicorn on free 127.0.0.1 ports; on request
 it also runs the direct loop itself (on a worker thread), so every mode shares process, weights and
@@ -26,6 +30,7 @@ output rows past those pieces are zeroed so that greedy decoding picks real piec
     .venv/bin/python benchmarks/serve.py --checkpoint full --layers 2 --tokens 32 --profile cpu-bf16
     .venv/bin/python benchmarks/serve.py --modes batched,serial,direct --json
     .venv/bin/python benchmarks/serve.py --model ~/.glmsetup/models/chatglm2-6b --profile cuda-fp16
+    .venv/bin/python benchmarks/serve.py --model DIR --profile cpu-bf16 --modes batched,vllm --clients 1,16
 
 Not a test: it prints a table and asserts nothing.
 """
@@ -122,7 +127,10 @@ def api_client(url: str, prompt: str, tokens: int, barrier: threading.Barrier) -
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     usage = chunk["usage"]["completion_tokens"]
-                elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                elif first is None and chunk["choices"] and "role" not in chunk["choices"][0]["delta"] \
+                        and "content" in chunk["choices"][0]["delta"]:
+                    # the first token's chunk: vLLM sends one per token, with "" where its text is not out yet
+                    # (glmsetup only when text is), so its first token counts, text or not
                     first = time.perf_counter()
         end = time.perf_counter()
     return start, first or end, end, usage, True
@@ -189,6 +197,79 @@ class Child:
             self.proc.kill()
 
 
+class VllmServer:
+    """vLLM's OpenAI server on `model_dir`, started the way `glmsetup run api --engine vllm` starts it."""
+
+    def __init__(self, model_dir: Path, profile: str, python: Path, threads: int):
+        import socket
+
+        with socket.socket() as s:  # a free port (nothing else here takes ports meanwhile)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile("w+")  # its log, read back if it fails (a pipe could fill and stall it)
+        self.proc = subprocess.Popen([sys.executable, "-m", "glmsetup", "run", "api", "--engine", "vllm",
+                                      "--vllm-python", str(python), "--model", str(model_dir), "--profile", profile,
+                                      "--port", str(port)], cwd=str(ROOT), env=env, start_new_session=True,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        print("starting vLLM's server (on a CPU it compiles the model first: minutes)", file=sys.stderr, flush=True)
+        self._wait_ready(1800)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                tail = self.log.read().strip().splitlines()[-5:]
+                raise SystemExit("vLLM's server did not start:\n  " + "\n  ".join(tail))
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        self.close()
+        raise SystemExit(f"vLLM's server was not ready after {timeout:.0f} s")
+
+    def run(self, mode: str, prompts: list, tokens: int) -> dict:
+        import psutil
+
+        procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+
+        def cpu():
+            total = 0.0
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+            return total
+
+        before = cpu()
+        result = api_run(self.url, prompts, tokens)
+        result["cpu"] = cpu() - before
+        return result
+
+    def close(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            self.proc.wait(60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
 def serve_child(model_dir: str, profile: str, http: str, max_batch: int) -> None:
     import glmsetup
     from glmsetup.apps.api import ServerThread, create_app
@@ -239,24 +320,36 @@ def summarize(run: dict, runs: list) -> dict:
             "cpu_ms_per_token": 1000.0 * sum(r["cpu"] for r in runs) / max(1, sum(r["tokens"] for r in runs))}
 
 
-def bench_checkpoint(label: str, model_dir: Path, profile: str, clients: list, tokens: int, repeat: int,
-                     threads: int, http: str = "auto", modes=("batched", "serial"), max_batch: int = 16) -> list:
-    child = Child(model_dir, profile, threads, http, max_batch)
+def bench_server(server, label: str, modes: list, clients: list, tokens: int, repeat: int) -> list:
     rows = []
     try:
         for mode in modes:  # warm-up, every path
-            child.run(mode, PROMPTS[:1], tokens)
+            server.run(mode, PROMPTS[:1], tokens)
         for c in clients:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
             runs: dict = {mode: [] for mode in modes}
             for _ in range(repeat if c == 1 else 1):  # interleaved, so that machine noise hits every mode
                 for mode in modes:
-                    runs[mode].append(child.run(mode, prompts, tokens))
+                    runs[mode].append(server.run(mode, prompts, tokens))
             for mode in modes:
                 best = summarize(min(runs[mode], key=lambda r: r["wall"]), runs[mode])
                 rows.append({"checkpoint": label, "clients": c, "mode": mode, "tokens_per_request": tokens, **best})
     finally:
-        child.close()
+        server.close()
+    return rows
+
+
+def bench_checkpoint(label: str, model_dir: Path, profile: str, clients: list, tokens: int, repeat: int,
+                     threads: int, http: str = "auto", modes=("batched", "serial"), max_batch: int = 16,
+                     vllm_python: Path = None) -> list:
+    native = [m for m in modes if m != "vllm"]
+    rows = []
+    if native:
+        rows += bench_server(Child(model_dir, profile, threads, http, max_batch), label, native, clients, tokens,
+                             repeat)
+    if "vllm" in modes:
+        rows += bench_server(VllmServer(model_dir, profile, vllm_python, threads), label, ["vllm"], clients, tokens,
+                             repeat)
     one = {(r["checkpoint"], r["mode"]): r["tokens_per_s"] for r in rows if r["clients"] == 1}
     for r in rows:  # aggregate tokens/s against the same mode's one client
         base = one.get((r["checkpoint"], r["mode"]))
@@ -276,7 +369,7 @@ def print_table(rows: list) -> None:
               f"{r['ttft_max_s'] * 1000:>8.0f}ms{r['cpu_ms_per_token']:>8.1f}ms")
     print("tok/s: all tokens of the served requests / wall time of the run; x 1 client: against the same mode "
           "at one client.")
-    print("TTFT: from sending to the first text (direct: from the start, the requests served in turn). CPU/tok: "
+    print("TTFT: from sending to the first token's chunk (direct: from the start, the requests served in turn). CPU/tok: "
           "CPU time of the model process (all threads; the clients run elsewhere) per token.")
 
 
@@ -294,7 +387,10 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16",
                         help="comma-separated numbers of concurrent streaming clients (default 1,4,16)")
     parser.add_argument("--modes", default="batched,serial",
-                        help="of batched, serial, direct (default batched,serial)")
+                        help="of batched, serial, direct, vllm (default batched,serial)")
+    parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python",
+                        help="the Python that has vLLM, for --modes vllm (default .venv-vllm, made by "
+                             "scripts/vllm_env.sh)")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's max_batch (default 16)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="how many runs at one client, the baseline of 'x 1 client': the fastest counts "
@@ -311,9 +407,9 @@ def main() -> None:
         return serve_child(args.serve_child, args.profile, args.http, args.max_batch)
     clients = [int(c) for c in args.clients.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - {"batched", "serial", "direct"}
+    unknown = set(modes) - {"batched", "serial", "direct", "vllm"}
     if unknown or not modes:
-        parser.error(f"--modes takes batched, serial and direct, not {', '.join(sorted(unknown)) or 'nothing'}")
+        parser.error(f"--modes takes batched, serial, direct and vllm, not {', '.join(sorted(unknown)) or 'nothing'}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="glmsetup-bench-") as tmp:
         os.environ.setdefault("GLMSETUP_HOME", str(Path(tmp) / "home"))
@@ -326,7 +422,7 @@ def main() -> None:
             print(f"[{label}] {path}", file=sys.stderr, flush=True)
             tokens = args.full_tokens if (label == "full" and args.full_tokens) else args.tokens
             rows += bench_checkpoint(label, path, args.profile, clients, tokens, args.repeat, args.threads,
-                                     args.http, modes, args.max_batch)
+                                     args.http, modes, args.max_batch, args.vllm_python)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -118,3 +118,21 @@ def test_vllm_python_naming_a_venv_folder_names_its_interpreter(cli, converted, 
     doc = dry(cli, "--model", str(converted), "--profile", "cpu", "--vllm-python", str(venv), exit_code=2)
     assert "is a folder" in doc["error"]["message"]
     assert doc["error"]["hint"].endswith(str(venv / ("Scripts" if os.name == "nt" else "bin") / "python"))
+
+
+@pytest.mark.parametrize("cores, profile, expected", [(2, "cpu", "0"), (1, "cpu-bf16", "0"), (4, "cpu", None),
+                                                      (2, "cuda-fp16", None)])
+def test_a_small_cpu_gives_vllm_all_its_cores(cli, converted, monkeypatch, cores, profile, expected):
+    """vLLM's CPU build keeps a core per worker for its scheduler: on a 2-core machine that halves it."""
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    data = dry(cli, "--model", str(converted), "--profile", profile)["data"]
+    assert data["env"].get("VLLM_CPU_NUM_OF_RESERVED_CPU") == expected
+    assert any("VLLM_CPU_NUM_OF_RESERVED_CPU=0" in n for n in data["notes"]) == (expected is not None)
+
+
+def test_a_reserve_the_user_set_is_kept(cli, converted, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    data = dry(cli, "--model", str(converted), "--profile", "cpu")["data"]
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in data["env"]  # the process inherits the user's own value
