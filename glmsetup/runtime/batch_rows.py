@@ -91,18 +91,16 @@ def left_padded(id_lists: Sequence[list]) -> tuple:
 
 
 def packed_groups(requests: Sequence, length, max_positions: int) -> list[list]:
-    """Requests in order, in groups whose prompts hold at most `max_positions` tokens together (a longer
-    prompt goes alone): each group is one ChatGLM2ForCausalLM.prefill_packed call, without padding."""
+    """Requests in groups for one ChatGLM2ForCausalLM.prefill_packed call each, without padding. A group's
+    cache is still rows x its longest prompt, so that product stays within `max_positions`, as a
+    left-padded group's does (a longer prompt goes alone): sorted by length, one prompt of 2000 tokens
+    does not make 15 short ones take 2000 positions each."""
     groups: list[list] = []
-    size = 0
-    for req in requests:
-        n = length(req)
-        if groups and size + n <= max_positions:
+    for req in sorted(requests, key=length):  # the last request added is a group's longest
+        if groups and (len(groups[-1]) + 1) * length(req) <= max_positions:
             groups[-1].append(req)
-            size += n
         else:
             groups.append([req])
-            size = n
     return groups
 
 

@@ -8,8 +8,9 @@ makes every model call:
 - between two decode steps it takes waiting requests in (up to max_batch rows, and while the padded
   batch stays within max_batch_tokens positions; a lone request always runs). Their prompts are
   prefilled: on a CPU, requests that neither continue a cache nor hand one back are packed into one
-  sequence without padding, up to PREFILL_POSITIONS tokens a call (model.prefill_packed: every linear
-  takes all their tokens at once, attention runs prompt by prompt); on other devices they go in groups
+  sequence without padding (model.prefill_packed: every linear takes all their tokens at once, attention
+  runs prompt by prompt), by length, a call's rows x longest prompt (its cache) within PREFILL_POSITIONS
+  (batch_rows.packed_groups); on other devices they go in groups
   of similar length, left padded (cut where padding and calls cost least, batch_rows.prefill_groups).
   The others go alone on their own store, as stream_chat does.
   Each picks its first token, and its row joins the batch store (runtime/batch_rows.py);
@@ -45,7 +46,7 @@ from glmsetup.runtime.cpu_linear import linear_kernel
 
 MAX_BATCH = 16  # rows decoded together
 MAX_BATCH_TOKENS = 32768  # rows x the longest row: a newcomer waits while the batch would be wider
-PREFILL_POSITIONS = 4096  # prompt positions prefilled in one call
+PREFILL_POSITIONS = 4096  # one prefill call's rows x longest prompt, at most (a longer prompt goes alone)
 # Off a CPU, what a group of left-padded prompts costs beyond its padded positions, in positions
 # (batch_rows.prefill_groups): (per call, per 32 positions); a call's launches outweigh some padding.
 PREFILL_COSTS = (512, 0)

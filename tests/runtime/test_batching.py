@@ -286,10 +286,10 @@ def test_the_benchmarks_prompts_go_in_one_call_without_padding_on_a_cpu_and_padd
     from glmsetup.runtime.batching import PREFILL_COSTS
 
     prompts = [18, 13, 15, 16, 16, 22, 13, 15, 25, 14, 17, 14, 17, 14, 14, 16]  # benchmarks/serve.py's, in tokens
-    assert packed_groups(prompts, lambda n: n, 4096) == [prompts]  # 259 positions, not 16 x 25 = 400
-    capped = packed_groups(prompts, lambda n: n, 100)
-    assert [n for g in capped for n in g] == prompts and all(sum(g) <= 100 for g in capped) and len(capped) == 3
-    assert packed_groups([5, 300, 7], lambda n: n, 100) == [[5], [300], [7]]  # a longer prompt goes alone
+    assert packed_groups(prompts, lambda n: n, 4096) == [sorted(prompts)]  # 259 positions, not 16 x 25 = 400
+    capped = packed_groups(prompts, lambda n: n, 100)  # a call's cache: at most 100 positions
+    assert sorted(n for g in capped for n in g) == sorted(prompts) and all(len(g) * max(g) <= 100 for g in capped)
+    assert packed_groups([5, 300, 7], lambda n: n, 100) == [[5, 7], [300]]  # a longer prompt goes alone
     assert [len(g) for g in prefill_groups(prompts, lambda n: n, 4096, PREFILL_COSTS)] == [16]
     capped = prefill_groups(prompts, lambda n: n, 100, PREFILL_COSTS)  # at most 100 padded positions
     assert all(len(g) * max(g) <= 100 for g in capped) and len(capped) == 4  # 400 positions need 4 groups
@@ -318,6 +318,16 @@ def test_packed_prompts_leave_what_left_padded_ones_leave(tiny_model, tiny_token
     assert torch.allclose(model.decode_step(step, packed), model.decode_step(step, padded), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError):
         model.prefill_packed(ids, packed)  # a store that already holds tokens
+
+
+def test_a_long_prompt_does_not_widen_the_short_ones_cache():
+    """A packed call's cache is rows x its longest prompt: one prompt of 2000 tokens packed with 15 of
+    100 would hold 16 x 2000 positions (4.5x what they need) while the batch cache is built beside it."""
+    prompts = [100] * 7 + [2000] + [100] * 8
+    groups = packed_groups(prompts, lambda n: n, 4096)
+    assert sorted(n for g in groups for n in g) == sorted(prompts)
+    assert all(len(g) * max(g) <= 4096 for g in groups), groups
+    assert len(groups) <= 3  # still few calls: the short ones together
 
 
 def test_on_a_cpu_the_prompts_are_prefilled_packed_in_one_call(tiny_model, tiny_tokenizer, monkeypatch):
