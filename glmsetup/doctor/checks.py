@@ -211,15 +211,17 @@ def check_kernels(facts: Facts) -> Finding:
     if not deep:
         later = "not checked: `glmsetup doctor --deep` runs them"
         s = facts.system
-        if s and s.c_compiler == "" and s.os == "Linux" and s.machine.lower() in ("x86_64", "amd64") \
+        if s and s.c_compiler_problem and s.os == "Linux" and s.machine.lower() in ("x86_64", "amd64") \
                 and "avx2" in s.cpu_flags:
             from glmsetup.runtime.native_build import NO_COMPILER, TORCH_SLOWDOWN
 
             cost = ", ".join(f"{k} {v:g}x" for k, v in TORCH_SLOWDOWN.items())
-            return Finding("kernels", "gpu", title, "warn", f"no C compiler: CPU profiles would run on torch's "
-                           f"kernels, slower per decoding step ({cost})", [NO_COMPILER, later],
-                           "install gcc or clang (e.g. `apt install gcc`) or set CC; glmsetup builds its kernels "
-                           "on the next start")
+            what, fix = (("no C compiler", "install gcc or clang (e.g. `apt install gcc`) or set CC")
+                         if s.c_compiler_problem == NO_COMPILER else
+                         ("CC names no C compiler here", "fix CC, or unset it to use cc, gcc or clang"))
+            return Finding("kernels", "gpu", title, "warn", f"{what}: CPU profiles would run on torch's kernels, "
+                           f"slower per decoding step ({cost})", [s.c_compiler_problem, later],
+                           f"{fix}; glmsetup builds its kernels on the next start")
         return Finding("kernels", "gpu", title, "skipped", later)
     rows = deep.get("kernels")
     if rows is None:

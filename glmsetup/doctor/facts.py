@@ -23,6 +23,7 @@ class System:
     cpu_flags: tuple = ()  # avx2, avx512f, avx512_bf16, amx_bf16 ... (Linux only)
     rosetta: bool = False  # an x86_64 Python translated by Rosetta on Apple silicon
     c_compiler: Optional[str] = None  # the C compiler glmsetup's CPU kernels would be built with; "" when none
+    c_compiler_problem: str = ""  # why no compiler would build them (none found, CC names no program)
 
 
 @dataclass

@@ -34,14 +34,21 @@ SUBPROCESS_TIMEOUT = 5.0
 
 
 # --- System, git ------------------------------------------------------------------------------------
-def _c_compiler() -> str:
-    """What glmsetup's CPU kernels would be built with ($CC, cc, gcc or clang), "" when nothing is."""
+def _c_compiler() -> tuple:
+    """(what glmsetup's CPU kernels would be built with: $CC, cc, gcc or clang, why nothing would: "" when
+    something would). A CC that is no command line or names no program here builds nothing either."""
     from glmsetup.runtime import native_build
 
     try:
-        return " ".join(native_build.compiler() or [])
-    except RuntimeError as exc:  # CC is not a command line
-        return f"({exc})"
+        cc = native_build.compiler()
+    except RuntimeError as exc:  # an unbalanced quote
+        return "", str(exc)
+    if not cc:
+        return "", native_build.NO_COMPILER
+    line = native_build.printable(" ".join(cc))[:200]
+    if shutil.which(cc[0]) is None:
+        return line, f"CC names {cc[0][:200]!r}, which is no program here"
+    return line, ""
 
 
 def usable_cores() -> int:
@@ -64,11 +71,12 @@ def probe_system() -> System:
     rosetta = False
     if sys.platform == "darwin" and platform.machine() == "x86_64":
         rosetta = (_run_all([["sysctl", "-n", "sysctl.proc_translated"]])[0] or "") == "1"
+    compiler = _c_compiler()
     return System(
         python=platform.python_version(), implementation=platform.python_implementation(),
         executable=sys.executable, os=platform.system(), release=platform.release(), machine=platform.machine(),
         cpu_count=usable_cores(), mac_version=platform.mac_ver()[0], cpu_flags=flags, rosetta=rosetta,
-        c_compiler=_c_compiler(),
+        c_compiler=compiler[0], c_compiler_problem=compiler[1],
     )
 
 

@@ -61,6 +61,7 @@ def test_plain_doctor_warns_when_no_c_compiler_would_build_the_cpu_kernels(cli, 
     flags = probes.probe_system().cpu_flags
     if not sys.platform.startswith("linux") or "avx2" not in flags:
         pytest.skip("glmsetup's CPU kernels are for x86-64 Linux with AVX2")
+    gcc = shutil.which("gcc")
     bare = tmp_path / "bin"  # a PATH holding only git: no compiler
     bare.mkdir()
     (bare / "git").symlink_to(shutil.which("git"))
@@ -71,5 +72,34 @@ def test_plain_doctor_warns_when_no_c_compiler_would_build_the_cpu_kernels(cli, 
     assert check["summary"] == ("no C compiler: CPU profiles would run on torch's kernels, slower per decoding "
                                 "step (bf16 1.2x, int8 1.5x, int4 3.2x)")
     assert "apt install gcc" in check["hint"]
-    monkeypatch.setenv("CC", "gcc -O2")  # a compiler named by CC counts, found or not: the build says the rest
-    assert kernels_check(cli.json("doctor")["data"])["status"] == "skipped"
+    if gcc:
+        monkeypatch.setenv("CC", f"{gcc} -O2")  # a compiler named by CC, wherever it is
+        assert kernels_check(cli.json("doctor")["data"])["status"] == "skipped"
+
+
+@pytest.mark.parametrize("cc, evidence", [
+    ("gcc -O2", "CC names 'gcc', which is no program here"),  # not on PATH: the kernels' build could not start
+    ("/nonexistent/cc", "CC names '/nonexistent/cc', which is no program here"),
+    ("gcc 'unbalanced", "is not a command line"),
+    ("gcc\x1b[31mRED", "CC names 'gcc\\x1b[31mRED', which is no program here"),  # printed escaped, never raw
+])
+def test_plain_doctor_warns_when_cc_names_no_compiler(cli, monkeypatch, tmp_path, cc, evidence):
+    """A CC that names no program, or is no command line, builds no kernels either: the CPU profiles
+    would run on torch's kernels just as without a compiler, so plain doctor says so."""
+    import shutil
+    import sys
+
+    from glmsetup.doctor import probes
+
+    if not sys.platform.startswith("linux") or "avx2" not in probes.probe_system().cpu_flags:
+        pytest.skip("glmsetup's CPU kernels are for x86-64 Linux with AVX2")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(bare))
+    monkeypatch.setenv("CC", cc)
+    check = kernels_check(cli.json("doctor")["data"])
+    assert check["status"] == "warn", check
+    assert check["summary"].startswith("CC names no C compiler here: CPU profiles would run on torch's kernels")
+    assert evidence in check["evidence"][0] and "\x1b" not in "".join(check["evidence"])
+    assert check["hint"].startswith("fix CC, or unset it")
