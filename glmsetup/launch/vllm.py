@@ -345,13 +345,27 @@ def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = F
     from glmsetup.doctor.probes import usable_cores
 
     cores = usable_cores()
-    if plan.profile.device == "cpu" and cores < RESERVE_CPU_MIN_CORES and RESERVE_ENV not in os.environ:
-        plan.env[RESERVE_ENV] = "0"
-        plan.notes.append(f"{RESERVE_ENV}=0: on {cores} core{'s' if cores > 1 else ''} vLLM computes on all of "
-                          f"them rather than keeping one for its scheduler (about 2x the tokens/s on 2 cores; set "
-                          f"{RESERVE_ENV} to choose)")
+    if plan.profile.device == "cpu" and cores < RESERVE_CPU_MIN_CORES:
+        plan.notes.append(reserve_note(cores, tensor_parallel_size, os.environ.get(RESERVE_ENV)))
+        if RESERVE_ENV not in os.environ:
+            plan.env[RESERVE_ENV] = "0"
     plan.official = None
     return plan
+
+
+def reserve_note(cores: int, workers: int, yours: Optional[str]) -> str:
+    """The plan's word on the cores vLLM's CPU build keeps for its scheduler, on fewer than
+    RESERVE_CPU_MIN_CORES: glmsetup's 0, or the value the user set (kept)."""
+    if yours is not None:
+        from glmsetup.runtime.native_build import printable
+
+        return (f"{RESERVE_ENV}={printable(yours)[:40]} is yours and kept (glmsetup sets 0 on fewer than "
+                f"{RESERVE_CPU_MIN_CORES} cores)")
+    kept = "the only core" if cores == 1 else f"{min(workers, cores)} of the {cores} cores"
+    every = {1: "it", 2: "both"}.get(cores, f"all {cores}")
+    return (f"{RESERVE_ENV}=0: vLLM would keep {kept} here for its scheduler; glmsetup lets it compute on "
+            f"{every} (16 clients on 2 cores: about 2x the tokens/s; vLLM then warns that this is less than its "
+            f"minimum requirement: expected); set {RESERVE_ENV} to choose")
 
 
 def convert(src: Path, dtype: Optional[str]) -> Path:

@@ -129,6 +129,10 @@ def test_a_small_cpu_gives_vllm_all_its_cores(cli, converted, monkeypatch, cores
     data = dry(cli, "--model", str(converted), "--profile", profile)["data"]
     assert data["env"].get("VLLM_CPU_NUM_OF_RESERVED_CPU") == expected
     assert any("VLLM_CPU_NUM_OF_RESERVED_CPU=0" in n for n in data["notes"]) == (expected is not None)
+    if expected is not None:  # the note says what vLLM would keep, here, and that its warning is expected
+        note = next(n for n in data["notes"] if "RESERVED_CPU=0" in n)
+        kept = {1: "would keep the only core here", 2: "would keep 1 of the 2 cores here"}[cores]
+        assert kept in note and "less than its minimum requirement: expected" in note, note
 
 
 def test_a_reserve_the_user_set_is_kept(cli, converted, monkeypatch):
@@ -136,3 +140,4 @@ def test_a_reserve_the_user_set_is_kept(cli, converted, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     data = dry(cli, "--model", str(converted), "--profile", "cpu")["data"]
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in data["env"]  # the process inherits the user's own value
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU=1 is yours and kept (glmsetup sets 0 on fewer than 4 cores)" in data["notes"]
