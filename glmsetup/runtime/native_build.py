@@ -139,24 +139,25 @@ def compile_library(cc: list, dest: Path, load: Callable):
     """Compile SOURCE into a temporary file beside dest, load it from there (dlopen would hand back a
     library already loaded under dest's name), then rename it to dest: a build that fails, is
     interrupted or does not load leaves nothing at dest. Returns the loaded library."""
+    name = printable(cc[0])[:160]  # CC's own words go into messages people read on a terminal
     fd, tmp = tempfile.mkstemp(prefix=".cpu_gemv-", suffix=".so", dir=dest.parent)
     os.close(fd)
     try:
         try:
             code, output = run(cc + list(FLAGS) + [str(SOURCE), "-o", tmp], BUILD_SECONDS)
         except OSError as exc:
-            raise RuntimeError(f"the C compiler {cc[0]} could not start ({exc.strerror}; check CC, or unset it "
+            raise RuntimeError(f"the C compiler {name} could not start ({exc.strerror}; check CC, or unset it "
                                "to use cc, gcc or clang)") from None
         except RuntimeError as exc:  # took too long, printed too much
-            raise RuntimeError(f"the C compiler {cc[0]} {exc}") from None
+            raise RuntimeError(f"the C compiler {name} {exc}") from None
         if code != 0:
             lines = output.strip().splitlines()
             first = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
-            raise RuntimeError(f"the C compiler {cc[0]} failed: {printable(first.strip())[:160]}")
+            raise RuntimeError(f"the C compiler {name} failed: {printable(first.strip())[:160]}")
         try:
             lib = load(Path(tmp))
         except (OSError, AttributeError) as exc:
-            raise RuntimeError(f"the C compiler {cc[0]} built no library that loads ({printable(str(exc))[:160]})") \
+            raise RuntimeError(f"the C compiler {name} built no library that loads ({printable(str(exc))[:160]})") \
                 from None
         try:
             os.replace(tmp, dest)

@@ -68,6 +68,15 @@ def test_cc_with_an_unbalanced_quote_is_a_reason_not_a_crash(fresh, monkeypatch)
     assert not fresh.exists()
 
 
+def test_a_cc_with_control_characters_is_named_printably(fresh, monkeypatch, tmp_path):
+    """The reason reaches the terminal (the load's kernel warning, doctor --deep): CC's escape sequences
+    are not played there."""
+    monkeypatch.setenv("CC", str(tmp_path / "\x1b]0;title\x07cc\x1b[2J"))
+    state = native_cpu.status()
+    assert not state.ok and "could not start" in state.reason, state
+    assert state.reason.isprintable() and "?]0;title?cc?[2J" in state.reason
+
+
 def test_a_compiler_version_that_is_not_utf8_still_builds(fresh, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", compiler(tmp_path, 'if [ "$1" = --version ]; then printf "\\377\\376cc 1.0\\n"; exit 0; fi\n'
                                                 'exec gcc "$@"\n'))
