@@ -345,6 +345,11 @@ def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = F
     from glmsetup.doctor.probes import usable_cores
 
     cores = usable_cores()
+    reserve = os.environ.get(RESERVE_ENV)
+    if plan.profile.device == "cpu" and reserve is not None and not re.fullmatch(r"[0-9]{1,6}", reserve.strip()):
+        # vLLM reads it with int() once its workers start, minutes in: a traceback there, one line here
+        raise UsageError(f"{RESERVE_ENV}={reserve[:40]!r} is not a number of cores",
+                         hint="set it to the cores vLLM keeps for its scheduler (0: none), or unset it")
     if plan.profile.device == "cpu" and cores < RESERVE_CPU_MIN_CORES:
         plan.notes.append(reserve_note(cores, tensor_parallel_size, os.environ.get(RESERVE_ENV)))
         if RESERVE_ENV not in os.environ:

@@ -141,3 +141,15 @@ def test_a_reserve_the_user_set_is_kept(cli, converted, monkeypatch):
     data = dry(cli, "--model", str(converted), "--profile", "cpu")["data"]
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in data["env"]  # the process inherits the user's own value
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU=1 is yours and kept (glmsetup sets 0 on fewer than 4 cores)" in data["notes"]
+
+
+@pytest.mark.parametrize("value", ["", "  ", "two", "-1", "1.5", "\x1b[2J"])
+def test_a_reserve_that_is_no_number_of_cores_is_refused_before_vllm_starts(cli, converted, monkeypatch, value):
+    """vLLM reads VLLM_CPU_NUM_OF_RESERVED_CPU with int() once its workers start: an empty or odd value
+    was a traceback minutes in (an empty one was even 'yours and kept' on 2 cores)."""
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    doc = dry(cli, "--model", str(converted), "--profile", "cpu", exit_code=2)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU=" in doc["error"]["message"] and "\x1b" not in doc["error"]["message"]
+    assert "unset it" in doc["error"]["hint"]
+    assert dry(cli, "--model", str(converted), "--profile", "cuda-fp16")["data"]  # read on a CPU only
