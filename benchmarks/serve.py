@@ -304,7 +304,7 @@ def say_kernels(model, profile: str) -> None:
 
     info = getattr(model, "load_info", None) or {}
     groups = info.get("kernels") or []
-    layers = summary_line(groups) if groups else f"{str(model.dtype).removeprefix('torch.')} on torch's kernels"
+    layers = summary_line(groups) if groups else f"{str(model.dtype).removeprefix('torch.')} weights"
     print(f"profile {profile}: {layers}; several rows at once: {linear_kernel(model.dtype, model.device)}",
           file=sys.stderr, flush=True)
     for group in groups:

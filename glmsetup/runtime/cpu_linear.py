@@ -24,11 +24,13 @@ of the CPU's float32 multiply-add peak; measured on a 2-core AVX2 EPYC, 27392 x 
 16 / 64 / 300 rows 32 / 109 / 480 ms against 63 / 130 / 520 for the slice-wise conversion above and
 98 / 178 / 475 for F.linear on a float32 copy). The conversion stays for CPUs where those kernels do
 not run. float32 weights take the same tiles from 8 to 32 rows (27392 x 4096: 8 / 16 / 32 rows 27 /
-36 / 61 ms against oneDNN's 35 / 40 / 66; from 64 rows on oneDNN is faster, and below 8 rows too).
+36 / 61 ms against oneDNN's 35 / 40 / 66; from 64 rows on oneDNN is faster), and below 8 rows (a decode
+step of one conversation among them) the kernels' float32 dot products, which read the weight at 32
+GB/s where MKL's matrix-vector product reads 23 (13.9 against 19.3 ms).
 
-Below MIN_ROWS rows (a decode step of one conversation) float32 weights keep F.linear (MKL's
-matrix-vector product is as fast as anything there). `linear_kernel` names what a batch of `dtype`
-rows gets on this machine (the API's /health shows it).
+Where glmsetup's kernels do not run, float32 weights keep F.linear below MIN_ROWS rows and take oneDNN
+from there. `linear_kernel` names what a batch of `dtype` rows gets on this machine (the API's /health
+shows it).
 """
 from __future__ import annotations
 
@@ -41,9 +43,9 @@ from glmsetup.runtime import native_cpu
 
 MIN_ROWS = 3  # rows (batch x new tokens) from which the CPU path below replaces F.linear
 UPCAST_SLICE = 256  # output rows of a 16-bit weight converted to float32 at a time (4 MB at width 4096)
-F32_TILE_ROWS = (8, 32)  # rows for which a float32 weight takes glmsetup's tiles rather than oneDNN
+F32_NATIVE_ROWS = 32  # up to this many rows a float32 weight takes glmsetup's kernels rather than MKL or oneDNN
 ATEN, ONEDNN, ONEDNN_UPCAST, AVX2 = "aten", "onednn", "onednn-upcast", "avx2"
-AVX2_ONEDNN = "avx2+onednn"  # float32: glmsetup's tiles for F32_TILE_ROWS, oneDNN for other row counts
+AVX2_ONEDNN = "avx2+onednn"  # float32: glmsetup's kernels up to F32_NATIVE_ROWS rows, oneDNN past them
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,8 +83,8 @@ def avx2_16bit(weight: torch.Tensor) -> bool:
 
 def linear_kernel(dtype: torch.dtype, device="cpu") -> str:
     """What a linear layer of `dtype` weights on `device` runs when MIN_ROWS or more rows come at once
-    (``avx2``: glmsetup's kernels, ``avx2+onednn``: float32 weights on glmsetup's tiles from 8 to 32 rows
-    and oneDNN otherwise, ``onednn-upcast``: the weight converted to float32 for oneDNN)."""
+    (``avx2``: glmsetup's kernels, ``avx2+onednn``: float32 weights on glmsetup's kernels up to
+    F32_NATIVE_ROWS rows and oneDNN past them, ``onednn-upcast``: the weight converted to float32 for oneDNN)."""
     if torch.device(device).type != "cpu":
         return ATEN
     if dtype in (torch.bfloat16, torch.float16) and not native_16bit(dtype) and native_cpu.available():
@@ -118,7 +120,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = native_cpu.gemv16(x2, weight, bias=bias, out_dtype=x.dtype)  # bias and rounding in the kernel
         return out.view(*x.shape[:-1], weight.shape[0])
-    if F32_TILE_ROWS[0] <= rows <= F32_TILE_ROWS[1] and x.dtype == weight.dtype == torch.float32 \
+    if rows <= F32_NATIVE_ROWS and x.dtype == weight.dtype == torch.float32 \
             and x.device.type == "cpu" and _native_weight(weight):
         return native_cpu.gemm32(x2, weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
     kernel = linear_kernel(weight.dtype, weight.device)

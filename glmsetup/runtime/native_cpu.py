@@ -31,7 +31,7 @@ import torch
 
 from glmsetup.runtime import native_build
 
-ABI = 5  # glm_abi() of the C file this module drives
+ABI = 6  # glm_abi() of the C file this module drives
 BLOCK = 32  # every kernel needs in_features % BLOCK == 0
 # Columns per activation block of the integer kernels (one float scale each): 128 where in_features
 # allows (ChatGLM2's 4096 and 13696 do; a quarter of the block conversions of 32, for 6e-5 of the
@@ -208,8 +208,9 @@ def gemv16(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
 
 def gemm32(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``x2 [M, K] @ weight.T (+ bias)`` for a float32 ``weight [N, K]`` on the library's float32 tiles
-    (meant for batches of 8 to 32 rows, where they beat oneDNN; one row reads the weight faster in MKL)."""
+    """``x2 [M, K] @ weight.T (+ bias)`` for a float32 ``weight [N, K]``: below 8 rows dot products that read
+    the weight at memory speed (one row: 32 GB/s where MKL's sgemv reads 23), from 8 rows the float32
+    tiles (up to 32 rows they beat oneDNN)."""
     if weight.dtype != torch.float32:
         raise ValueError(f"native CPU kernel: weight dtype {weight.dtype}")
     return _linear(2, x2, weight, None, bias, out_dtype)
@@ -250,8 +251,9 @@ def _self_check() -> Optional[str]:
                      + bias.double(), 0)
     cases["int4"] = (gemv_int(x.bfloat16(), packed, scale, 4, out_dtype=torch.bfloat16),
                      x.bfloat16().double() @ (q4.double() * scale.double()[:, None]).T, 2.0 ** -8)
-    cases["float32 x 19"] = (gemm32(rows, w.float(), bias=bias),
-                             rows.double() @ w.float().double().T + bias.double(), 0)
+    for m in (1, 3, 19):  # float32 weights: dot products below 8 rows, tiles from 8
+        cases[f"float32 x {m}"] = (gemm32(rows[:m], w.float(), bias=bias),
+                                   rows[:m].double() @ w.float().double().T + bias.double(), 0)
     prompt = torch.cat((rows, rows, rows))  # 57 rows: a prompt's, through the float32 tiles
     for bits, q, weight in ((8, q8, q8), (4, q4, packed)):
         cases[f"int{bits} x 57"] = (gemv_int(prompt, weight, scale, bits),

@@ -1,6 +1,7 @@
 """runtime/cpu_linear.py: the linear layers of a decode step with several rows on the CPU.
 
-From MIN_ROWS rows a float32 layer runs oneDNN's inner product on its own weight. A bfloat16 or float16
+A float32 layer runs glmsetup's AVX2 kernels up to 32 rows and oneDNN's inner product past them (where
+those kernels do not run: oneDNN from MIN_ROWS rows, F.linear below). A bfloat16 or float16
 one (on a CPU without 16-bit instructions) runs glmsetup's AVX2 kernels for any number of rows, or,
 where those do not run, converts its weight to float32 a slice at a time. Fewer rows, other modules and hooked
 modules keep their own forward. Expected values come from torch directly.
@@ -36,7 +37,8 @@ def test_the_kernel_each_dtype_gets_is_reported():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_float32_rows_run_on_onednn_and_a_single_row_on_torch(bias):
+def test_float32_rows_run_on_onednn_and_a_single_row_on_torch_where_glmsetups_kernels_do_not(bias, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "_native_weight", lambda weight: False)  # no compiler, another CPU
     mod = layer(96, 130, bias=bias)
     with torch.inference_mode():
         rows = torch.randn(2, MIN_ROWS, 96)  # [batch, tokens, in]: 2 x MIN_ROWS rows
@@ -49,8 +51,9 @@ def test_float32_rows_run_on_onednn_and_a_single_row_on_torch(bias):
 
 
 @pytest.mark.skipif(not native_cpu.available(), reason="glmsetup's AVX2 kernels do not run here")
-@pytest.mark.parametrize("rows", [cpu_linear.F32_TILE_ROWS[0], 20, cpu_linear.F32_TILE_ROWS[1]])
-def test_float32_batches_of_8_to_32_rows_run_glmsetups_tiles(rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3, 7, 8, 20, cpu_linear.F32_NATIVE_ROWS])
+def test_float32_rows_up_to_32_run_glmsetups_kernels(rows, monkeypatch):
+    """Below 8 rows its dot products (one row reads the weight faster than MKL), from 8 its tiles."""
     mod = layer(96, 67)
     calls = []
     real = native_cpu.gemm32
@@ -58,8 +61,8 @@ def test_float32_batches_of_8_to_32_rows_run_glmsetups_tiles(rows, monkeypatch):
     with torch.inference_mode():
         x = torch.randn(rows, 96)
         got = linear(mod, x)
-        for other in (cpu_linear.F32_TILE_ROWS[0] - 1, cpu_linear.F32_TILE_ROWS[1] + 1):  # oneDNN
-            assert torch.equal(linear(mod, x[:1].expand(other, 96)), onednn(x[:1].expand(other, 96), mod))
+        more = cpu_linear.F32_NATIVE_ROWS + 1  # oneDNN past them
+        assert torch.equal(linear(mod, x[:1].expand(more, 96)), onednn(x[:1].expand(more, 96), mod))
     want = F.linear(x.double(), mod.weight.detach().double(), mod.bias.detach().double())
     assert calls == [(rows, 96)] and got.dtype == torch.float32
     assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
