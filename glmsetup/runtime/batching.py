@@ -10,8 +10,8 @@ makes every model call:
   prefilled: on a CPU, requests that neither continue a cache nor hand one back are packed into one
   sequence without padding (model.prefill_packed: every linear takes all their tokens at once, attention
   runs prompt by prompt), by length, a call's rows x longest prompt (its cache) within PREFILL_POSITIONS
-  (batch_rows.packed_groups); on other devices they go in groups
-  of similar length, left padded (cut where padding and calls cost least, batch_rows.prefill_groups).
+  (batch_rows.packed_groups); on other devices they go in groups of similar length, left padded (cut
+  where padding and calls cost least, batch_rows.prefill_groups).
   The others go alone on their own store, as stream_chat does.
   Each picks its first token, and its row joins the batch store (runtime/batch_rows.py);
 - each step feeds every row its last token and picks each row's next token with that request's own
