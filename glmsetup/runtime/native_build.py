@@ -29,8 +29,9 @@ OUTPUT_LIMIT = 1 << 20  # bytes of a compiler's output kept; past them it is sto
 STALE_SECONDS = 3600  # a temporary build file this old is left over from a killed build
 # What torch's kernels cost instead, per decoding step's matrix products, measured with
 # benchmarks/quant_kernels.py on a 2-core AVX2 EPYC (one 27392 x 4096 layer, one row): bf16 11.5 vs 9.4 ms,
-# int8 6.5 vs 4.4, int4 8.2 vs 2.6 (a batch of 16 rows in bf16 costs 2x: 63 vs 32 ms).
-TORCH_SLOWDOWN = {"bf16": 1.2, "int8": 1.5, "int4": 3.2}
+# int8 6.5 vs 4.4, int4 8.2 vs 2.6 (a batch of 16 rows in bf16 costs 2x: 63 vs 32 ms); fp32 18.8 vs 14.6
+# (F.linear's MKL against the float32 dot products).
+TORCH_SLOWDOWN = {"fp32": 1.3, "bf16": 1.2, "int8": 1.5, "int4": 3.2}
 NO_COMPILER = "no C compiler found: install gcc or clang, e.g. `apt install gcc`, or set CC"
 
 

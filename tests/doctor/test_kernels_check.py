@@ -70,7 +70,7 @@ def test_plain_doctor_warns_when_no_c_compiler_would_build_the_cpu_kernels(cli, 
     check = kernels_check(cli.json("doctor")["data"])
     assert check["status"] == "warn", check
     assert check["summary"] == ("no C compiler: CPU profiles would run on torch's kernels, slower per decoding "
-                                "step (bf16 1.2x, int8 1.5x, int4 3.2x)")
+                                "step (fp32 1.3x, bf16 1.2x, int8 1.5x, int4 3.2x)")
     assert "apt install gcc" in check["hint"]
     if gcc:
         monkeypatch.setenv("CC", f"{gcc} -O2")  # a compiler named by CC, wherever it is
