@@ -155,6 +155,29 @@ def api_run(url: str, prompts: list, tokens: int) -> dict:
             "served": len(served), "requests": len(results)}
 
 
+def with_cpu(pid: int, work) -> dict:
+    """work()'s result, with "cpu": the CPU seconds process `pid` and the processes under it spent meanwhile."""
+    import psutil
+
+    top = psutil.Process(pid)
+    procs = [top] + top.children(recursive=True)
+
+    def seconds() -> float:
+        total = 0.0
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    before = seconds()
+    result = work()
+    result["cpu"] = seconds() - before
+    return result
+
+
 class Child:
     """One process holding the model: it serves the API twice (batched and serial) and, on request, runs
     the direct loop itself (on a worker thread), so every mode shares process and weights."""
@@ -180,14 +203,8 @@ class Child:
 
     def run(self, mode: str, prompts: list, tokens: int) -> dict:
         """One run of a mode, plus the CPU seconds the model process spent meanwhile (all its threads)."""
-        import psutil
-
-        proc = psutil.Process(self.proc.pid)
-        before = proc.cpu_times()
-        result = self.direct(prompts, tokens) if mode == "direct" else api_run(self.urls[mode], prompts, tokens)
-        after = proc.cpu_times()
-        result["cpu"] = (after.user + after.system) - (before.user + before.system)
-        return result
+        return with_cpu(self.proc.pid, lambda: self.direct(prompts, tokens) if mode == "direct"
+                        else api_run(self.urls[mode], prompts, tokens))
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -237,24 +254,8 @@ class VllmServer:
         raise SystemExit(f"vLLM's server was not ready after {timeout:.0f} s")
 
     def run(self, mode: str, prompts: list, tokens: int) -> dict:
-        import psutil
-
-        procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
-
-        def cpu():
-            total = 0.0
-            for p in procs:
-                try:
-                    t = p.cpu_times()
-                    total += t.user + t.system
-                except psutil.NoSuchProcess:
-                    pass
-            return total
-
-        before = cpu()
-        result = api_run(self.url, prompts, tokens)
-        result["cpu"] = cpu() - before
-        return result
+        """One run, plus the CPU seconds vLLM's processes (server, engine, workers) spent meanwhile."""
+        return with_cpu(self.proc.pid, lambda: api_run(self.url, prompts, tokens))
 
     def close(self) -> None:
         import signal

@@ -342,20 +342,27 @@ def plan_vllm(plan: RunPlan, *, tensor_parallel_size: int = 1, dry_run: bool = F
     plan.command = vllm_command(folder, plan, tensor_parallel_size, template, install)
     if plan.binding.api_key:  # vLLM reads it from there: the key stays out of the process list
         plan.env["VLLM_API_KEY"] = plan.binding.api_key
+    if plan.profile.device == "cpu":
+        _plan_cpu_reserve(plan, tensor_parallel_size)
+    plan.official = None
+    return plan
+
+
+def _plan_cpu_reserve(plan: RunPlan, workers: int) -> None:
+    """On a CPU of fewer than RESERVE_CPU_MIN_CORES cores vLLM computes on all of them (RESERVE_ENV=0),
+    unless the user set RESERVE_ENV, which must then be a number of cores."""
     from glmsetup.doctor.probes import usable_cores
 
-    cores = usable_cores()
     reserve = os.environ.get(RESERVE_ENV)
-    if plan.profile.device == "cpu" and reserve is not None and not re.fullmatch(r"[0-9]{1,6}", reserve.strip()):
+    if reserve is not None and not re.fullmatch(r"[0-9]{1,6}", reserve.strip()):
         # vLLM reads it with int() once its workers start, minutes in: a traceback there, one line here
         raise UsageError(f"{RESERVE_ENV}={reserve[:40]!r} is not a number of cores",
                          hint="set it to the cores vLLM keeps for its scheduler (0: none), or unset it")
-    if plan.profile.device == "cpu" and cores < RESERVE_CPU_MIN_CORES:
-        plan.notes.append(reserve_note(cores, tensor_parallel_size, os.environ.get(RESERVE_ENV)))
-        if RESERVE_ENV not in os.environ:
+    cores = usable_cores()
+    if cores < RESERVE_CPU_MIN_CORES:
+        plan.notes.append(reserve_note(cores, workers, reserve))
+        if reserve is None:
             plan.env[RESERVE_ENV] = "0"
-    plan.official = None
-    return plan
 
 
 def reserve_note(cores: int, workers: int, yours: Optional[str]) -> str:

@@ -25,8 +25,8 @@ of the CPU's float32 multiply-add peak; measured on a 2-core AVX2 EPYC, 27392 x 
 98 / 178 / 475 for F.linear on a float32 copy). The conversion stays for CPUs where those kernels do
 not run. float32 weights take the same tiles from 8 to 32 rows (27392 x 4096: 8 / 16 / 32 rows 27 /
 36 / 61 ms against oneDNN's 35 / 40 / 66; from 64 rows on oneDNN is faster), and below 8 rows (a decode
-step of one conversation among them) the kernels' float32 dot products, which read the weight at 32
-GB/s where MKL's matrix-vector product reads 23 (13.9 against 19.3 ms).
+step of one conversation among them) the kernels' float32 dot products, which read the weight at 31
+GB/s where MKL's matrix-vector product reads 24 (14.6 against 18.8 ms).
 
 Where glmsetup's kernels do not run, float32 weights keep F.linear below MIN_ROWS rows and take oneDNN
 from there. `linear_kernel` names what a batch of `dtype` rows gets on this machine (the API's /health

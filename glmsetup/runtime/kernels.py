@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from glmsetup.runtime import cpu_linear, native_cpu
+from glmsetup.runtime import cpu_linear, native_build, native_cpu
 from glmsetup.runtime.quantize import KERNEL_OPS, NATIVE_BACKENDS, WeightOnlyLinear, backend_plan
 
 # How many times longer a decoding step's matrix-vector products take on `dequant` than on the
@@ -40,7 +40,7 @@ def native_fallback(device, label: str) -> Optional[str]:
     state = native_cpu.status()
     if state.ok:
         return None
-    factor = native_cpu.TORCH_SLOWDOWN.get(label if label.startswith("int") else "bf16")
+    factor = native_build.TORCH_SLOWDOWN.get(label if label.startswith("int") else "bf16")
     return (f"{label} on cpu: glmsetup's AVX2 kernels are not used ({state.reason}); torch's kernel runs "
             f"instead, about {factor}x slower matrix products per decoding step")
 

@@ -185,7 +185,6 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
         attention_mask (0 = left padding) applies to the new tokens only; positions continue from
         each row's count of real tokens.
         """
-        cfg = self.config
         B, T = input_ids.shape
         start, end = store.length, store.length + T
         store.reserve(end)
@@ -214,32 +213,21 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
                 mask = torch.cat((mask.new_ones(B, 1, T, prefix[0][0].shape[2]), mask), -1)
         is_causal = mask is None and T > 1
 
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         for i, layer in enumerate(self.model.layers):
             dev = store.devices[i]
             if x.device != dev:
                 x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
             if mask is not None and mask.device != dev:
                 mask = mask.to(dev)
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = linear(attn.q_proj, h).view(B, T, nh, hd).transpose(1, 2)
-            k = linear(attn.k_proj, h).view(B, T, nkv, hd).transpose(1, 2)
-            v = linear(attn.v_proj, h).view(B, T, nkv, hd).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin)
             store.keys[i][:, :, start:end] = k
             store.values[i][:, :, start:end] = v
             K, V = store.keys[i][:, :, :end], store.values[i][:, :, :end]
             if prefix is not None:
                 K = torch.cat((prefix[i][0].expand(B, -1, -1, -1), K), 2)
                 V = torch.cat((prefix[i][1].expand(B, -1, -1, -1), V), 2)
-            o = self._attention(q, K, V, mask, is_causal, attn.scaling)
-            x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(B, T, nh * hd))
-            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
-        x = x[:, -1]
-        norm = self.model.norm
-        x = norm(x.to(norm.weight.device))
-        logits = linear(self.lm_head, x.to(self.lm_head.weight.device)).float()
+            x = self._layer_out(layer, x, self._attention(q, K, V, mask, is_causal, layer.self_attn.scaling))
+        logits = self._logits(x[:, -1])
 
         ids = input_ids.tolist()
         valid = new_valid.tolist()
@@ -256,9 +244,8 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
         attention runs prompt by prompt. `store` (empty, batch = len(id_lists)) ends as decode_step
         leaves it for the same prompts left padded with `pad_id`; returns fp32 logits [batch, vocab] of
         each prompt's last position."""
-        cfg = self.config
         lens = [len(ids) for ids in id_lists]
-        B, S, W = len(lens), sum(lens), max(lens)
+        B, W = len(lens), max(lens)
         if store.length or store.batch != B or min(lens) < 1:
             raise ValueError("prefill_packed takes an empty store with one row per non-empty prompt")
         store.reserve(W)
@@ -279,17 +266,11 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
             masks = [torch.cat((torch.ones(n, P, dtype=torch.bool), torch.ones(n, n, dtype=torch.bool).tril()), -1)
                      for n in lens]
 
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         for i, layer in enumerate(self.model.layers):
             dev = store.devices[i]
             if x.device != dev:
                 x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = linear(attn.q_proj, h).view(1, S, nh, hd).transpose(1, 2)
-            k = linear(attn.k_proj, h).view(1, S, nkv, hd).transpose(1, 2)
-            v = linear(attn.v_proj, h).view(1, S, nkv, hd).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin)
             keys, values = store.keys[i], store.values[i]
             keys[:, :, :W].zero_()  # the padding positions: masked, but never garbage (0 x NaN is NaN)
             values[:, :, :W].zero_()
@@ -303,19 +284,37 @@ class ChatGLM2ForCausalLM(ChatMixin, GlmForCausalLM):
                     K = torch.cat((prefix[i][0], K), 2)
                     V = torch.cat((prefix[i][1], V), 2)
                 mask = None if masks[row] is None else masks[row].to(dev)[None, None]
-                outs.append(self._attention(q[:, :, a:b], K, V, mask, mask is None and n > 1, attn.scaling))
-            o = torch.cat(outs, 2)
-            x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(1, S, nh * hd))
-            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
-        x = x[0, [end - 1 for end in ends]]
-        norm = self.model.norm
-        x = norm(x.to(norm.weight.device))
-        logits = linear(self.lm_head, x.to(self.lm_head.weight.device)).float()
+                outs.append(self._attention(q[:, :, a:b], K, V, mask, mask is None and n > 1,
+                                            layer.self_attn.scaling))
+            x = self._layer_out(layer, x, torch.cat(outs, 2))
+        logits = self._logits(x[0, [end - 1 for end in ends]])
         for row, ids in enumerate(id_lists):
             store.tokens[row] = [pad_id] * (W - len(ids)) + list(ids)
             store.next_position[row] = len(ids)
         store.length = W
         return logits
+
+    def _qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """A layer's queries, keys and values of x [B, T, hidden]: [B, heads, T, head_dim], RoPE applied."""
+        cfg, attn = self.config, layer.self_attn
+        B, T = x.shape[:2]
+        h = layer.input_layernorm(x)
+        q = linear(attn.q_proj, h).view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = linear(attn.k_proj, h).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = linear(attn.v_proj, h).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def _layer_out(self, layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """x after the layer: plus its attention output o [B, heads, T, head_dim] projected, plus its MLP."""
+        B, nh, T, hd = o.shape
+        x = x + linear(layer.self_attn.o_proj, o.transpose(1, 2).reshape(B, T, nh * hd))
+        return x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of hidden states x [rows, hidden] (the last positions) through the final norm."""
+        norm = self.model.norm
+        x = norm(x.to(norm.weight.device))
+        return linear(self.lm_head, x.to(self.lm_head.weight.device)).float()
 
     @staticmethod
     def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:

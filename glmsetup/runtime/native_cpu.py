@@ -38,7 +38,6 @@ BLOCK = 32  # every kernel needs in_features % BLOCK == 0
 # largest output instead of 3e-5), else 32.
 WIDE_BLOCK = 128
 OFF_VALUES = ("0", "off", "no", "false")
-TORCH_SLOWDOWN = native_build.TORCH_SLOWDOWN
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _SIGNATURES = {
@@ -209,7 +208,7 @@ def gemv16(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
 def gemm32(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x2 [M, K] @ weight.T (+ bias)`` for a float32 ``weight [N, K]``: below 8 rows dot products that read
-    the weight at memory speed (one row: 32 GB/s where MKL's sgemv reads 23), from 8 rows the float32
+    the weight at memory speed (one row: 31 GB/s where MKL's sgemv reads 24), from 8 rows the float32
     tiles (up to 32 rows they beat oneDNN)."""
     if weight.dtype != torch.float32:
         raise ValueError(f"native CPU kernel: weight dtype {weight.dtype}")
