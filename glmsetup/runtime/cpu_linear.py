@@ -23,10 +23,12 @@ bandwidth where torch's bf16 linear reaches 65%; 8 rows and more run as an outer
 of the CPU's float32 multiply-add peak; measured on a 2-core AVX2 EPYC, 27392 x 4096, both cores:
 16 / 64 / 300 rows 32 / 109 / 480 ms against 63 / 130 / 520 for the slice-wise conversion above and
 98 / 178 / 475 for F.linear on a float32 copy). The conversion stays for CPUs where those kernels do
-not run. float32 weights take the same tiles from 8 to 32 rows (27392 x 4096: 8 / 16 / 32 rows 27 /
-36 / 61 ms against oneDNN's 35 / 40 / 66; from 64 rows on oneDNN is faster), and below 8 rows (a decode
-step of one conversation among them) the kernels' float32 dot products, which read the weight at 31
-GB/s where MKL's matrix-vector product reads 24 (14.6 against 18.8 ms).
+not run. float32 weights take the same tiles from 3 rows on, reading the weight in place (27392 x 4096:
+3 / 8 / 16 / 32 / 259 rows 18 / 17 / 22 / 45 / 376 ms against oneDNN's - / 35 / 44 / 70 / 515), and
+for one or two rows (a decode step of one conversation) the kernels' float32 dot products, which read
+the weight at 31 GB/s where MKL's matrix-vector product reads 24 (14.6 against 18.8 ms). On a CPU with
+AVX-512 oneDNN's float32 kernels are twice as wide as these: there they take batches past
+F32_NATIVE_ROWS rows (a prompt).
 
 Where glmsetup's kernels do not run, float32 weights keep F.linear below MIN_ROWS rows and take oneDNN
 from there. `linear_kernel` names what a batch of `dtype` rows gets on this machine (the API's /health
@@ -43,9 +45,9 @@ from glmsetup.runtime import native_cpu
 
 MIN_ROWS = 3  # rows (batch x new tokens) from which the CPU path below replaces F.linear
 UPCAST_SLICE = 256  # output rows of a 16-bit weight converted to float32 at a time (4 MB at width 4096)
-F32_NATIVE_ROWS = 32  # up to this many rows a float32 weight takes glmsetup's kernels rather than MKL or oneDNN
+F32_NATIVE_ROWS = 32  # CPUs with AVX-512: up to this many rows a float32 weight takes glmsetup's kernels
 ATEN, ONEDNN, ONEDNN_UPCAST, AVX2 = "aten", "onednn", "onednn-upcast", "avx2"
-AVX2_ONEDNN = "avx2+onednn"  # float32: glmsetup's kernels up to F32_NATIVE_ROWS rows, oneDNN past them
+AVX2_ONEDNN = "avx2+onednn"  # float32 on AVX-512 CPUs: glmsetup's kernels up to F32_NATIVE_ROWS rows, oneDNN past them
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,6 +72,12 @@ def native_16bit(dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _avx512() -> bool:
+    """torch's CPU dispatch uses AVX-512 here (oneDNN's float32 kernels are then twice as wide as ours)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _native_weight(weight: torch.Tensor) -> bool:
     """glmsetup's AVX2 kernels can read this weight: on the CPU, contiguous, a width they take."""
     return weight.device.type == "cpu" and weight.is_contiguous() and native_cpu.supports(weight.shape[1])
@@ -84,10 +92,13 @@ def avx2_16bit(weight: torch.Tensor) -> bool:
 def linear_kernel(dtype: torch.dtype, device="cpu") -> str:
     """What a linear layer of `dtype` weights on `device` runs when MIN_ROWS or more rows come at once
     (``avx2``: glmsetup's kernels, ``avx2+onednn``: float32 weights on glmsetup's kernels up to
-    F32_NATIVE_ROWS rows and oneDNN past them, ``onednn-upcast``: the weight converted to float32 for oneDNN)."""
+    F32_NATIVE_ROWS rows and oneDNN past them (CPUs with AVX-512), ``onednn-upcast``: the weight converted
+    to float32 for oneDNN)."""
     if torch.device(device).type != "cpu":
         return ATEN
     if dtype in (torch.bfloat16, torch.float16) and not native_16bit(dtype) and native_cpu.available():
+        return AVX2
+    if dtype == torch.float32 and native_cpu.available() and not _avx512():
         return AVX2
     if not _onednn_works():
         return ATEN
@@ -120,7 +131,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = native_cpu.gemv16(x2, weight, bias=bias, out_dtype=x.dtype)  # bias and rounding in the kernel
         return out.view(*x.shape[:-1], weight.shape[0])
-    if rows <= F32_NATIVE_ROWS and x.dtype == weight.dtype == torch.float32 \
+    if (rows <= F32_NATIVE_ROWS or not _avx512()) and x.dtype == weight.dtype == torch.float32 \
             and x.device.type == "cpu" and _native_weight(weight):
         return native_cpu.gemm32(x2, weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
     kernel = linear_kernel(weight.dtype, weight.device)

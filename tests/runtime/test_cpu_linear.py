@@ -29,8 +29,12 @@ def onednn(x, mod):
     return torch.ops.mkldnn._linear_pointwise(x, mod.weight, mod.bias, "none", [], "")
 
 
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def test_the_kernel_each_dtype_gets_is_reported():
-    assert linear_kernel(torch.float32) == ("avx2+onednn" if native_cpu.available() else "onednn")
+    want = ("avx2+onednn" if AVX512 else "avx2") if native_cpu.available() else "onednn"
+    assert linear_kernel(torch.float32) == want
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert linear_kernel(torch.bfloat16) == ("aten" if native_bf16 else "avx2" if NATIVE_16BIT else "onednn-upcast")
     assert linear_kernel(torch.float32, "meta") == "aten"  # not the CPU: torch's own linear
@@ -51,9 +55,12 @@ def test_float32_rows_run_on_onednn_and_a_single_row_on_torch_where_glmsetups_ke
 
 
 @pytest.mark.skipif(not native_cpu.available(), reason="glmsetup's AVX2 kernels do not run here")
-@pytest.mark.parametrize("rows", [1, 3, 7, 8, 20, cpu_linear.F32_NATIVE_ROWS])
-def test_float32_rows_up_to_32_run_glmsetups_kernels(rows, monkeypatch):
-    """Below 8 rows its dot products (one row reads the weight faster than MKL), from 8 its tiles."""
+@pytest.mark.parametrize("rows", [1, 3, 7, 8, 20, cpu_linear.F32_NATIVE_ROWS, 70])
+@pytest.mark.parametrize("avx512", [False, True])
+def test_float32_rows_run_glmsetups_kernels_and_past_32_on_avx512_onednn(rows, avx512, monkeypatch):
+    """One or two rows its dot products (one row reads the weight faster than MKL), from 3 its tiles;
+    a CPU with AVX-512 gives batches past 32 rows to oneDNN (kernels twice as wide)."""
+    monkeypatch.setattr(cpu_linear, "_avx512", lambda: avx512)
     mod = layer(96, 67)
     calls = []
     real = native_cpu.gemm32
@@ -61,11 +68,13 @@ def test_float32_rows_up_to_32_run_glmsetups_kernels(rows, monkeypatch):
     with torch.inference_mode():
         x = torch.randn(rows, 96)
         got = linear(mod, x)
-        more = cpu_linear.F32_NATIVE_ROWS + 1  # oneDNN past them
-        assert torch.equal(linear(mod, x[:1].expand(more, 96)), onednn(x[:1].expand(more, 96), mod))
     want = F.linear(x.double(), mod.weight.detach().double(), mod.bias.detach().double())
-    assert calls == [(rows, 96)] and got.dtype == torch.float32
+    onednn_rows = avx512 and rows > cpu_linear.F32_NATIVE_ROWS
+    assert calls == ([] if onednn_rows else [(rows, 96)]) and got.dtype == torch.float32
+    if onednn_rows:
+        assert torch.equal(got, onednn(x, mod))
     assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert linear_kernel(torch.float32) == ("avx2+onednn" if avx512 else "avx2")
 
 
 def test_bfloat16_rows_are_the_float32_product_rounded_once(monkeypatch):

@@ -100,7 +100,11 @@ def test_16_bit_kernel_equals_the_float64_product(dtype, m, n, k):
 
 
 @needs_native
-@pytest.mark.parametrize("m,n,k", [(1, 13, 32), (8, 67, 160), (16, 130, 4096), (40, 25, 288)])
+@pytest.mark.parametrize("m,n,k", [(1, 13, 32), (2, 13, 64),  # dot products
+                                   # tiles read in place (12 rows at a time; a short tile converted), 8 or 16
+                                   # rows of x, a tail of 8, blocks of 128 columns and a short one, passes of 32
+                                   (3, 37, 320), (8, 67, 160), (9, 24, 4096), (16, 130, 4096), (24, 36, 288),
+                                   (40, 25, 288), (70, 37, 320)])
 def test_float32_tiles_equal_the_float64_product(m, n, k):
     gen, x, _ = operands(m, n, k)
     w = torch.randn(n, k, generator=gen) * 0.02
@@ -123,15 +127,17 @@ def test_a_nan_or_inf_activation_gives_nan_not_a_quiet_number():
 
 
 @needs_native
-@pytest.mark.parametrize("m", [1, 3, 11])  # each 16-bit kernel: one row, pairs, tiles (a padded tile of 16)
-def test_a_non_finite_activation_stays_in_its_own_row(m):
+@pytest.mark.parametrize("m", [1, 3, 11])  # each kernel: one row, pairs (float32: tiles of 8), tiles of 16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_non_finite_activation_stays_in_its_own_row(m, dtype):
     x = torch.randn(m, 64, generator=torch.Generator().manual_seed(1))
     x[m - 1, 3] = float("nan")
-    w = torch.full((13, 64), 0.5).bfloat16()  # 13 rows: a tile and a short one
-    y = native_cpu.gemv16(x, w)
+    w = torch.full((13, 64), 0.5).to(dtype)  # 13 rows: a tile and a short one
+    product = native_cpu.gemv16 if dtype == torch.bfloat16 else native_cpu.gemm32
+    y = product(x, w)
     assert torch.isnan(y[m - 1]).all() and torch.isfinite(y[:m - 1]).all()
     x[m - 1, 3] = float("inf")
-    assert torch.isposinf(native_cpu.gemv16(x, w)[m - 1]).all()
+    assert torch.isposinf(product(x, w)[m - 1]).all()
 
 
 @needs_native

@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GLM_ABI 6
+#define GLM_ABI 7
 /* Weight bytes ahead of the current ones that are asked for early: the hardware prefetcher stops at
    page boundaries, and asking 1-2 KB ahead brought a 2-core AVX2 EPYC from 77% to 88-100% of its
    memory read bandwidth. A prefetch never faults, so reading past the end is harmless. */
@@ -157,7 +157,7 @@ static void gemv_w16(const uint16_t *w, int fp16, const float *x, const float *b
     }
 }
 
-/* float32 weights, fewer than GEMM_ROWS rows of x: each weight row against every row of x, with four
+/* float32 weights, fewer than F32_TILE_ROWS rows of x: each weight row against every row of x, with four
    sums (the row stays in L1 for the rows after the first). With no prefetch this reads a 27392 x 4096
    weight at 32 GB/s on a 2-core AVX2 EPYC (the machine's read speed: 33), where MKL's sgemv reached
    23 and a prefetch 512 or 1024 floats ahead 27-28. */
@@ -186,18 +186,24 @@ static void gemv_w32(const float *w, const float *x, const float *bias, void *y,
    transposed once per call (xt [K][MP], each column k holding the rows of x, padded to MP, a multiple
    of 8), so that 8 rows of x are one vector; one weight times such a vector adds to 8 outputs at once.
    The micro-kernels hold 6 weight rows x 16 rows of x (12 sums, two x vectors and a broadcast weight:
-   the 16 AVX2 registers) or 12 x 8, for KC columns at a time.
+   the 16 AVX2 registers), 12 x 8 or 6 x 8, for KC columns at a time.
    Weights go in tiles of TILE_N rows. For each block of KC columns the tile is converted to float32
    once (wt, 6 KB: 12% of the time at 16 rows, where converting inside the kernel cost a register
-   and a shift per weight and row vector) and used by every row of x; the block of xt (at most
-   GEMM_BLOCK_M rows, 16 KB) stays in L1 for every weight of the tile. bfloat16 weights are converted
+   and a shift per weight and row vector, and spilled sums) and used by every row of x; the block of
+   xt (at most GEMM_BLOCK_M rows, 16 KB) stays in L1 for every weight of the tile. float32 weights
+   need no conversion: the kernels broadcast them from the weight itself, 6 rows at a time (12 rows
+   at a 16 KB stride share one L1 set and were slower), which took 16 rows of 27392 x 4096 from 33 to
+   22 ms (108 -> 160 GFLOP/s, 82% of the two cores' multiply-add peak), and from F32_TILE_ROWS rows
+   on they beat the dot products below (3 / 4 / 6 rows: 18 against 21 / 23 / 29 ms: the weight is
+   read once, at memory speed). bfloat16 weights are converted
    16 at a time into their even and odd columns (one shift, one mask), so xt lists each 16 columns in
    that order too (a sum does not mind the order). Rows of x past GEMM_BLOCK_M (a prompt) go in
    further passes over the weights: passes of 64 or 256 rows, with xt in L2, were 5-10% slower at 64
    and 300 rows. */
 #define KC 128
 #define TILE_N 12
-#define GEMM_ROWS 8      /* from this many rows of x on */
+#define GEMM_ROWS 8      /* from this many rows of x on (16-bit weights) */
+#define F32_TILE_ROWS 3  /* float32 weights: from this many rows of x on */
 #define GEMM_BLOCK_M 32  /* rows of x per pass over the weights */
 #define INT_ROWS 48      /* integer weights: their own kernels up to this many rows (as fast), the tiles past */
 
@@ -280,14 +286,14 @@ static void tile_f32(int kind, const void *w, const float *scale, long n0, long 
 
 /* c[n * MP + m] += sum over k < kc of wt[n][k] * xt[k][m], for 6 weight rows x 16 rows of x (each block
    summed on its own, then added: a chain of KC terms rather than K keeps the rounding near the dot
-   kernels'). */
-static void kernel_6x16(const float *wt, const float *xt, long MP, long kc, float *c) {
+   kernels'); weight row n starts at wt + n * ld. */
+static void kernel_6x16(const float *wt, long ld, const float *xt, long MP, long kc, float *c) {
     __m256 a[6][2];
     for (int n = 0; n < 6; n++) a[n][0] = a[n][1] = _mm256_setzero_ps();
     for (long k = 0; k < kc; k++) {
         __m256 x0 = _mm256_loadu_ps(xt + k * MP), x1 = _mm256_loadu_ps(xt + k * MP + 8);
         for (int n = 0; n < 6; n++) {
-            __m256 b = _mm256_broadcast_ss(wt + n * KC + k);
+            __m256 b = _mm256_broadcast_ss(wt + n * ld + k);
             a[n][0] = _mm256_fmadd_ps(b, x0, a[n][0]);
             a[n][1] = _mm256_fmadd_ps(b, x1, a[n][1]);
         }
@@ -299,14 +305,30 @@ static void kernel_6x16(const float *wt, const float *xt, long MP, long kc, floa
 }
 
 /* The same for 12 weight rows x 8 rows of x. */
-static void kernel_12x8(const float *wt, const float *xt, long MP, long kc, float *c) {
+static void kernel_12x8(const float *wt, long ld, const float *xt, long MP, long kc, float *c) {
     __m256 a[12];
     for (int n = 0; n < 12; n++) a[n] = _mm256_setzero_ps();
     for (long k = 0; k < kc; k++) {
         __m256 x0 = _mm256_loadu_ps(xt + k * MP);
-        for (int n = 0; n < 12; n++) a[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(wt + n * KC + k), x0, a[n]);
+        for (int n = 0; n < 12; n++) a[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(wt + n * ld + k), x0, a[n]);
     }
     for (int n = 0; n < 12; n++) _mm256_storeu_ps(c + n * MP, _mm256_add_ps(_mm256_loadu_ps(c + n * MP), a[n]));
+}
+
+/* 6 weight rows x 8 rows of x, for weights read in place (6 rows rather than 12 share an L1 set):
+   even and odd columns in two sums per row, so that 12 chains keep both FMA units busy. kc is even. */
+static void kernel_6x8(const float *wt, long ld, const float *xt, long MP, long kc, float *c) {
+    __m256 a[6], b[6];
+    for (int n = 0; n < 6; n++) a[n] = b[n] = _mm256_setzero_ps();
+    for (long k = 0; k < kc; k += 2) {
+        __m256 x0 = _mm256_loadu_ps(xt + k * MP), x1 = _mm256_loadu_ps(xt + (k + 1) * MP);
+        for (int n = 0; n < 6; n++) {
+            a[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(wt + n * ld + k), x0, a[n]);
+            b[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(wt + n * ld + k + 1), x1, b[n]);
+        }
+    }
+    for (int n = 0; n < 6; n++)
+        _mm256_storeu_ps(c + n * MP, _mm256_add_ps(_mm256_loadu_ps(c + n * MP), _mm256_add_ps(a[n], b[n])));
 }
 
 /* y rows [m0, m0 + M) from xt [K][MP] (transpose_x of those rows); scale: the integer kinds' per row. */
@@ -321,11 +343,19 @@ static void gemm_tiles(int kind, const void *w, const float *scale, const float 
         memset(c, 0, sizeof(float) * TILE_N * MP);
         for (long k0 = 0; k0 < K; k0 += KC) {
             long kc = K - k0 < KC ? K - k0 : KC;
-            tile_f32(kind, w, scale, n0, nr, K, k0, kc, wt);
             long m = 0;
+            if (kind == 2 && nr == TILE_N) { /* float32: read in place */
+                const float *src = (const float *)w + n0 * K + k0;
+                for (; m + 16 <= MP; m += 16)
+                    for (int r = 0; r < TILE_N; r += 6) kernel_6x16(src + r * K, K, xt + k0 * MP + m, MP, kc, c + r * MP + m);
+                if (m < MP)
+                    for (int r = 0; r < TILE_N; r += 6) kernel_6x8(src + r * K, K, xt + k0 * MP + m, MP, kc, c + r * MP + m);
+                continue;
+            }
+            tile_f32(kind, w, scale, n0, nr, K, k0, kc, wt);
             for (; m + 16 <= MP; m += 16)
-                for (int r = 0; r < TILE_N; r += 6) kernel_6x16(wt + r * KC, xt + k0 * MP + m, MP, kc, c + r * MP + m);
-            if (m < MP) kernel_12x8(wt, xt + k0 * MP + m, MP, kc, c + m);
+                for (int r = 0; r < TILE_N; r += 6) kernel_6x16(wt + r * KC, KC, xt + k0 * MP + m, MP, kc, c + r * MP + m);
+            if (m < MP) kernel_12x8(wt, KC, xt + k0 * MP + m, MP, kc, c + m);
         }
         for (long r = 0; r < nr; r++) {
             float b = bias ? bias[n0 + r] : 0.f;
@@ -552,7 +582,7 @@ static unsigned char *scratch_of(size_t need) {
    scratch memory could not be allocated (nothing written to y). */
 int glm_linear(int kind, const void *w, const float *scale, const void *bias, int bd, const void *x, int xd, void *y,
                int yd, long M, long N, long K, long qb, int nt) {
-    int tiled = kind < 4 ? M >= GEMM_ROWS : M > INT_ROWS;
+    int tiled = kind == 2 ? M >= F32_TILE_ROWS : kind < 4 ? M >= GEMM_ROWS : M > INT_ROWS;
     long mp = ((M < GEMM_BLOCK_M ? M : GEMM_BLOCK_M) + 7) / 8 * 8; /* padded rows of x in one pass */
     /* scratch: x as float32 (the tiles read x through xt, one pass of rows at a time, instead), bias */
     size_t x_bytes = tiled ? ALIGN64(K * mp * sizeof(float)) : ALIGN64(M * K * sizeof(float));
