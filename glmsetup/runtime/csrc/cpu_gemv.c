@@ -179,27 +179,30 @@ static void gemv_w32(const float *w, const float *x, const float *bias, void *y,
         for (long m = 0; m < M; m++) put(y, m * N + n, dot_f32(w + n * K, x + m * K, K) + (bias ? bias[n] : 0.f), yd);
 }
 
-/* Batches (GEMM_ROWS rows of x and more on 16-bit weights; prompts, past INT_ROWS, on integer ones,
-   whose weights the tiles multiply by their scales as they convert them): at 16 rows a 16-bit layer
-   is bound by multiply-adds, not memory, and dot products (a sum per pair of rows, reduced at the end) run out of registers before
-   they keep both FMA units busy. Here the product is an outer one, as BLAS libraries compute it: x is
-   transposed once per call (xt [K][MP], each column k holding the rows of x, padded to MP, a multiple
-   of 8), so that 8 rows of x are one vector; one weight times such a vector adds to 8 outputs at once.
-   The micro-kernels hold 6 weight rows x 16 rows of x (12 sums, two x vectors and a broadcast weight:
-   the 16 AVX2 registers), 12 x 8 or 6 x 8, for KC columns at a time.
-   Weights go in tiles of TILE_N rows. For each block of KC columns the tile is converted to float32
-   once (wt, 6 KB: 12% of the time at 16 rows, where converting inside the kernel cost a register
-   and a shift per weight and row vector, and spilled sums) and used by every row of x; the block of
-   xt (at most GEMM_BLOCK_M rows, 16 KB) stays in L1 for every weight of the tile. float32 weights
-   need no conversion: the kernels broadcast them from the weight itself, 6 rows at a time (12 rows
-   at a 16 KB stride share one L1 set and were slower), which took 16 rows of 27392 x 4096 from 33 to
-   22 ms (108 -> 160 GFLOP/s, 82% of the two cores' multiply-add peak), and from F32_TILE_ROWS rows
-   on they beat the dot products below (3 / 4 / 6 rows: 18 against 21 / 23 / 29 ms: the weight is
-   read once, at memory speed). bfloat16 weights are converted
-   16 at a time into their even and odd columns (one shift, one mask), so xt lists each 16 columns in
-   that order too (a sum does not mind the order). Rows of x past GEMM_BLOCK_M (a prompt) go in
-   further passes over the weights: passes of 64 or 256 rows, with xt in L2, were 5-10% slower at 64
-   and 300 rows. */
+/* Batches (GEMM_ROWS rows of x and more on 16-bit weights, F32_TILE_ROWS on float32 ones; prompts,
+   past INT_ROWS, on integer ones): at 16 rows a layer is bound by multiply-adds, not memory, and dot
+   products (a sum per pair of rows, reduced at the end) run out of registers before they keep both FMA
+   units busy. Here the product is an outer one, as BLAS libraries compute it: x is transposed once per
+   call (xt [K][MP], each column k holding the rows of x, padded to MP, a multiple of 8), so that 8 rows
+   of x are one vector; one weight times such a vector adds to 8 outputs at once. The micro-kernels hold
+   6 weight rows x 16 rows of x (12 sums, two x vectors and a broadcast weight: the 16 AVX2 registers),
+   or x 8 (two sums per row, for the 12 chains), for KC columns at a time; weights go in tiles of
+   TILE_N rows, and the block of xt (at most GEMM_BLOCK_M rows, 16 KB) stays in L1 for every weight of
+   the tile.
+   A whole tile of floating-point weights is read in place (kernel_6x): float32 ones broadcast from the
+   weight itself, 6 rows at a time (12 rows 16 KB apart share one L1 set and were slower); 16-bit ones
+   converted 16 columns of 6 rows at a time into a 384-byte buffer just before the 16 steps that read
+   it. Converting a whole 12 x KC tile first (6 KB, as integer weights and a short last tile still do)
+   left the FMA units idle while it ran and the weight streamed in: 16 rows of 27392 x 4096 took 33 ms
+   in float32 and 28 in bfloat16, 22 and 23 now (160 and 155 GFLOP/s, 80% of the two cores' multiply-
+   add peak on an AVX2 EPYC); converting inside the register tile instead cost a register and a shift
+   per weight and spilled sums. From F32_TILE_ROWS rows on the float32 tiles beat the dot products below
+   (3 / 4 / 6 rows: 18 against 21 / 23 / 29 ms: the weight is read once, at memory speed). Integer
+   weights are multiplied by their scales as they are converted, once per tile for every pass of 16
+   rows (a prompt's). bfloat16 and int4 weights are converted 16 at a time into their even and odd
+   columns (one shift, one mask), so xt lists each 16 columns in that order too (a sum does not mind
+   the order). Rows of x past GEMM_BLOCK_M (a prompt) go in further passes over the weights: passes of
+   64 or 256 rows, with xt in L2, were 5-10% slower at 64 and 300 rows. */
 #define KC 128
 #define TILE_N 12
 #define GEMM_ROWS 8      /* from this many rows of x on (16-bit weights) */
@@ -286,14 +289,14 @@ static void tile_f32(int kind, const void *w, const float *scale, long n0, long 
 
 /* c[n * MP + m] += sum over k < kc of wt[n][k] * xt[k][m], for 6 weight rows x 16 rows of x (each block
    summed on its own, then added: a chain of KC terms rather than K keeps the rounding near the dot
-   kernels'); weight row n starts at wt + n * ld. */
-static void kernel_6x16(const float *wt, long ld, const float *xt, long MP, long kc, float *c) {
+   kernels'). */
+static void kernel_6x16(const float *wt, const float *xt, long MP, long kc, float *c) {
     __m256 a[6][2];
     for (int n = 0; n < 6; n++) a[n][0] = a[n][1] = _mm256_setzero_ps();
     for (long k = 0; k < kc; k++) {
         __m256 x0 = _mm256_loadu_ps(xt + k * MP), x1 = _mm256_loadu_ps(xt + k * MP + 8);
         for (int n = 0; n < 6; n++) {
-            __m256 b = _mm256_broadcast_ss(wt + n * ld + k);
+            __m256 b = _mm256_broadcast_ss(wt + n * KC + k);
             a[n][0] = _mm256_fmadd_ps(b, x0, a[n][0]);
             a[n][1] = _mm256_fmadd_ps(b, x1, a[n][1]);
         }
@@ -305,30 +308,73 @@ static void kernel_6x16(const float *wt, long ld, const float *xt, long MP, long
 }
 
 /* The same for 12 weight rows x 8 rows of x. */
-static void kernel_12x8(const float *wt, long ld, const float *xt, long MP, long kc, float *c) {
+static void kernel_12x8(const float *wt, const float *xt, long MP, long kc, float *c) {
     __m256 a[12];
     for (int n = 0; n < 12; n++) a[n] = _mm256_setzero_ps();
     for (long k = 0; k < kc; k++) {
         __m256 x0 = _mm256_loadu_ps(xt + k * MP);
-        for (int n = 0; n < 12; n++) a[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(wt + n * ld + k), x0, a[n]);
+        for (int n = 0; n < 12; n++) a[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(wt + n * KC + k), x0, a[n]);
     }
     for (int n = 0; n < 12; n++) _mm256_storeu_ps(c + n * MP, _mm256_add_ps(_mm256_loadu_ps(c + n * MP), a[n]));
 }
 
-/* 6 weight rows x 8 rows of x, for weights read in place (6 rows rather than 12 share an L1 set):
-   even and odd columns in two sums per row, so that 12 chains keep both FMA units busy. kc is even. */
-static void kernel_6x8(const float *wt, long ld, const float *xt, long MP, long kc, float *c) {
-    __m256 a[6], b[6];
-    for (int n = 0; n < 6; n++) a[n] = b[n] = _mm256_setzero_ps();
-    for (long k = 0; k < kc; k += 2) {
-        __m256 x0 = _mm256_loadu_ps(xt + k * MP), x1 = _mm256_loadu_ps(xt + (k + 1) * MP);
-        for (int n = 0; n < 6; n++) {
-            a[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(wt + n * ld + k), x0, a[n]);
-            b[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(wt + n * ld + k + 1), x1, b[n]);
+/* 6 weight rows of `kind` in place (row r at w + r * rb bytes) x 16 rows of x (nx = 2 vectors) or 8
+   (nx = 1: even and odd columns in two sums per row, so that 12 chains keep both FMA units busy),
+   columns [k0, k0 + kc). float32 weights are broadcast from the weight itself; 16-bit ones 16 columns
+   of the 6 rows at a time are converted into a 384-byte buffer (in weights16's order, which xt
+   follows) that the next 16 steps read. */
+static inline __attribute__((always_inline)) void kernel_6xc(const int kind, const int nx, const unsigned char *w,
+                                                             long rb, long k0, const float *xt, long MP, long kc,
+                                                             float *c) {
+    __m256 a[6][2];
+    float buf[6 * 16] __attribute__((aligned(32)));
+    for (int n = 0; n < 6; n++) a[n][0] = a[n][1] = _mm256_setzero_ps();
+    for (long k = 0; k < kc; k += 16) {
+        const float *wk = buf;
+        long ls = 16;
+        if (kind == 2) {
+            wk = (const float *)w + k0 + k;
+            ls = rb / 4;
+        } else {
+            for (int n = 0; n < 6; n++) weights16(kind, w + n * rb, k0 + k, 1.f, buf + n * 16);
+        }
+        const float *x = xt + k * MP;
+        for (int j = 0; j < 16; j += 3 - nx) {
+            if (nx == 2) {
+                __m256 x0 = _mm256_loadu_ps(x + j * MP), x1 = _mm256_loadu_ps(x + j * MP + 8);
+                for (int n = 0; n < 6; n++) {
+                    __m256 b = _mm256_broadcast_ss(wk + n * ls + j);
+                    a[n][0] = _mm256_fmadd_ps(b, x0, a[n][0]);
+                    a[n][1] = _mm256_fmadd_ps(b, x1, a[n][1]);
+                }
+            } else {
+                __m256 x0 = _mm256_loadu_ps(x + j * MP), x1 = _mm256_loadu_ps(x + (j + 1) * MP);
+                for (int n = 0; n < 6; n++) {
+                    a[n][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(wk + n * ls + j), x0, a[n][0]);
+                    a[n][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(wk + n * ls + j + 1), x1, a[n][1]);
+                }
+            }
         }
     }
-    for (int n = 0; n < 6; n++)
-        _mm256_storeu_ps(c + n * MP, _mm256_add_ps(_mm256_loadu_ps(c + n * MP), _mm256_add_ps(a[n], b[n])));
+    for (int n = 0; n < 6; n++) {
+        float *cn = c + n * MP;
+        if (nx == 2) {
+            _mm256_storeu_ps(cn, _mm256_add_ps(_mm256_loadu_ps(cn), a[n][0]));
+            _mm256_storeu_ps(cn + 8, _mm256_add_ps(_mm256_loadu_ps(cn + 8), a[n][1]));
+        } else {
+            _mm256_storeu_ps(cn, _mm256_add_ps(_mm256_loadu_ps(cn), _mm256_add_ps(a[n][0], a[n][1])));
+        }
+    }
+}
+
+/* kernel_6xc compiled for each of bfloat16 (0), float16 (1), float32 (2) and 16 or 8 rows of x. */
+static void kernel_6x(int kind, int nx, const unsigned char *w, long rb, long k0, const float *xt, long MP, long kc,
+                      float *c) {
+#define KERNEL_6X(K) (nx == 2 ? kernel_6xc(K, 2, w, rb, k0, xt, MP, kc, c) : kernel_6xc(K, 1, w, rb, k0, xt, MP, kc, c))
+    if (kind == 0) KERNEL_6X(0);
+    else if (kind == 1) KERNEL_6X(1);
+    else KERNEL_6X(2);
+#undef KERNEL_6X
 }
 
 /* y rows [m0, m0 + M) from xt [K][MP] (transpose_x of those rows); scale: the integer kinds' per row. */
@@ -344,18 +390,18 @@ static void gemm_tiles(int kind, const void *w, const float *scale, const float 
         for (long k0 = 0; k0 < K; k0 += KC) {
             long kc = K - k0 < KC ? K - k0 : KC;
             long m = 0;
-            if (kind == 2 && nr == TILE_N) { /* float32: read in place */
-                const float *src = (const float *)w + n0 * K + k0;
-                for (; m + 16 <= MP; m += 16)
-                    for (int r = 0; r < TILE_N; r += 6) kernel_6x16(src + r * K, K, xt + k0 * MP + m, MP, kc, c + r * MP + m);
-                if (m < MP)
-                    for (int r = 0; r < TILE_N; r += 6) kernel_6x8(src + r * K, K, xt + k0 * MP + m, MP, kc, c + r * MP + m);
+            if (kind < 4 && nr == TILE_N) { /* floating-point weights, a whole tile: read in place */
+                long rb = row_bytes(kind, K);
+                for (int r = 0; r < TILE_N; r += 6)
+                    for (m = 0; m < MP; m += 16)
+                        kernel_6x(kind, MP - m >= 16 ? 2 : 1, (const unsigned char *)w + (n0 + r) * rb, rb, k0,
+                                  xt + k0 * MP + m, MP, kc, c + r * MP + m);
                 continue;
             }
             tile_f32(kind, w, scale, n0, nr, K, k0, kc, wt);
             for (; m + 16 <= MP; m += 16)
-                for (int r = 0; r < TILE_N; r += 6) kernel_6x16(wt + r * KC, KC, xt + k0 * MP + m, MP, kc, c + r * MP + m);
-            if (m < MP) kernel_12x8(wt, KC, xt + k0 * MP + m, MP, kc, c + m);
+                for (int r = 0; r < TILE_N; r += 6) kernel_6x16(wt + r * KC, xt + k0 * MP + m, MP, kc, c + r * MP + m);
+            if (m < MP) kernel_12x8(wt, xt + k0 * MP + m, MP, kc, c + m);
         }
         for (long r = 0; r < nr; r++) {
             float b = bias ? bias[n0 + r] : 0.f;
