@@ -258,10 +258,12 @@ class VllmServer:
         return with_cpu(self.proc.pid, lambda: api_run(self.url, prompts, tokens))
 
     def close(self) -> None:
+        """SIGTERM, which `glmsetup run` passes on to vLLM's own session and then ends what is left of it
+        (SIGINT would be ignored when this benchmark was started in the background by a shell)."""
         import signal
 
         try:
-            os.killpg(self.proc.pid, signal.SIGINT)
+            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(60)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
