@@ -19,12 +19,12 @@ already runs on oneDNN and is left alone.
 
 On those same CPUs (no 16-bit hardware), 16-bit weights go through glmsetup's AVX2 kernels instead,
 whatever the number of rows (runtime/native_cpu.py: one row reads a bf16 weight at 80-90% of the memory
-bandwidth where torch's bf16 linear reaches 65%; 8 rows and more run as an outer product at 70-75%
+bandwidth where torch's bf16 linear reaches 65%; 8 rows and more run as an outer product at 75-80%
 of the CPU's float32 multiply-add peak; measured on a 2-core AVX2 EPYC, 27392 x 4096, both cores:
-16 / 64 / 300 rows 32 / 109 / 480 ms against 63 / 130 / 520 for the slice-wise conversion above and
+16 / 64 / 300 rows 23 / 92 / 452 ms against 63 / 130 / 520 for the slice-wise conversion above and
 98 / 178 / 475 for F.linear on a float32 copy). The conversion stays for CPUs where those kernels do
 not run. float32 weights take the same tiles from 3 rows on, reading the weight in place (27392 x 4096:
-3 / 8 / 16 / 32 / 259 rows 18 / 17 / 22 / 45 / 376 ms against oneDNN's - / 35 / 44 / 70 / 515), and
+3 / 8 / 16 / 32 / 259 rows 18 / 17 / 22 / 46 / 376 ms against oneDNN's - / 35 / 44 / 70 / 515), and
 for one or two rows (a decode step of one conversation) the kernels' float32 dot products, which read
 the weight at 31 GB/s where MKL's matrix-vector product reads 24 (14.6 against 18.8 ms). On a CPU with
 AVX-512 oneDNN's float32 kernels are twice as wide as these: there they take batches past
