@@ -198,8 +198,8 @@ static void gemv_w32(const float *w, const float *x, const float *bias, void *y,
    add peak on an AVX2 EPYC); converting inside the register tile instead cost a register and a shift
    per weight and spilled sums. From F32_TILE_ROWS rows on the float32 tiles beat the dot products below
    (3 / 4 / 6 rows: 18 against 21 / 23 / 29 ms: the weight is read once, at memory speed). Integer
-   weights are multiplied by their scales as they are converted, once per tile for every pass of 16
-   rows (a prompt's). bfloat16 and int4 weights are converted 16 at a time into their even and odd
+   weights are multiplied by their scales as they are converted, once per tile and pass of up to
+   GEMM_BLOCK_M rows (a prompt's), for the register tiles of every 16 rows in it. bfloat16 and int4 weights are converted 16 at a time into their even and odd
    columns (one shift, one mask), so xt lists each 16 columns in that order too (a sum does not mind
    the order). Rows of x past GEMM_BLOCK_M (a prompt) go in further passes over the weights: passes of
    64 or 256 rows, with xt in L2, were 5-10% slower at 64 and 300 rows. */
