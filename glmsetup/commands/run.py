@@ -183,9 +183,10 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
 @click.command()
 @click.argument("front", type=click.Choice(FRONTS))
 @click.option("--profile", "-p", default="auto", show_default=True,
-              help="Profile name, .toml file, or auto (the best that fits this machine).")
+              help="Profile name (`glmsetup profiles` lists them), .toml file, or auto (the best that fits "
+                   "this machine).")
 @click.option("--model", "--model-dir", "-m", "model", metavar="DIR",
-              help="Model folder (default: where `glmsetup fetch` puts it).")
+              help="Model folder (default: where `glmsetup fetch` puts it, $GLMSETUP_HOME/models/chatglm2-6b).")
 @click.option("--host", metavar="H", help="Address to bind (default: the profile's, 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), metavar="N",
               help="Port (default: the profile's: api 8000, web 7860, streamlit 8501).")
@@ -202,7 +203,7 @@ def start(ctx: click.Context, plan, json_mode: bool) -> None:
 @click.option("--engine", type=click.Choice(["native", "vllm"]), default="native", show_default=True,
               help="vllm: serve the converted model with vLLM's OpenAI server (api only).")
 @click.option("--tensor-parallel-size", "tensor_parallel_size", type=click.IntRange(1, 64), default=1,
-              show_default=True, help="GPUs for --engine vllm.")
+              metavar="N", show_default=True, help="GPUs for --engine vllm.")
 @click.option("--vllm-python", metavar="PYTHON", type=click.Path(),
               help="The Python that has vLLM, for --engine vllm (default: $GLMSETUP_VLLM_PYTHON, this "
                    "environment, or the `vllm` on PATH).")
