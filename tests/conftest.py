@@ -92,7 +92,8 @@ def cpu_backends() -> dict:
 
     ours = native_cpu.available()
     return {"int8": "cpu_avx2_int8" if ours else "cpu_int8pack", "int4": "cpu_avx2_int4" if ours else "cpu_int4pack",
-            "16": "avx2" if ours and not cpu_linear.native_16bit(torch.bfloat16) else "aten"}
+            "16": "avx2" if ours and not cpu_linear.native_16bit(torch.bfloat16) else "aten",
+            "32": "avx2" if ours else "aten"}
 
 
 @pytest.fixture(scope="session")

@@ -204,9 +204,9 @@ def check_torch_cuda(facts: Facts, hardware_wants_cuda: bool = False) -> Finding
 
 
 def check_kernels(facts: Facts) -> Finding:
-    """The int8/int4 kernel each device runs, and the CPU's bf16 linears (doctor --deep probes them in its
-    torch child)."""
-    title = "int8/int4/bf16 kernels"
+    """The int8/int4 kernel each device runs, and the CPU's bf16 and float32 linears (doctor --deep probes
+    them in its torch child)."""
+    title = "int8/int4/bf16/fp32 kernels"
     deep = facts.torch.deep if facts.torch else None
     if not deep:
         later = "not checked: `glmsetup doctor --deep` runs them"

@@ -36,7 +36,7 @@ max_length = {MAX_LENGTH}
 MODEL_NAME = "chatglm2-6b-tiny"
 PROFILE_NAME = "selftest.toml"
 # the rows, in order; a skipped row names the row it depends on by these names
-BUILD, LOAD, KERNELS, CLI = "tiny checkpoint", "load + chat()", "int8/int4/bf16 kernels", "cli (pipe)"
+BUILD, LOAD, KERNELS, CLI = "tiny checkpoint", "load + chat()", "int8/int4/bf16/fp32 kernels", "cli (pipe)"
 API, WEB, STREAMLIT = "api (HTTP, both protocols)", "web (Gradio predict)", "streamlit (AppTest)"
 
 

@@ -78,7 +78,7 @@ def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def _native_weight(weight: torch.Tensor) -> bool:
+def native_weight(weight: torch.Tensor) -> bool:
     """glmsetup's AVX2 kernels can read this weight: on the CPU, contiguous, a width they take."""
     return weight.device.type == "cpu" and weight.is_contiguous() and native_cpu.supports(weight.shape[1])
 
@@ -86,7 +86,7 @@ def _native_weight(weight: torch.Tensor) -> bool:
 def avx2_16bit(weight: torch.Tensor) -> bool:
     """This 16-bit CPU weight goes through glmsetup's AVX2 kernels."""
     return (weight.dtype in (torch.bfloat16, torch.float16) and not native_16bit(weight.dtype)
-            and _native_weight(weight))
+            and native_weight(weight))
 
 
 def linear_kernel(dtype: torch.dtype, device="cpu") -> str:
@@ -132,7 +132,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         out = native_cpu.gemv16(x2, weight, bias=bias, out_dtype=x.dtype)  # bias and rounding in the kernel
         return out.view(*x.shape[:-1], weight.shape[0])
     if (rows <= F32_NATIVE_ROWS or not _avx512()) and x.dtype == weight.dtype == torch.float32 \
-            and x.device.type == "cpu" and _native_weight(weight):
+            and x.device.type == "cpu" and native_weight(weight):
         return native_cpu.gemm32(x2, weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
     kernel = linear_kernel(weight.dtype, weight.device)
     if rows < MIN_ROWS or kernel == ATEN or not _onednn_works():

@@ -5,7 +5,8 @@ dequantized product; a layer whose kernel is missing here or fails that check ru
 (the weight dequantized on every call, then a 16-bit matmul): still right, much slower. On x86-64
 Linux CPUs with AVX2, int8/int4 layers and 16-bit linears (where the CPU has no 16-bit hardware) run
 glmsetup's own kernels (native_cpu.py); when those cannot be built or fail their check, torch's
-kernels run instead, slower. Nothing here decides anything; it says what was decided, with the
+kernels run instead, slower; so do float32 linears (torch's F.linear or oneDNN instead). Nothing here
+decides anything; it says what was decided, with the
 reason and the cost, so a fallback is never silent.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ FULL_WIDTH_SHAPES = ((4608, 4096), (4096, 13696))
 
 
 LINEAR16_OP = "glmsetup cpu_gemv.c 16-bit (AVX2)"
+LINEAR32_OP = "glmsetup cpu_gemv.c float32 (AVX2)"
 
 
 def native_fallback(device, label: str) -> Optional[str]:
@@ -40,7 +42,7 @@ def native_fallback(device, label: str) -> Optional[str]:
     state = native_cpu.status()
     if state.ok:
         return None
-    factor = native_build.TORCH_SLOWDOWN.get(label if label.startswith("int") else "bf16")
+    factor = native_build.TORCH_SLOWDOWN.get(label, native_build.TORCH_SLOWDOWN["bf16"])  # fp16 as bf16
     return (f"{label} on cpu: glmsetup's AVX2 kernels are not used ({state.reason}); torch's kernel runs "
             f"instead, about {factor}x slower matrix products per decoding step")
 
@@ -72,17 +74,19 @@ def model_kernels(model) -> list[dict]:
             note = native_fallback(device, f"int{module.bits}")
         if note and note not in group["notes"]:
             group["notes"].append(note)
-    for module in model.modules():  # 16-bit linears on the CPU: the AVX2 kernel or torch's
+    labels = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for module in model.modules():  # 16-bit and float32 linears on the CPU: the AVX2 kernels or torch's
         weight = getattr(module, "weight", None)
         if type(module) is not torch.nn.Linear or weight is None or weight.device.type != "cpu" \
-                or weight.dtype not in (torch.bfloat16, torch.float16):
+                or weight.dtype not in labels:
             continue
-        label = "bf16" if weight.dtype == torch.bfloat16 else "fp16"
-        group = groups.setdefault(("cpu", label), {"device": "cpu", "bits": 16, "label": label, "backends": {},
-                                                   "notes": []})
-        backend = cpu_linear.AVX2 if cpu_linear.avx2_16bit(weight) else "aten"
+        label, wide = labels[weight.dtype], weight.dtype == torch.float32
+        group = groups.setdefault(("cpu", label), {"device": "cpu", "bits": 32 if wide else 16, "label": label,
+                                                   "backends": {}, "notes": []})
+        native = cpu_linear.native_weight(weight) if wide else cpu_linear.avx2_16bit(weight)
+        backend = cpu_linear.AVX2 if native else "aten"
         group["backends"][backend] = group["backends"].get(backend, 0) + 1
-        note = None if backend == cpu_linear.AVX2 or cpu_linear.native_16bit(weight.dtype) \
+        note = None if native or (not wide and cpu_linear.native_16bit(weight.dtype)) \
             else native_fallback("cpu", label)
         if note and note not in group["notes"]:
             group["notes"].append(note)
@@ -102,7 +106,7 @@ def summary_line(kernels: list[dict]) -> str:
 def probe_report(devices: Optional[list] = None, shapes=FULL_WIDTH_SHAPES) -> list[dict]:
     """For each device (the CPU and every CUDA device torch sees, unless given) and 8 and 4 bits: the
     backend the full-width layers get, the kernel behind it, and a message when one falls back; and
-    for the CPU, what a 16-bit linear of a decoding step runs."""
+    for the CPU, what a 16-bit linear (on a CPU without 16-bit hardware) and a float32 one run."""
     if devices is None:
         devices = [torch.device("cpu")]
         if torch.cuda.is_available():
@@ -120,9 +124,12 @@ def probe_report(devices: Optional[list] = None, shapes=FULL_WIDTH_SHAPES) -> li
                 message = native_fallback(device, f"int{bits}")
             rows.append({"device": str(device), "bits": bits, "label": f"int{bits}", "backend": backend,
                          "kernel": kernel, "ok": not reasons, "message": message})
-        if device.type == "cpu" and not cpu_linear.native_16bit(torch.bfloat16):
-            native = native_cpu.available() and all(native_cpu.supports(in_f) for _, in_f in shapes)
-            rows.append({"device": str(device), "bits": 16, "label": "bf16", "backend": cpu_linear.AVX2 if native
-                         else "aten", "kernel": LINEAR16_OP if native else "aten.linear", "ok": True,
-                         "message": None if native else native_fallback(device, "bf16")})
+        if device.type != "cpu":
+            continue
+        native = native_cpu.available() and all(native_cpu.supports(in_f) for _, in_f in shapes)
+        kinds = [("bf16", 16, LINEAR16_OP)] if not cpu_linear.native_16bit(torch.bfloat16) else []
+        for label_, bits, op in kinds + [("fp32", 32, LINEAR32_OP)]:
+            rows.append({"device": str(device), "bits": bits, "label": label_, "backend": cpu_linear.AVX2 if native
+                         else "aten", "kernel": op if native else "aten.linear", "ok": True,
+                         "message": None if native else native_fallback(device, label_)})
     return rows

@@ -30,7 +30,8 @@ def test_cpu_here_runs_glmsetups_kernels_for_the_full_width_layers(monkeypatch):
     assert [(r["label"], r["backend"], r["kernel"], r["ok"], r["message"]) for r in rows] == [
         ("int8", "cpu_avx2_int8", "glmsetup cpu_gemv.c int8 (AVX2)", True, None),
         ("int4", "cpu_avx2_int4", "glmsetup cpu_gemv.c int4 (AVX2)", True, None),
-        ("bf16", "avx2", "glmsetup cpu_gemv.c 16-bit (AVX2)", True, None)]
+        ("bf16", "avx2", "glmsetup cpu_gemv.c 16-bit (AVX2)", True, None),
+        ("fp32", "avx2", "glmsetup cpu_gemv.c float32 (AVX2)", True, None)]
     for in_f in (4096, 13696):  # every width of the model was checked, and passed, once
         assert quantize._probe_results[("cpu_avx2_int8", "cpu", 8, in_f)].max_error < 1e-4
         assert quantize._probe_results[("cpu_avx2_int4", "cpu", 4, in_f)].max_error < 1e-4
@@ -49,6 +50,9 @@ def test_without_a_compiler_torchs_kernels_run_and_the_cost_is_said(fresh_native
         "(No such file or directory; check CC, or unset it to use cc, gcc or clang)); torch's kernel runs "
         "instead, about 3.2x slower matrix products per decoding step")
     assert rows[2]["backend"] == "aten" and rows[2]["message"].startswith("bf16 on cpu: glmsetup's AVX2 kernels")
+    assert rows[3]["label"] == "fp32" and rows[3]["backend"] == "aten"
+    assert rows[3]["message"].startswith("fp32 on cpu: glmsetup's AVX2 kernels are not used (the C compiler")
+    assert rows[3]["message"].endswith("torch's kernel runs instead, about 1.3x slower matrix products per decoding step")
     for in_f in (4096, 13696):
         assert quantize._probe_results[("cpu_int4pack", "cpu", 4, in_f)].max_error < 2.0 ** -7
 
@@ -120,6 +124,27 @@ def test_a_loaded_model_says_which_backend_its_layers_run(tiny_model_dir, monkey
     assert group["backends"] == {"dequant": 6 * layers}
     assert group["notes"] == ["int8 on cpu: GLMSETUP_QUANT_KERNELS=0 turns them off; using dequantize-per-call, "
                               "about 50x slower matrix products per decoding step"]
+
+
+def test_a_float32_model_says_its_linears_run_glmsetups_kernels_or_what_runs_instead(tiny_model_dir, fresh_native,
+                                                                                      monkeypatch):
+    from glmsetup.runtime.load import load_chat_model
+
+    _, model = load_chat_model(tiny_model_dir, profile="cpu", use_cache=False)
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())  # every block linear and the output layer
+    fast = "avx2" if NATIVE_HERE else "aten"
+    assert model.load_info["kernels"] == [{"device": "cpu", "bits": 32, "label": "fp32",
+                                           "backends": {fast: linears}, "notes": []}]
+    assert kernels.summary_line(model.load_info["kernels"]) == f"fp32 on cpu: {fast} x {linears}"
+    monkeypatch.setenv("GLMSETUP_NATIVE_KERNELS", "off")
+    native_cpu.status.cache_clear()
+    _, slow = load_chat_model(tiny_model_dir, profile="cpu", use_cache=False)
+    [group] = slow.load_info["kernels"]
+    assert group["backends"] == {"aten": linears}
+    if NATIVE_HERE:  # the fallback is said, with its cost
+        assert group["notes"] == ["fp32 on cpu: glmsetup's AVX2 kernels are not used (GLMSETUP_NATIVE_KERNELS=off "
+                                  "turns them off); torch's kernel runs instead, about 1.3x slower matrix products "
+                                  "per decoding step"]
 
 
 @pytest.mark.gpu

@@ -11,10 +11,10 @@ from ..conftest import cpu_backends, run_glmsetup
 def KERNELS_HERE() -> str:
     b = cpu_backends()
     bf16 = "" if b["16"] == "aten" else f"; bf16 on cpu: {b['16']}"  # no bf16 row on a CPU with bf16 hardware
-    return f"int8 on cpu: {b['int8']}; int4 on cpu: {b['int4']}" + bf16
+    return f"int8 on cpu: {b['int8']}; int4 on cpu: {b['int4']}" + bf16 + f"; fp32 on cpu: {b['32']}"
 
 
-NAMES = ["tiny checkpoint", "load + chat()", "int8/int4/bf16 kernels", "cli (pipe)", "api (HTTP, both protocols)", "web (Gradio predict)",
+NAMES = ["tiny checkpoint", "load + chat()", "int8/int4/bf16/fp32 kernels", "cli (pipe)", "api (HTTP, both protocols)", "web (Gradio predict)",
          "streamlit (AppTest)"]
 
 
@@ -109,14 +109,14 @@ def test_a_kernel_not_used_is_a_warning_with_its_cost(tmp_path, monkeypatch):
     from glmsetup.launch.selftest import Selftest
 
     monkeypatch.setenv("GLMSETUP_QUANT_KERNELS", "off")
-    check = Selftest(tmp_path).step("int8/int4/bf16 kernels", Selftest(tmp_path).kernels, needs_model=False)
+    check = Selftest(tmp_path).step("int8/int4/bf16/fp32 kernels", Selftest(tmp_path).kernels, needs_model=False)
     assert check.status == "warn"
     assert check.detail == ("int8 on cpu: GLMSETUP_QUANT_KERNELS=off turns them off; using dequantize-per-call, "
                             "about 50x slower matrix products per decoding step; int4 on cpu: "
                             "GLMSETUP_QUANT_KERNELS=off turns them off; using dequantize-per-call, "
                             "about 40x slower matrix products per decoding step")
     monkeypatch.delenv("GLMSETUP_QUANT_KERNELS")
-    check = Selftest(tmp_path).step("int8/int4/bf16 kernels", Selftest(tmp_path).kernels, needs_model=False)
+    check = Selftest(tmp_path).step("int8/int4/bf16/fp32 kernels", Selftest(tmp_path).kernels, needs_model=False)
     assert check.status == "ok" and check.detail == KERNELS_HERE()
 
 

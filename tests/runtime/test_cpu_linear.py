@@ -42,7 +42,7 @@ def test_the_kernel_each_dtype_gets_is_reported():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_float32_rows_run_on_onednn_and_a_single_row_on_torch_where_glmsetups_kernels_do_not(bias, monkeypatch):
-    monkeypatch.setattr(cpu_linear, "_native_weight", lambda weight: False)  # no compiler, another CPU
+    monkeypatch.setattr(cpu_linear, "native_weight", lambda weight: False)  # no compiler, another CPU
     mod = layer(96, 130, bias=bias)
     with torch.inference_mode():
         rows = torch.randn(2, MIN_ROWS, 96)  # [batch, tokens, in]: 2 x MIN_ROWS rows
