@@ -94,7 +94,8 @@ def render_finetune(console, data: dict) -> None:
             usable = [p for p in m["profiles"] if p.get("usable", True)]
             near = next((p for p in usable if p["fit"] != "no"), None) or next(iter(usable), None)
             why = f"{near['name']}: {near['reason']}" if near else "no profile"
-            if near and near["blockers"]:
-                why += f"; needs {'; '.join(near['blockers'])}"
-            line = f"{status_mark('fail')} {m['method']:<8} nothing fits ({escape(why)})"
+            if near and near["blockers"]:  # each a sentence of its own, e.g. "LoRA needs peft"
+                why += "; " + "; ".join(near["blockers"] + [f"fix: {fix}" for fix in near.get("fixes", [])])
+            verdict = "nothing runs yet" if near and near["fit"] != "no" else "nothing fits"
+            line = f"{status_mark('fail')} {m['method']:<8} {verdict} ({escape(why)})"
         print_hanging(console, line, 4, 15)

@@ -66,6 +66,24 @@ def test_doctor_says_which_method_fits():
             in p["blockers"]} == {"cuda-int8", "cuda-int4", "cpu-int8", "cpu-int4"}
 
 
+def test_doctor_text_says_what_is_missing_when_memory_fits():
+    """A 24 GB card without peft: LoRA fits in memory, so the line says it does not run yet, why, and the fix."""
+    import io
+
+    from rich.console import Console
+
+    from glmsetup.doctor.render import render_finetune
+    from glmsetup.doctor.verdict import finetune_verdict
+    from tests.doctor import machines
+
+    out = io.StringIO()
+    render_finetune(Console(file=out, width=400, color_system=None),
+                    {"finetune": finetune_verdict(machines.rtx4090(), profiles.load_all())})
+    [lora] = [line for line in out.getvalue().splitlines() if " lora " in line]
+    assert "nothing runs yet (cuda-fp16: " in lora and "nothing fits" not in lora and "needs LoRA" not in lora
+    assert lora.endswith('; LoRA needs peft; fix: pip install "glmsetup[finetune]")')
+
+
 def test_doctor_json_and_text_carry_the_fine_tuning_verdict(cli):
     import json
 
