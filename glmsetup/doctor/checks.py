@@ -7,7 +7,7 @@ facts that could not be probed gives "could not check" (status skipped) and the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from packaging.version import InvalidVersion, Version
 
@@ -211,17 +211,23 @@ def check_kernels(facts: Facts) -> Finding:
     if not deep:
         later = "not checked: `glmsetup doctor --deep` runs them"
         s = facts.system
-        if s and s.c_compiler_problem and s.os == "Linux" and s.machine.lower() in ("x86_64", "amd64") \
-                and "avx2" in s.cpu_flags:
+        if s and (s.c_compiler_problem or s.native_kernels_off) and s.os == "Linux" \
+                and s.machine.lower() in ("x86_64", "amd64") and "avx2" in s.cpu_flags:
             from glmsetup.runtime.native_build import NO_COMPILER, TORCH_SLOWDOWN
 
             cost = ", ".join(f"{k} {v:g}x" for k, v in TORCH_SLOWDOWN.items())
-            what, fix = (("no C compiler", "install gcc or clang (e.g. `apt install gcc`) or set CC")
-                         if s.c_compiler_problem == NO_COMPILER else
-                         ("CC names no C compiler here", "fix CC, or unset it to use cc, gcc or clang"))
+            build = "; glmsetup builds its kernels on the next start"
+            if s.native_kernels_off:
+                what, why, fix = (f"GLMSETUP_NATIVE_KERNELS={s.native_kernels_off}",
+                                  "it turns glmsetup's CPU kernels off", "unset GLMSETUP_NATIVE_KERNELS")
+            elif s.c_compiler_problem == NO_COMPILER:
+                what, why, fix = ("no C compiler", s.c_compiler_problem,
+                                  "install gcc or clang (e.g. `apt install gcc`) or set CC" + build)
+            else:
+                what, why, fix = ("CC names no C compiler here", s.c_compiler_problem,
+                                  "fix CC, or unset it to use cc, gcc or clang" + build)
             return Finding("kernels", "gpu", title, "warn", f"{what}: CPU profiles would run on torch's kernels, "
-                           f"slower per decoding step ({cost})", [s.c_compiler_problem, later],
-                           f"{fix}; glmsetup builds its kernels on the next start")
+                           f"slower per decoding step ({cost})", [why, later], fix)
         return Finding("kernels", "gpu", title, "skipped", later)
     rows = deep.get("kernels")
     if rows is None:

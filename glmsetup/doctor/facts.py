@@ -24,6 +24,7 @@ class System:
     rosetta: bool = False  # an x86_64 Python translated by Rosetta on Apple silicon
     c_compiler: Optional[str] = None  # the C compiler glmsetup's CPU kernels would be built with; "" when none
     c_compiler_problem: str = ""  # why no compiler would build them (none found, CC names no program)
+    native_kernels_off: str = ""  # GLMSETUP_NATIVE_KERNELS as set when it turns those kernels off
 
 
 @dataclass

@@ -71,12 +71,14 @@ def probe_system() -> System:
     rosetta = False
     if sys.platform == "darwin" and platform.machine() == "x86_64":
         rosetta = (_run_all([["sysctl", "-n", "sysctl.proc_translated"]])[0] or "") == "1"
+    from glmsetup.runtime import native_build
+
     compiler = _c_compiler()
     return System(
         python=platform.python_version(), implementation=platform.python_implementation(),
         executable=sys.executable, os=platform.system(), release=platform.release(), machine=platform.machine(),
         cpu_count=usable_cores(), mac_version=platform.mac_ver()[0], cpu_flags=flags, rosetta=rosetta,
-        c_compiler=compiler[0], c_compiler_problem=compiler[1],
+        c_compiler=compiler[0], c_compiler_problem=compiler[1], native_kernels_off=native_build.switched_off(),
     )
 
 

@@ -33,6 +33,13 @@ STALE_SECONDS = 3600  # a temporary build file this old is left over from a kill
 # (F.linear's MKL against the float32 dot products).
 TORCH_SLOWDOWN = {"fp32": 1.3, "bf16": 1.2, "int8": 1.5, "int4": 3.2}
 NO_COMPILER = "no C compiler found: install gcc or clang, e.g. `apt install gcc`, or set CC"
+OFF_VALUES = ("0", "off", "no", "false")
+
+
+def switched_off() -> str:
+    """GLMSETUP_NATIVE_KERNELS as set when it turns the kernels off ("off", "0", ...), else ""."""
+    value = os.environ.get("GLMSETUP_NATIVE_KERNELS", "").strip()
+    return value if value.lower() in OFF_VALUES else ""
 
 
 def compiler() -> Optional[list]:

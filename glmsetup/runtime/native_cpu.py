@@ -37,7 +37,6 @@ BLOCK = 32  # every kernel needs in_features % BLOCK == 0
 # allows (ChatGLM2's 4096 and 13696 do; a quarter of the block conversions of 32, for 6e-5 of the
 # largest output instead of 3e-5), else 32.
 WIDE_BLOCK = 128
-OFF_VALUES = ("0", "off", "no", "false")
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _SIGNATURES = {
@@ -59,7 +58,7 @@ class Status:
 
 
 def disabled() -> bool:
-    return os.environ.get("GLMSETUP_NATIVE_KERNELS", "").strip().lower() in OFF_VALUES
+    return bool(native_build.switched_off())
 
 
 def unsupported_platform() -> Optional[str]:
@@ -74,7 +73,7 @@ def unsupported_platform() -> Optional[str]:
 
 def _platform_reason() -> Optional[str]:
     if disabled():
-        return f"GLMSETUP_NATIVE_KERNELS={os.environ['GLMSETUP_NATIVE_KERNELS'].strip()} turns them off"
+        return f"GLMSETUP_NATIVE_KERNELS={native_build.switched_off()} turns them off"
     return unsupported_platform()
 
 

@@ -103,3 +103,24 @@ def test_plain_doctor_warns_when_cc_names_no_compiler(cli, monkeypatch, tmp_path
     assert check["summary"].startswith("CC names no C compiler here: CPU profiles would run on torch's kernels")
     assert evidence in check["evidence"][0] and "\x1b" not in "".join(check["evidence"])
     assert check["hint"].startswith("fix CC, or unset it")
+
+
+@pytest.mark.parametrize("value", ["off", "0", "False"])
+def test_plain_doctor_warns_when_the_cpu_kernels_are_switched_off(cli, monkeypatch, value):
+    """GLMSETUP_NATIVE_KERNELS=off makes the CPU profiles run torch's slower kernels: plain doctor says so
+    (with the cost and the fix), as `glmsetup run` would; any other value leaves the check to --deep."""
+    import sys
+
+    from glmsetup.doctor import probes
+
+    if not sys.platform.startswith("linux") or "avx2" not in probes.probe_system().cpu_flags:
+        pytest.skip("glmsetup's CPU kernels are for x86-64 Linux with AVX2")
+    monkeypatch.setenv("GLMSETUP_NATIVE_KERNELS", value)
+    check = kernels_check(cli.json("doctor")["data"])
+    assert check["status"] == "warn", check
+    assert check["summary"] == (f"GLMSETUP_NATIVE_KERNELS={value}: CPU profiles would run on torch's kernels, "
+                                "slower per decoding step (fp32 1.3x, bf16 1.2x, int8 1.5x, int4 3.2x)")
+    assert check["evidence"][0] == "it turns glmsetup's CPU kernels off"
+    assert check["hint"] == "unset GLMSETUP_NATIVE_KERNELS"
+    monkeypatch.setenv("GLMSETUP_NATIVE_KERNELS", "on")
+    assert kernels_check(cli.json("doctor")["data"])["status"] == "skipped"
