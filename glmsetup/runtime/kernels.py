@@ -3,11 +3,10 @@
 quantize.py picks a backend per layer and checks every kernel once per process against the
 dequantized product; a layer whose kernel is missing here or fails that check runs ``dequant``
 (the weight dequantized on every call, then a 16-bit matmul): still right, much slower. On x86-64
-Linux CPUs with AVX2, int8/int4 layers and 16-bit linears (where the CPU has no 16-bit hardware) run
-glmsetup's own kernels (native_cpu.py); when those cannot be built or fail their check, torch's
-kernels run instead, slower; so do float32 linears (torch's F.linear or oneDNN instead). Nothing here
-decides anything; it says what was decided, with the
-reason and the cost, so a fallback is never silent.
+Linux CPUs with AVX2, int8/int4 layers, float32 linears and 16-bit ones (where the CPU has no 16-bit
+hardware) run glmsetup's own kernels (native_cpu.py); when those cannot be built or fail their
+check, torch's kernels run instead, slower. Nothing here decides anything; it says what was decided,
+with the reason and the cost, so a fallback is never silent.
 """
 from __future__ import annotations
 
