@@ -41,8 +41,7 @@ def server(official_python, official_env):
     yield start
     for s in started:
         if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.communicate()
+            s.kill()
 
 
 def test_api_answers_with_the_official_backend(server, official_model_dir, native):

@@ -17,8 +17,10 @@ class Server:
     """`python -m glmsetup ARGS` in the background; stop() sends Ctrl-C and collects the output."""
 
     def __init__(self, *args: str, env: dict | None = None, python: str = sys.executable):
+        # a session of its own, so that stop() can end what it started too (a demo script under it)
         self.proc = subprocess.Popen([python, "-m", "glmsetup", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
         self.stdout = self.stderr = ""
 
     def wait_http(self, url: str, timeout: float = 90) -> httpx.Response:
@@ -39,9 +41,17 @@ class Server:
         try:
             self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.stdout, self.stderr = self.proc.communicate()
+            self.kill()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL to glmsetup and all it started: a child left behind would hold the pipes open and
+        communicate() would wait for it for ever."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.stdout, self.stderr = self.proc.communicate()
 
 
 @pytest.fixture
@@ -56,5 +66,4 @@ def server_factory():
     yield start
     for server in started:
         if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.communicate()
+            server.kill()
