@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from glmsetup import paths
 from glmsetup.doctor import storage
+from glmsetup.runtime import native_build  # torch-free: the CPU kernels' compiler and off switch
 from glmsetup.doctor.facts import Disk, Facts, Git, Gpu, Memory, ModelFolder, Network, Nvidia, System, Torch
 
 # Distributions the checks look at (distribution names as pip spells them).
@@ -37,8 +38,6 @@ SUBPROCESS_TIMEOUT = 5.0
 def _c_compiler() -> tuple:
     """(what glmsetup's CPU kernels would be built with: $CC, cc, gcc or clang, why nothing would: "" when
     something would). A CC that is no command line or names no program here builds nothing either."""
-    from glmsetup.runtime import native_build
-
     try:
         cc = native_build.compiler()
     except RuntimeError as exc:  # an unbalanced quote
@@ -71,8 +70,6 @@ def probe_system() -> System:
     rosetta = False
     if sys.platform == "darwin" and platform.machine() == "x86_64":
         rosetta = (_run_all([["sysctl", "-n", "sysctl.proc_translated"]])[0] or "") == "1"
-    from glmsetup.runtime import native_build
-
     compiler = _c_compiler()
     return System(
         python=platform.python_version(), implementation=platform.python_implementation(),

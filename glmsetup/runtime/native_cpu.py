@@ -11,8 +11,8 @@ outer-product tiles in float32, near the CPU's multiply-add peak.
 The C file ships with the package and is compiled on first use with the system's C compiler (``$CC``,
 else cc, gcc or clang; about a second) into ``$GLMSETUP_HOME/kernels/``, keyed by the source, the
 compiler and the flags (runtime/native_build.py), then loaded with ctypes (the call releases the GIL;
-OpenMP threads come from torch's own runtime). Before use, every kernel is checked once per process against a float64 product
-computed by torch. When anything is missing (not x86-64 Linux, no AVX2 in torch's dispatch, no
+OpenMP threads come from torch's own runtime). Before use, every kernel is checked once per process
+against a float64 product computed by torch. When anything is missing (not x86-64 Linux, no AVX2 in torch's dispatch, no
 compiler, a failed build or check, ``GLMSETUP_NATIVE_KERNELS=off``), :func:`status` says why and torch's
 kernels run instead: the run banner, ``doctor --deep`` and ``selftest`` report it with its cost.
 """
@@ -57,10 +57,6 @@ class Status:
     library: Optional[str] = None
 
 
-def disabled() -> bool:
-    return bool(native_build.switched_off())
-
-
 def unsupported_platform() -> Optional[str]:
     """Why this machine can have none of these kernels (not x86-64 Linux, or no AVX2), else None."""
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
@@ -72,9 +68,8 @@ def unsupported_platform() -> Optional[str]:
 
 
 def _platform_reason() -> Optional[str]:
-    if disabled():
-        return f"GLMSETUP_NATIVE_KERNELS={native_build.switched_off()} turns them off"
-    return unsupported_platform()
+    off = native_build.switched_off()
+    return f"GLMSETUP_NATIVE_KERNELS={off} turns them off" if off else unsupported_platform()
 
 
 def _load(path: Path):
